@@ -1,0 +1,1 @@
+"""Samples, synthetic vessels, collation and the Lightning DataModule."""

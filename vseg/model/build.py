@@ -1,0 +1,135 @@
+"""The typed builder: `ModelConfig` + `LoraConfig` -> a ready-to-train `Sa2VA` and its tokenizer.
+
+Order matters and is fixed here: tokenizer first (special tokens found or added on CPU), then the MLLM
+sized to that vocabulary (so no resize ever happens on a GPU or under ZeRO-3), SAM-2, the Sa2VA wrapper,
+and finally what trains: PEFT LoRA on the LLM's linear layers, PEFT trainable token rows for the added
+tokens, and the Sa2VA heads. Everything else is frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Sam2Config, Sam2Model
+
+from vseg.config import LoraConfig, ModelConfig
+from vseg.model.families import get_family
+from vseg.model.grounding import SamGrounding, unused_decoder_parameters
+from vseg.model.sa2va import Sa2VA
+from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, SEG_TOKEN, ensure_special_tokens, load_tokenizer, token_id
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ParamCount:
+    """Trainable / frozen parameter totals of a built model."""
+
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable {self.trainable:,} / total {self.total:,} ({share:.2f}%)"
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Counts each parameter tensor once (tied weights are shared objects)."""
+    seen: set[int] = set()
+    trainable = frozen = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return ParamCount(trainable, frozen)
+
+
+def build_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """The model's tokenizer with every Sa2VA token present; also returns the tokens it had to add."""
+    tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.path)
+    added = ensure_special_tokens(tokenizer)
+    return tokenizer, added
+
+
+def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
+    """Builds Sa2VA with random weights at the sizes in `cfg` and applies the training setup.
+
+    Args:
+        cfg: architecture and dtype.
+        lora: what trains; None builds a fully frozen model (inference).
+
+    Returns:
+        The model (frozen parts in `cfg.dtype`, trainable parts in float32) and its tokenizer.
+    """
+    if cfg.path is not None:
+        raise NotImplementedError(
+            f"model.path={cfg.path}: loading released Sa2VA checkpoints is not implemented yet; "
+            "today vseg trains from random weights at the configured sizes"
+        )
+    tokenizer, _ = build_tokenizer(cfg)
+    family = get_family(cfg.family)
+    mllm = family.build(cfg, tokenizer)
+    sam_config = Sam2Config(**cfg.sam2)
+    sam_config._attn_implementation = cfg.attn_implementation
+    sam = Sam2Model(sam_config)
+    model = Sa2VA(mllm, family, SamGrounding(sam), token_id(tokenizer, SEG_TOKEN))
+    model.requires_grad_(False)
+    model.to(DTYPES[cfg.dtype])
+    if lora is not None:
+        apply_training_setup(model, lora, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("Sa2VA[%s]: %s", cfg.name, count_parameters(model))
+    return model, tokenizer
+
+
+def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Marks what trains (in float32) and injects the adapters; leaves everything else frozen."""
+    family = model.family
+    new_ids = [token_id(tokenizer, t) for t in SA2VA_ADDED_TOKENS] if lora.train_new_token_rows else []
+    if lora.enabled or new_ids:
+        targets = "|".join(sorted(set(lora.target_modules))) if lora.enabled else "^$"
+        language = family.language_prefix.replace(".", r"\.")
+        tied = bool(model.base_mllm.config.tie_word_embeddings)
+        token_rows = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
+        peft_config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            # Only the LLM: the vision tower has q_proj/k_proj/... too and stays frozen.
+            target_modules=rf"^{language}.*\.({targets})$" if lora.enabled else [],
+            trainable_token_indices=token_rows if new_ids else None,
+            bias="none",
+        )
+        model.mllm = get_peft_model(model.mllm, peft_config)
+    base = model.base_mllm
+    if lora.train_projector:
+        for name, p in base.named_parameters():
+            if name.startswith(family.projector_prefix):
+                p.requires_grad_(True)
+    if lora.train_mask_decoder:
+        sam = model.grounding.sam
+        sam.mask_decoder.requires_grad_(True)
+        unused = set(unused_decoder_parameters(sam))
+        for name, p in sam.named_parameters():
+            if name in unused:
+                p.requires_grad_(False)
+    model.text_hidden_fcs.requires_grad_(lora.train_text_hidden_fcs)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()

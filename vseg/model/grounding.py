@@ -1,0 +1,114 @@
+"""SAM-2 as Sa2VA's grounding model: image features once per image, one mask per [SEG] embedding.
+
+transformers' `Sam2Model.forward` takes no extra sparse prompts, so this module calls its parts: the
+vision encoder (frozen), the prompt encoder (frozen, fed no points: it yields the two padding-point
+embeddings and the no-mask dense embedding) and the mask decoder (trained). The [SEG] embedding is
+appended to the sparse prompt, multimask output is on, and the mask with the highest predicted IoU is
+kept, as in Sa2VA. Single images add the no-memory embedding and skip memory attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Sam2Model
+
+
+@dataclass
+class SamFeatures:
+    """Per-image SAM-2 features ready for the mask decoder."""
+
+    embeddings: torch.Tensor  # (B, C, h, w): lowest-resolution map with the no-memory embedding added
+    high_res: list[torch.Tensor]  # two maps at 4x and 2x, already projected by the decoder's conv_s0/s1
+
+
+class SamGrounding(nn.Module):
+    """Wraps a transformers `Sam2Model`; every tensor is placed on the device of the part that uses it."""
+
+    def __init__(self, sam: Sam2Model):
+        super().__init__()
+        self.sam = sam
+
+    @property
+    def image_size(self) -> int:
+        return int(self.sam.config.prompt_encoder_config.image_size)
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's mask logits (256 for 1024-px SAM-2)."""
+        return 4 * self.sam.prompt_encoder.image_embedding_size[0]
+
+    def encode_backbone(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen part: the Hiera trunk + FPN neck, (B, C, H, W) maps from high to low resolution."""
+        encoder = self.sam.vision_encoder
+        param = next(encoder.parameters())
+        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            out = encoder(pixel_values, return_dict=True)
+        return [f.detach() for f in out.fpn_hidden_states]
+
+    def project(self, backbone: list[torch.Tensor]) -> SamFeatures:
+        """Trainable part of image encoding: the decoder's 1x1 projections of the high-res maps."""
+        decoder = self.sam.mask_decoder
+        device = decoder.conv_s0.weight.device
+        f0, f1, f2 = (f.to(device) for f in backbone[: self.sam.num_feature_levels])
+        no_mem = self.sam.no_memory_embedding.to(device=device, dtype=f2.dtype).view(1, -1, 1, 1)
+        return SamFeatures(embeddings=f2 + no_mem, high_res=[decoder.conv_s0(f0), decoder.conv_s1(f1)])
+
+    def encode(self, pixel_values: torch.Tensor) -> SamFeatures:
+        """SAM-2 image features for a batch of (B, 3, S, S) normalised images."""
+        return self.project(self.encode_backbone(pixel_values))
+
+    def decode(self, features: SamFeatures, prompts: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """Mask logits for each prompt.
+
+        Args:
+            features: per-image features from `encode`.
+            prompts: (N, C) [SEG] embeddings already projected to the SAM prompt width.
+            image_index: (N,) which image of `features` each prompt refers to.
+
+        Returns:
+            (N, h, w) low-resolution mask logits (h = w = `low_res_size`), the highest-IoU of the
+            three multimask outputs for each prompt.
+        """
+        decoder = self.sam.mask_decoder
+        device = decoder.conv_s0.weight.device
+        n = prompts.shape[0]
+        if n == 0:
+            size = self.low_res_size
+            return prompts.new_zeros((0, size, size))
+        image_index = image_index.to(device)
+        dtype = features.embeddings.dtype
+        points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
+        labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        encoder = self.sam.prompt_encoder
+        sparse, dense = encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+        sparse = torch.cat([sparse.to(dtype), prompts.to(device=device, dtype=dtype)[:, None, None, :]], dim=2)
+        positional = self.sam.get_image_wide_positional_embeddings().to(device=device, dtype=dtype)
+        masks, iou, _, _ = decoder(
+            image_embeddings=features.embeddings[image_index],
+            image_positional_embeddings=positional.expand(n, -1, -1, -1),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=True,
+            high_resolution_features=[h[image_index] for h in features.high_res],
+        )
+        # masks: (N, 1, 3, h, w), iou: (N, 1, 3). The choice is not differentiated, as in SAM-2.
+        best = iou[:, 0].argmax(dim=-1)
+        return masks[torch.arange(n, device=device), 0, best]
+
+
+def unused_decoder_parameters(sam: Sam2Model) -> list[str]:
+    """Names (relative to `sam`) of mask-decoder parameters that Sa2VA's losses never reach.
+
+    With multimask output and no IoU / object-score loss, the IoU head, the object-score head and the
+    single-mask hypernetwork get no gradient (their input tokens still do, through attention). Freezing them keeps DDP without `find_unused_parameters`.
+    """
+    prefixes = (
+        "mask_decoder.iou_prediction_head.",
+        "mask_decoder.pred_obj_score_head.",
+        "mask_decoder.output_hypernetworks_mlps.0.",
+    )
+    return [name for name, _ in sam.named_parameters() if name.startswith(prefixes)]

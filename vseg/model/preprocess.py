@@ -1,0 +1,95 @@
+"""Image preprocessing for both Sa2VA branches, as the released model does it.
+
+SAM-2 branch: resize to a square (no aspect keep, PIL bicubic), scale to [0, 1], normalise with ImageNet
+mean/std rounded to bf16 (the authors' code normalises in bf16, so the rounded values decide parity).
+InternVL branch: dynamic tiling into 1..max_tiles square tiles of the vision tower's size, picking the
+tile grid whose aspect ratio is closest to the image's, plus a thumbnail tile when there is more than one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The same constants after a round trip through bfloat16, which is what SAM-2 sees in Sa2VA.
+SAM_MEAN_BF16 = (0.484375, 0.455078125, 0.40625)
+SAM_STD_BF16 = (0.228515625, 0.2236328125, 0.224609375)
+
+
+def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    """Converts an HxWx3 uint8 array (or any PIL image) to an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    return Image.fromarray(image, mode="RGB")
+
+
+def _normalise(pil: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    array = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (array - mean_t) / std_t
+
+
+def sam_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """SAM-2 input: (3, size, size) float32, bicubic-resized and normalised like Sa2VA."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    return _normalise(resized, SAM_MEAN_BF16, SAM_STD_BF16)
+
+
+def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """The (columns, rows) tile grid InternVL uses for an image of this size.
+
+    Among grids with min_tiles <= columns * rows <= max_tiles, the aspect ratio closest to the image's wins;
+    on a tie the larger grid wins when the image has more than half its pixels (InternVL's rule).
+    """
+    aspect = width / height
+    grids = sorted(
+        {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+         if min_tiles <= c * r <= max_tiles},
+        key=lambda g: g[0] * g[1],
+    )
+    best, best_diff = (1, 1), float("inf")
+    area = width * height
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def internvl_tiles(image: Image.Image, tile: int, max_tiles: int, min_tiles: int = 1,
+                   use_thumbnail: bool = True) -> torch.Tensor:
+    """InternVL input: (num_tiles, 3, tile, tile) float32 in ImageNet normalisation.
+
+    Args:
+        image: the RGB image.
+        tile: the vision tower's input size (448 for the released models).
+        max_tiles: upper bound on the tile grid (Sa2VA uses 12 for images).
+        min_tiles: lower bound on the tile grid.
+        use_thumbnail: append a whole-image tile when the grid has more than one tile.
+    """
+    if max_tiles < min_tiles or min_tiles < 1:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+    width, height = image.size
+    cols, rows = tile_grid(width, height, tile, min_tiles, max_tiles)
+    resized = image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+    crops = [
+        resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
+    ]
+    if use_thumbnail and len(crops) > 1:
+        crops.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
+    return torch.stack([_normalise(c, IMAGENET_MEAN, IMAGENET_STD) for c in crops])
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a boolean HxW mask to (height, width), as a float32 tensor."""
+    pil = Image.fromarray(mask.astype(np.uint8) * 255)
+    resized = pil.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(resized) > 127).float()

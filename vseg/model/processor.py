@@ -1,0 +1,134 @@
+"""Sample -> model inputs, and samples -> batch. Training, validation and prediction all go through here.
+
+One sample is an RGB image, a question, an optional answer (with one [SEG] per target mask) and optional
+target masks. The prompt is the family's image placeholder text, a newline and the question, wrapped in
+the chat template; labels supervise the answer and the template's closing suffix only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from vseg.config import ModelConfig
+from vseg.model.families import MLLMFamily
+from vseg.model.preprocess import resize_mask, sam_pixels, to_pil
+from vseg.model.sa2va import IGNORE_INDEX
+from vseg.model.tokenizer import SEG_TOKEN, get_template
+
+
+class SampleError(ValueError):
+    """A sample that cannot be turned into model inputs (the message names the sample)."""
+
+
+@dataclass
+class Sa2VAProcessor:
+    """Turns samples into tensors for one built model.
+
+    Args:
+        tokenizer: the model's tokenizer (with the Sa2VA tokens).
+        family: the MLLM family of the model.
+        mllm_config: the transformers config of the MLLM (tile size, tokens per tile).
+        model_cfg: vseg model settings (template, max tiles).
+        sam_size: SAM-2 input side.
+        mask_size: side of the low-res mask logits; targets are also kept at this size.
+        max_length: longest allowed token sequence; longer samples are an error.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    family: MLLMFamily
+    mllm_config: Any
+    model_cfg: ModelConfig
+    sam_size: int
+    mask_size: int
+    max_length: int = 2048
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(
+        self,
+        image: np.ndarray | Image.Image,
+        question: str,
+        answer: str | None = None,
+        masks: np.ndarray | None = None,
+        sample_id: str = "?",
+    ) -> dict[str, Any]:
+        """Features of one sample.
+
+        Args:
+            image: HxWx3 uint8 array or PIL image.
+            question: the user's request, without image markers.
+            answer: the supervised answer; None for inference (the prompt ends where the answer starts).
+            masks: (K, H, W) or (H, W) boolean targets, one per [SEG] in `answer`.
+            sample_id: shown in error messages.
+        """
+        pil = to_pil(image)
+        template = get_template(self.model_cfg.template)
+        image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
+        prompt = template.bos + template.instruction.format(input=f"{image_text}\n{question}")
+        prompt_ids = self._ids(prompt)
+        answer_ids = self._ids(answer + template.suffix) if answer is not None else []
+        input_ids = prompt_ids + answer_ids
+        if len(input_ids) > self.max_length:
+            raise SampleError(
+                f"sample {sample_id}: {len(input_ids)} tokens exceed data.max_length={self.max_length} "
+                f"(image tokens: {image_text.count('<IMG_CONTEXT>')}); raise max_length or lower model.max_tiles"
+            )
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        features: dict[str, Any] = {
+            "id": sample_id,
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "sam_pixel_values": sam_pixels(pil, self.sam_size),
+            "mllm_inputs": image_inputs,
+            "image_size": (pil.height, pil.width),
+        }
+        if masks is not None:
+            masks = masks[None] if masks.ndim == 2 else masks
+            n_seg = (answer or "").count(SEG_TOKEN)
+            if masks.shape[0] != n_seg:
+                raise SampleError(f"sample {sample_id}: {masks.shape[0]} masks but {n_seg} {SEG_TOKEN} in the answer")
+            if masks.shape[1:] != (pil.height, pil.width):
+                raise SampleError(f"sample {sample_id}: mask {masks.shape[1:]} != image {(pil.height, pil.width)}")
+            features["masks"] = torch.from_numpy(masks.astype(bool))
+            features["masks_low_res"] = torch.stack([resize_mask(m, (self.mask_size, self.mask_size)) for m in masks])
+        return features
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pads text on the right, stacks SAM images, batches the family's image inputs.
+
+        Masks stay a list (one (K, H, W) tensor per sample, sizes may differ); `masks_low_res` is
+        concatenated in [SEG] order, matching the order of the model's mask logits.
+        """
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has no pad token")
+        length = max(s["input_ids"].shape[0] for s in samples)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].shape[0]
+            input_ids[i, :n] = s["input_ids"]
+            labels[i, :n] = s["labels"]
+            attention_mask[i, :n] = 1
+        batch: dict[str, Any] = {
+            "ids": [s["id"] for s in samples],
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "sam_pixel_values": torch.stack([s["sam_pixel_values"] for s in samples]),
+            "mllm_inputs": self.family.collate([s["mllm_inputs"] for s in samples]),
+            "image_sizes": [s["image_size"] for s in samples],
+        }
+        if all("masks" in s for s in samples):
+            batch["masks"] = [s["masks"] for s in samples]
+            batch["masks_low_res"] = torch.cat([s["masks_low_res"] for s in samples])
+        return batch

@@ -1,0 +1,124 @@
+"""The Sa2VA network: an MLLM whose [SEG] token becomes a SAM-2 prompt.
+
+Data path: the MLLM reads the image tiles and the conversation; the last-layer hidden state at every
+position whose *input* token is [SEG] goes through `text_hidden_fcs` (Linear-ReLU-Linear) into the SAM-2
+prompt width; SAM-2 turns each such embedding into mask logits for the image of the same sample.
+The MLLM family (InternVL today, Qwen-VL later) is hidden behind `MLLMFamily`; nothing here depends on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vseg.model.families import MLLMFamily
+from vseg.model.grounding import SamGrounding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sa2VAOutput:
+    """What one forward pass yields; losses are sums so they can be normalised over any window."""
+
+    llm_loss_sum: torch.Tensor  # scalar: summed next-token CE over supervised (answer) tokens
+    llm_tokens: torch.Tensor  # scalar long: how many tokens that sum covers
+    mask_logits: torch.Tensor  # (N, h, w) low-res logits, one per [SEG] token, in batch order
+    seg_sample_index: torch.Tensor  # (N,) which sample of the batch each mask belongs to
+
+
+def build_text_hidden_fcs(hidden_size: int, prompt_size: int) -> nn.Sequential:
+    """Sa2VA's [SEG] projection; indices 0 and 2 match the released checkpoint keys."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, hidden_size),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_size, prompt_size),
+        nn.Dropout(0.0),
+    )
+
+
+class Sa2VA(nn.Module):
+    """MLLM + SAM-2 grounding + [SEG] projection.
+
+    Args:
+        mllm: a transformers vision-language model of `family` (may later be wrapped by PEFT).
+        family: how to reach that model's decoder, head and image inputs.
+        grounding: the SAM-2 wrapper.
+        seg_token_id: id of [SEG] in the tokenizer.
+    """
+
+    def __init__(self, mllm: nn.Module, family: MLLMFamily, grounding: SamGrounding, seg_token_id: int):
+        super().__init__()
+        self.mllm = mllm
+        self.family = family
+        self.grounding = grounding
+        self.seg_token_id = seg_token_id
+        hidden = family.text_hidden_size(self.base_mllm)
+        prompt = int(grounding.sam.config.prompt_encoder_config.hidden_size)
+        self.text_hidden_fcs = build_text_hidden_fcs(hidden, prompt)
+
+    @property
+    def base_mllm(self) -> nn.Module:
+        """The transformers model, with PEFT's wrapper (if any) peeled off; adapters stay injected."""
+        mllm = self.mllm
+        return mllm.get_base_model() if hasattr(mllm, "get_base_model") else mllm
+
+    def decoder_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mllm_inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Last-layer (final-norm) hidden states of the LLM, (B, L, D)."""
+        return self.family.decoder_states(self.base_mllm, input_ids, attention_mask, mllm_inputs)
+
+    def seg_embeddings(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected [SEG] states (N, C) and the sample index of each, in (sample, position) order."""
+        seg = input_ids.to(hidden.device) == self.seg_token_id
+        sample_index = seg.nonzero(as_tuple=True)[0]
+        first = self.text_hidden_fcs[0].weight
+        states = hidden[seg].to(device=first.device, dtype=first.dtype)
+        return self.text_hidden_fcs(states), sample_index
+
+    def llm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over supervised positions, computing logits only there.
+
+        Projecting only the answer positions through lm_head avoids a (B, L, vocab) logits tensor,
+        which at a 152k vocabulary is larger than the activations of the whole LLM.
+        """
+        labels = labels.to(hidden.device)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        head = self.family.lm_head(self.base_mllm)
+        states = hidden[:, :-1][keep]
+        count = keep.sum()
+        if states.shape[0] == 0:
+            return hidden.sum() * 0.0, count
+        logits = head(states).float()
+        loss = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
+        return loss, count
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        sam_pixel_values: torch.Tensor,
+        mllm_inputs: dict[str, Any],
+    ) -> Sa2VAOutput:
+        """Teacher-forced pass: LM loss on the answer and one mask per [SEG] token.
+
+        Args:
+            input_ids: (B, L) token ids, image-context placeholders included.
+            attention_mask: (B, L) 1 for real tokens.
+            labels: (B, L) target ids, IGNORE_INDEX outside the answers.
+            sam_pixel_values: (B, 3, S, S) SAM-2 inputs, one image per sample.
+            mllm_inputs: the family's image inputs (e.g. InternVL `pixel_values` of all tiles).
+        """
+        hidden = self.decoder_states(input_ids, attention_mask, mllm_inputs)
+        llm_sum, llm_tokens = self.llm_loss(hidden, labels)
+        prompts, sample_index = self.seg_embeddings(hidden, input_ids)
+        features = self.grounding.encode(sam_pixel_values)
+        mask_logits = self.grounding.decode(features, prompts, sample_index)
+        return Sa2VAOutput(llm_sum, llm_tokens, mask_logits, sample_index)

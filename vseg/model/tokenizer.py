@@ -1,0 +1,147 @@
+"""Tokenizers and chat templates for Sa2VA.
+
+Sa2VA does not use Hugging Face chat templates: it formats turns with the xtuner-style templates of its
+base MLLM (`qwen_chat`, `phi3_chat`, `internlm2_chat`). Those live here as data, next to the special
+tokens the model needs ([SEG], the image markers) and a tiny byte-level tokenizer that is built locally,
+so `model=tiny` runs with no network and no shipped files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SEG_TOKEN = "[SEG]"
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+# Tokens Sa2VA adds on top of its base MLLM; released checkpoints already contain them.
+SA2VA_ADDED_TOKENS = (SEG_TOKEN, "<p>", "</p>", "<vp>", "</vp>")
+IMAGE_TOKENS = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One conversation format: how a user turn opens and how the assistant's answer ends."""
+
+    name: str
+    system: str  # formatted with {system}
+    instruction: str  # formatted with {input}; ends where the assistant's answer starts
+    suffix: str  # closes the assistant's answer; part of the supervised answer tokens
+    bos: str = ""  # prepended to the whole conversation (InternLM2 starts with <s>)
+    stop_words: tuple[str, ...] = ()
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "qwen_chat": ChatTemplate(
+        name="qwen_chat",
+        system="<|im_start|>system\n{system}<|im_end|>\n",
+        instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        suffix="<|im_end|>",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+    ),
+    "phi3_chat": ChatTemplate(
+        name="phi3_chat",
+        system="<|system|>\n{system}<|end|>\n",
+        instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+        suffix="<|end|>",
+        stop_words=("<|end|>",),
+    ),
+    "internlm2_chat": ChatTemplate(
+        name="internlm2_chat",
+        system="<|im_start|>system\n{system}<|im_end|>\n",
+        instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        suffix="<|im_end|>",
+        bos="<s>",
+        stop_words=("<|im_end|>",),
+    ),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    """Returns the chat template called `name` or raises with the known names."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+# Text the tiny tokenizer learns its merges from: the words our prompts and templates use, so that
+# tiny sequences stay short. Deterministic: the BPE trainer is deterministic for a fixed corpus.
+_TINY_CORPUS = (
+    "Please segment the blood vessels in this image. Segment the vessels. Can you segment the vessel tree "
+    "in this picture? What are the blood vessels here? Please output the segmentation mask of the vessels. "
+    "Highlight the retinal vessels. Where are the arteries and veins? It is [SEG]. Sure, it is [SEG]. "
+    "Sure, [SEG]. system user assistant You are a helpful assistant for medical image segmentation."
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Builds a small byte-level BPE tokenizer with the Qwen-style specials, offline and in milliseconds.
+
+    Args:
+        vocab_size: upper bound on the learned vocabulary (bytes + merges), before special tokens.
+
+    Returns:
+        A fast tokenizer whose special tokens include the chat markers, the image tokens and [SEG].
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    base_specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=base_specials,
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *IMAGE_TOKENS, *SA2VA_ADDED_TOKENS]})
+    return fast
+
+
+def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer of a local model folder, or the tiny built-in one when `path` is None.
+
+    Never runs remote code and never reaches a hub: `path` must be an existing local directory.
+    """
+    if path is None:
+        return build_tiny_tokenizer()
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist (model.path / model.tokenizer_path)")
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+
+
+def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Adds the image and Sa2VA tokens the tokenizer lacks; returns the ones it added.
+
+    A released Sa2VA checkpoint already holds them (nothing is added, so no embedding resize);
+    a plain base MLLM gets them here, on CPU, before any model is built or sharded.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (*IMAGE_TOKENS, *SA2VA_ADDED_TOKENS) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        log.info("added %d special tokens to the tokenizer: %s", len(missing), missing)
+    return missing
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of a single special token; raises if the tokenizer splits or lacks it."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no token {token!r}")
+    return int(ids[0])
