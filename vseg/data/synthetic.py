@@ -132,6 +132,7 @@ def generate_vessels(seed: int, size: int = 128, style: str = "mixed") -> tuple[
 
     Raises:
         ValueError: If `style` is not one of the allowed values or `size` < 32.
+
     """
     if style not in (*STYLES, "mixed"):
         raise ValueError(f"style must be one of {(*STYLES, 'mixed')}, got {style!r}")
@@ -159,7 +160,7 @@ def generate_vessels(seed: int, size: int = 128, style: str = "mixed") -> tuple[
     target = rng.uniform(*params.area) * size * size
     branches: list[Branch] = []
     area, tree = 0.0, 0
-    while tree < params.max_trees and (area < target or tree < 2):
+    while (tree < params.max_trees and area < target) or tree < 2 or not branches:
         width = rng.uniform(*params.trunk_width) * size * (0.75 if tree >= 4 else 1.0)
         contrast = rng.uniform(*params.contrast)
         if fundus:
@@ -171,13 +172,14 @@ def generate_vessels(seed: int, size: int = 128, style: str = "mixed") -> tuple[
             bend = -up * side * rng.uniform(0.012, 0.022) if temporal else rng.normal(0.0, 0.01)
             root = (disc[0] + rng.normal(0.0, 0.01) * size, disc[1] + up * rng.uniform(0.0, 0.02) * size)
         else:
-            # Roots sit near a border and head inwards, like vessels entering the field of view.
-            angle = rng.uniform(0.0, 2 * np.pi)
-            root = (size / 2 + 0.55 * size * np.cos(angle), size / 2 + 0.55 * size * np.sin(angle))
-            heading, bend = angle + np.pi + rng.normal(0.0, 0.5), rng.normal(0.0, 0.01)
-            root = (float(np.clip(root[0], 0, size)), float(np.clip(root[1], 0, size)))
+            # Roots sit on a border and head inwards, like vessels entering the field of view.
+            edge, t = int(rng.integers(4)), rng.uniform(0.1, 0.9) * size
+            root = ((t, 0.0), (size, t), (t, size), (0.0, t))[edge]
+            heading, bend = edge * np.pi / 2 + np.pi / 2 + rng.normal(0.0, 0.4), rng.normal(0.0, 0.01)
         budget = max(target - area, 0.3 * target)
-        new, new_area = _grow_tree(rng, root, heading, width, bend, contrast, params, size / 60, inside, budget)
+        new, new_area = _grow_tree(
+            rng, root, heading, width, bend, contrast, params, size / 60, inside, budget
+        )
         branches += new
         area += new_area
         tree += 1

@@ -1,0 +1,152 @@
+"""The Lightning DataModule and the loader that tells each micro-batch about its accumulation window.
+
+Training batches come through `WindowedLoader`: it reads ahead one optimisation window (the
+`accumulate_grad_batches` micro-batches of one optimizer step) and stamps every batch with the window's
+mask and answer-token counts, so the losses can be normalised over the whole window (see vseg.losses).
+It also owns the distributed sampler, so every rank sees a disjoint shard in a seeded order per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from vseg.config import DataConfig
+from vseg.data.dataset import SegmentationDataset, split_records, synthetic_records
+from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sa2va import IGNORE_INDEX
+
+
+def batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(masks, supervised next-token targets) in one collated batch."""
+    masks = int(batch["masks_low_res"].shape[0]) if "masks_low_res" in batch else 0
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return masks, tokens
+
+
+class WindowedLoader:
+    """Iterates a DataLoader in windows of `accumulate` batches, adding `batch["window"]` counts.
+
+    The last window of an epoch may be shorter; its batches carry that shorter window's counts.
+    """
+
+    def __init__(self, loader: DataLoader, accumulate: int):
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.loader = loader
+        self.accumulate = accumulate
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        sampler = self.loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        pending: list[dict[str, Any]] = []
+        for batch in self.loader:
+            pending.append(batch)
+            if len(pending) == self.accumulate:
+                yield from self._stamp(pending)
+                pending = []
+        if pending:
+            yield from self._stamp(pending)
+
+    @staticmethod
+    def _stamp(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        counts = [batch_counts(b) for b in batches]
+        window = {"masks": sum(c[0] for c in counts), "tokens": sum(c[1] for c in counts), "size": len(batches)}
+        for b in batches:
+            b["window"] = dict(window)
+        return batches
+
+
+class _EpochSeededSampler(RandomSampler):
+    """Single-process shuffling with the same seed-per-epoch rule as DistributedSampler."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+class VesselDataModule(L.LightningDataModule):
+    """Synthetic (and, later, real) vessel data for Sa2VA.
+
+    Args:
+        cfg: data settings.
+        processor: the model's processor (tokenizer, image branches).
+        accumulate: micro-batches per optimizer step (for window-normalised losses).
+    """
+
+    def __init__(self, cfg: DataConfig, processor: Sa2VAProcessor, accumulate: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.processor = processor
+        self.accumulate = accumulate
+        self.train_set: SegmentationDataset | None = None
+        self.val_set: SegmentationDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        c = self.cfg
+        records = synthetic_records(c.num_samples, c.image_size, c.style, c.seed)
+        train, val = split_records(records, c.val_fraction, c.seed)
+        self.train_set = SegmentationDataset(train, self.processor, c.prompts, c.answer, c.repeats, c.seed)
+        self.val_set = SegmentationDataset(val, self.processor, c.prompts, c.answer, 1, c.seed, fixed_prompt=True)
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> WindowedLoader:
+        assert self.train_set is not None, "setup() first"
+        world, rank = self._distributed()
+        if world > 1:
+            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed)
+        else:
+            sampler = _EpochSeededSampler(self.train_set, seed=self.cfg.seed)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            collate_fn=self.processor.collate,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+        return WindowedLoader(loader, self.accumulate)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "setup() first"
+        world, rank = self._distributed()
+        sampler = (
+            # Unrepeated: no padding duplicates, so validation metrics count every image exactly once.
+            UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
+            if world > 1
+            else None
+        )
+        return DataLoader(
+            self.val_set,
+            batch_size=self.cfg.val_batch_size,
+            sampler=sampler,
+            collate_fn=self.processor.collate,
+            num_workers=self.cfg.num_workers,
+        )

@@ -1,0 +1,56 @@
+"""Segmentation metrics: per-image Dice and IoU, averaged over images, reduced across ranks.
+
+Vessel papers report the mean of per-image scores, so one huge image cannot dominate. An image where
+both prediction and ground truth are empty scores 1 (nothing to find, nothing found).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+
+def dice_iou_per_image(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) Dice and IoU of boolean (N, H, W) masks."""
+    pred = pred.bool().flatten(1)
+    target = target.bool().flatten(1)
+    inter = (pred & target).sum(1).double()
+    p, t = pred.sum(1).double(), target.sum(1).double()
+    union = p + t - inter
+    empty = (p + t) == 0
+    dice = torch.where(empty, torch.ones_like(inter), 2 * inter / (p + t).clamp(min=1))
+    iou = torch.where(empty, torch.ones_like(inter), inter / union.clamp(min=1))
+    return dice, iou
+
+
+def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Low-res logits (N, h, w) -> boolean masks at `size`: bilinear upsampling, then sigmoid > threshold."""
+    up = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return up.sigmoid() > threshold
+
+
+class SegmentationMetrics(Metric):
+    """Mean per-image Dice and IoU; state is sums and a count so DDP reduction is exact."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("dice_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Adds boolean predictions and targets of shape (N, H, W)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        dice, iou = dice_iou_per_image(pred, target)
+        self.dice_sum += dice.sum()
+        self.iou_sum += iou.sum()
+        self.count += dice.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1).double()
+        return {"dice": (self.dice_sum / n).float(), "iou": (self.iou_sum / n).float()}
