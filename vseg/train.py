@@ -71,8 +71,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
             mode="max",
             save_last=ckpt.save_last,
         ),
-        TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
     return L.Trainer(
         strategy=build_strategy(cfg.strategy),
@@ -89,13 +90,14 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     cfg = raw_cfg if isinstance(raw_cfg, TrainConfig) else load_config(raw_cfg)
     run_dir = resolve_run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
 
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
     log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor(
         tokenizer=tokenizer,
@@ -110,6 +112,10 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate)
     module = Sa2VAModule(model, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.checkpoint.save_last and not trainer.interrupted:
+        # The step checkpoints fire every N steps; the final state is kept as last.ckpt too (all ranks
+        # take part: under DeepSpeed saving is collective).
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
     if trainer.is_global_zero:
         weights = run_dir / "weights"

@@ -1,0 +1,62 @@
+"""Shared fixtures: composed configs and a tiny built model, all on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from vseg.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    """The Hydra config `train.py` would see for these command-line overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+def tiny_cfg(overrides: list[str] | None = None) -> TrainConfig:
+    """Validated TrainConfig for the tiny model with fast test settings plus `overrides`."""
+    base = [
+        "data.num_samples=8",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    return load_config(compose_cfg(base + list(overrides or [])))
+
+
+@pytest.fixture
+def cfg() -> TrainConfig:
+    return tiny_cfg()
+
+
+@pytest.fixture
+def built(cfg):
+    """(model, tokenizer, processor) for the tiny config."""
+    from vseg.model.build import build_sa2va
+    from vseg.model.processor import Sa2VAProcessor
+
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    processor = Sa2VAProcessor(
+        tokenizer,
+        model.family,
+        model.base_mllm.config,
+        cfg.model,
+        model.grounding.image_size,
+        model.grounding.low_res_size,
+        cfg.data.max_length,
+    )
+    return model, tokenizer, processor

@@ -1,0 +1,86 @@
+"""Synthetic records, split, repeats, prompt phrasings, collation and accumulation windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vseg.data.datamodule import VesselDataModule, WindowedLoader, batch_counts
+from vseg.data.dataset import SegmentationDataset, split_records, synthetic_records
+
+
+def test_records_are_deterministic_and_split_is_disjoint():
+    a = synthetic_records(10, 64, "mixed", seed=3)
+    b = synthetic_records(10, 64, "mixed", seed=3)
+    for ra, rb in zip(a, b):
+        ia, ma = ra.load()
+        ib, mb = rb.load()
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
+    train, val = split_records(a, 0.3, seed=1)
+    assert len(val) == 3 and len(train) == 7
+    assert not {r.id for r in train} & {r.id for r in val}
+    assert [r.id for r in split_records(a, 0.3, seed=1)[1]] == [r.id for r in val]
+    assert [r.id for r in split_records(a, 0.3, seed=2)[1]] != [r.id for r in val]
+
+
+def test_repeats_and_prompt_phrasings(built):
+    _, _, processor = built
+    records = synthetic_records(3, 64, "fundus", seed=0)
+    prompts = ["A?", "B?", "C?", "D?"]
+    ds = SegmentationDataset(records, processor, prompts, "It is [SEG].", repeats=4, seed=0)
+    assert len(ds) == 12
+    assert ds[0]["id"] == ds[3]["id"] == records[0].id
+    phrasings = {ds.prompt_for(i) for i in range(len(ds))}
+    assert len(phrasings) > 1 and phrasings <= set(prompts)
+    assert [ds.prompt_for(i) for i in range(12)] == [ds.prompt_for(i) for i in range(12)]
+    with pytest.raises(IndexError):
+        ds[12]
+
+
+def test_collate_pads_text_and_stacks_images(built):
+    _, tokenizer, processor = built
+    records = synthetic_records(2, 64, "angiogram", seed=0)
+    ds = SegmentationDataset(records, processor, ["Short?", "A much longer question about the vessels here?"],
+                             "It is [SEG].", seed=5)
+    items = [ds[0], ds[1]]
+    batch = processor.collate(items)
+    lengths = [len(i["input_ids"]) for i in items]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    shorter = int(np.argmin(lengths))
+    assert (batch["input_ids"][shorter, min(lengths):] == tokenizer.pad_token_id).all()
+    assert batch["sam_pixel_values"].shape == (2, 3, 128, 128)
+    assert batch["mllm_inputs"]["pixel_values"].shape[0] == 2  # one tile each
+    assert batch["masks_low_res"].shape == (2, 32, 32)
+    assert [m.shape for m in batch["masks"]] == [(1, 64, 64), (1, 64, 64)]
+
+
+def test_windowed_loader_stamps_window_counts(built):
+    _, _, processor = built
+    records = synthetic_records(5, 64, "mixed", seed=0)
+    ds = SegmentationDataset(records, processor, ["Segment the vessels."], "It is [SEG].")
+    loader = WindowedLoader(DataLoader(ds, batch_size=1, collate_fn=processor.collate), accumulate=2)
+    batches = list(loader)
+    assert len(batches) == 5
+    sizes = [b["window"]["size"] for b in batches]
+    assert sizes == [2, 2, 2, 2, 1]  # the last window of the epoch is short
+    per_batch = [batch_counts(b) for b in batches]
+    assert batches[0]["window"]["masks"] == per_batch[0][0] + per_batch[1][0] == 2
+    assert batches[4]["window"]["tokens"] == per_batch[4][1]
+
+
+def test_datamodule_shuffles_per_epoch_reproducibly(cfg, built):
+    _, _, processor = built
+    dm = VesselDataModule(cfg.data, processor)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epoch0 = [tuple(b["ids"]) for b in loader]
+    epoch1 = [tuple(b["ids"]) for b in loader]
+    assert epoch0 != epoch1
+    dm2 = VesselDataModule(cfg.data, processor)
+    dm2.setup("fit")
+    assert [tuple(b["ids"]) for b in dm2.train_dataloader()] == epoch0
+    assert len(dm.val_set) + len(dm.train_set) == cfg.data.num_samples
+    assert torch.is_tensor(next(iter(dm.val_dataloader()))["input_ids"])
