@@ -43,10 +43,10 @@ def cfg() -> TrainConfig:
 @pytest.fixture
 def built(cfg):
     """(model, tokenizer, processor) for the tiny config."""
+    import torch
+
     from vseg.model.build import build_sa2va
     from vseg.model.processor import Sa2VAProcessor
-
-    import torch
 
     torch.manual_seed(0)
     model, tokenizer = build_sa2va(cfg.model, cfg.lora)

@@ -9,9 +9,10 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from conftest import CONF, ROOT, compose_cfg, tiny_cfg
 from vseg.config import ConfigError, load_config, validate
 from vseg.strategy import build_strategy
+
+from conftest import CONF, ROOT, compose_cfg, tiny_cfg
 
 GROUPS = ["model", "data", "lora", "strategy", "trainer", "logger", "callbacks"]
 

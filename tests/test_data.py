@@ -14,7 +14,7 @@ from vseg.data.dataset import SegmentationDataset, split_records, synthetic_reco
 def test_records_are_deterministic_and_split_is_disjoint():
     a = synthetic_records(10, 64, "mixed", seed=3)
     b = synthetic_records(10, 64, "mixed", seed=3)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         ia, ma = ra.load()
         ib, mb = rb.load()
         assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
@@ -42,15 +42,16 @@ def test_repeats_and_prompt_phrasings(built):
 def test_collate_pads_text_and_stacks_images(built):
     _, tokenizer, processor = built
     records = synthetic_records(2, 64, "angiogram", seed=0)
-    ds = SegmentationDataset(records, processor, ["Short?", "A much longer question about the vessels here?"],
-                             "It is [SEG].", seed=5)
+    ds = SegmentationDataset(
+        records, processor, ["Short?", "A much longer question about the vessels here?"], "It is [SEG].", seed=5
+    )
     items = [ds[0], ds[1]]
     batch = processor.collate(items)
     lengths = [len(i["input_ids"]) for i in items]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     shorter = int(np.argmin(lengths))
-    assert (batch["input_ids"][shorter, min(lengths):] == tokenizer.pad_token_id).all()
+    assert (batch["input_ids"][shorter, min(lengths) :] == tokenizer.pad_token_id).all()
     assert batch["sam_pixel_values"].shape == (2, 3, 128, 128)
     assert batch["mllm_inputs"]["pixel_values"].shape[0] == 2  # one tile each
     assert batch["masks_low_res"].shape == (2, 32, 32)

@@ -17,7 +17,7 @@ def test_bce_and_dice_match_hand_computation():
     target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
     p = [0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-0.5))]
     t = [0, 1, 0, 1]
-    bce = -sum(ti * math.log(pi) + (1 - ti) * math.log(1 - pi) for pi, ti in zip(p, t)) / 4
+    bce = -sum(ti * math.log(pi) + (1 - ti) * math.log(1 - pi) for pi, ti in zip(p, t, strict=True)) / 4
     dice = 1 - (2 * (p[1] + p[3]) + 1) / (sum(p) + 2 + 1)
     assert bce_per_mask(logits, target).item() == pytest.approx(bce, rel=1e-6)
     assert dice_loss_per_mask(logits, target).item() == pytest.approx(dice, rel=1e-6)

@@ -25,7 +25,9 @@ def _batch(processor, n=2, seed=0, size=(60, 72)):
 
 
 def _forward(model, batch):
-    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"])
+    return model(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"]
+    )
 
 
 def test_trainable_and_frozen_parts(built):
@@ -126,8 +128,10 @@ def test_mask_is_the_highest_iou_multimask_output(built):
         logits = grounding.decode(features, prompts, index)
         # Independent path: the prompt encoder's padding points + [SEG], decoder with multimask output.
         sparse, dense = sam.prompt_encoder(
-            input_points=torch.zeros(3, 1, 1, 2), input_labels=-torch.ones(3, 1, 1, dtype=torch.int32),
-            input_boxes=None, input_masks=None,
+            input_points=torch.zeros(3, 1, 1, 2),
+            input_labels=-torch.ones(3, 1, 1, dtype=torch.int32),
+            input_boxes=None,
+            input_masks=None,
         )
         assert sparse.shape[2] == 2  # SAM-2 pads one more "not a point" when no box is given
         sparse = torch.cat([sparse, prompts[:, None, None]], dim=2)
@@ -153,7 +157,9 @@ def test_batching_and_padding_are_inert(built):
     mask = rng.random((60, 72)) > 0.7
     s0 = processor.encode(image0, "Segment the vessels.", "It is [SEG].", mask, "s0")
     # A longer question, so sample 0 is right-padded in the pair.
-    s1 = processor.encode(image1, "Please segment the blood vessels in this image, all of them.", "It is [SEG].", mask, "s1")
+    s1 = processor.encode(
+        image1, "Please segment the blood vessels in this image, all of them.", "It is [SEG].", mask, "s1"
+    )
     with torch.no_grad():
         pair = _forward(model, processor.collate([s0, s1]))
         alone = _forward(model, processor.collate([s0]))

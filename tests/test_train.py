@@ -9,16 +9,25 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, tiny_cfg
 from vseg.model.build import build_sa2va
 from vseg.train import run
+
+from conftest import ROOT, tiny_cfg
 
 SCALARS = ["train/loss", "train/loss_mask", "train/loss_dice", "train/llm_loss", "train/lr", "val/dice", "val/iou"]
 
 
 def test_run_writes_a_self_describing_run_dir(tmp_path):
-    cfg = tiny_cfg([f"run_dir={tmp_path}", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                    "checkpoint.every_n_steps=2", "checkpoint.keep=1", "trainer.log_every_n_steps=1"])
+    cfg = tiny_cfg(
+        [
+            f"run_dir={tmp_path}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "checkpoint.every_n_steps=2",
+            "checkpoint.keep=1",
+            "trainer.log_every_n_steps=1",
+        ]
+    )
     result = run(cfg)
     assert result.global_step == 4
     assert (tmp_path / "config.yaml").is_file()
@@ -62,9 +71,23 @@ def test_saved_trainable_weights_round_trip_exactly(tmp_path):
 
     processor = Sa2VAProcessor(tokenizer, untrained.family, untrained.base_mllm.config, cfg.model, 128, 32)
     rng = np.random.default_rng(0)
-    batch = processor.collate([processor.encode(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
-                                                "Segment the vessels.", "It is [SEG].", rng.random((64, 64)) > 0.5)])
-    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"])
+    batch = processor.collate(
+        [
+            processor.encode(
+                rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                "Segment the vessels.",
+                "It is [SEG].",
+                rng.random((64, 64)) > 0.5,
+            )
+        ]
+    )
+    args = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch["sam_pixel_values"],
+        batch["mllm_inputs"],
+    )
     with torch.no_grad():
         a, b, c = (m(*args) for m in (from_safetensors, from_ckpt, untrained))
     assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.llm_loss_sum, b.llm_loss_sum)
@@ -88,9 +111,19 @@ def test_resume_continues_the_global_step(tmp_path):
 
 def test_train_entry_point_end_to_end(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "train.py", f"run_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-         "data.num_samples=6", "trainer.enable_progress_bar=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            f"run_dir={tmp_path}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.num_samples=6",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"tensorboard --logdir {tmp_path}" in proc.stdout

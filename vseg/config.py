@@ -192,7 +192,10 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     need(cfg.strategy.name in STRATEGIES, f"strategy.name={cfg.strategy.name!r}: expected one of {STRATEGIES}")
     need(cfg.model.family == "internvl", f"model.family={cfg.model.family!r}: only 'internvl' is built today")
     need(cfg.model.template in TEMPLATES, f"model.template={cfg.model.template!r}: expected one of {sorted(TEMPLATES)}")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={cfg.model.dtype!r}: float32|bfloat16|float16")
+    need(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype={cfg.model.dtype!r}: float32|bfloat16|float16",
+    )
     need(cfg.model.max_tiles >= 1, f"model.max_tiles={cfg.model.max_tiles}: must be >= 1")
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
@@ -221,12 +224,17 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     if not cuda:
         advice = "run on a machine with NVIDIA GPUs, or use strategy=single (or ddp with trainer.accelerator=cpu)"
         need(not cfg.strategy.gpu_only, f"strategy={cfg.strategy.name} needs CUDA GPUs and none is visible: {advice}")
-        need(accelerator not in ("gpu", "cuda"), f"trainer.accelerator={accelerator} but no CUDA GPU is visible: {advice}")
+        need(
+            accelerator not in ("gpu", "cuda"),
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible: {advice}",
+        )
         if cfg.strategy.name == "single" and devices not in ("auto", 1, "1", -1):
             errors.append(f"trainer.devices={devices} with strategy=single: use strategy=ddp for several processes")
     if cfg.strategy.name == "single":
-        need(devices in ("auto", 1, "1") and num_nodes == 1,
-             f"strategy=single runs one process; trainer.devices={devices} num_nodes={num_nodes}: use strategy=ddp or zero*")
+        need(
+            devices in ("auto", 1, "1") and num_nodes == 1,
+            f"strategy=single runs one process; trainer.devices={devices} num_nodes={num_nodes}: use strategy=ddp or zero*",
+        )
     if cfg.strategy.offload_parameters and cfg.strategy.stage != 3:
         errors.append("strategy.offload_parameters needs ZeRO stage 3 (strategy=zero3_offload)")
     if errors:

@@ -44,7 +44,9 @@ class LossSums:
     num_tokens: int
 
 
-def mask_loss_sums(logits: torch.Tensor, targets: torch.Tensor, mask_size: str = "low_res") -> tuple[torch.Tensor, torch.Tensor]:
+def mask_loss_sums(
+    logits: torch.Tensor, targets: torch.Tensor, mask_size: str = "low_res"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed BCE and Dice over masks.
 
     Args:
@@ -54,7 +56,9 @@ def mask_loss_sums(logits: torch.Tensor, targets: torch.Tensor, mask_size: str =
             bilinearly to the targets' size, which keeps thin vessels that nearest downsampling drops.
     """
     if mask_size == "image" and logits.shape[-2:] != targets.shape[-2:]:
-        logits = F.interpolate(logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        logits = F.interpolate(logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)[
+            :, 0
+        ]
     if logits.shape != targets.shape:
         raise ValueError(f"mask logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     return bce_per_mask(logits, targets).sum(), dice_loss_per_mask(logits, targets).sum()

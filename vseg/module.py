@@ -43,7 +43,11 @@ class Sa2VAModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
         out = self.model(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"]
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            batch["sam_pixel_values"],
+            batch["mllm_inputs"],
         )
         mode = self.cfg.loss.mask_size
         if mode == "image":

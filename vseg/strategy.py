@@ -26,8 +26,13 @@ def deepspeed_config(cfg: StrategyConfig) -> dict[str, Any]:
         zero.update({"allgather_partitions": True, "allgather_bucket_size": 5e8, "reduce_scatter": True})
     if cfg.stage == 3:
         # Frozen base weights are most of the model: gather them per module, release right after.
-        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
-                     "stage3_gather_16bit_weights_on_model_save": False})
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.pin_memory}
     if cfg.offload_parameters:
@@ -47,7 +52,5 @@ def build_strategy(cfg: StrategyConfig) -> Strategy | str:
     if cfg.name == "ddp":
         return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, timeout=timeout)
     if cfg.stage in (1, 2, 3):
-        return DeepSpeedStrategy(config=deepspeed_config(cfg), timeout=timeout,
-                                 exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(config=deepspeed_config(cfg), timeout=timeout, exclude_frozen_parameters=True)
     raise ValueError(f"strategy {cfg.name!r} with stage {cfg.stage} has no builder")
-

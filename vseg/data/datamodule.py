@@ -121,7 +121,9 @@ class VesselDataModule(L.LightningDataModule):
         assert self.train_set is not None, "setup() first"
         world, rank = self._distributed()
         if world > 1:
-            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed)
+            sampler = DistributedSampler(
+                self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed
+            )
         else:
             sampler = _EpochSeededSampler(self.train_set, seed=self.cfg.seed)
         loader = DataLoader(

@@ -177,9 +177,7 @@ def generate_vessels(seed: int, size: int = 128, style: str = "mixed") -> tuple[
             root = ((t, 0.0), (size, t), (t, size), (0.0, t))[edge]
             heading, bend = edge * np.pi / 2 + np.pi / 2 + rng.normal(0.0, 0.4), rng.normal(0.0, 0.01)
         budget = max(target - area, 0.3 * target)
-        new, new_area = _grow_tree(
-            rng, root, heading, width, bend, contrast, params, size / 60, inside, budget
-        )
+        new, new_area = _grow_tree(rng, root, heading, width, bend, contrast, params, size / 60, inside, budget)
         branches += new
         area += new_area
         tree += 1

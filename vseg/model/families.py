@@ -33,7 +33,9 @@ class MLLMFamily(Protocol):
 
     def text_hidden_size(self, mllm: nn.Module) -> int: ...
 
-    def image_inputs(self, mllm_config: Any, cfg: ModelConfig, image: Image.Image) -> tuple[dict[str, torch.Tensor], str]:
+    def image_inputs(
+        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image
+    ) -> tuple[dict[str, torch.Tensor], str]:
         """Per-sample model inputs and the text that stands for the image in the prompt."""
         ...
 
@@ -65,8 +67,9 @@ class InternVLFamily:
         vision = dict(cfg.vision)
         patch = vision.get("patch_size", 14)
         size = vision.get("image_size", 448)
-        patch, size = (patch[0] if isinstance(patch, list | tuple) else patch), (
-            size[0] if isinstance(size, list | tuple) else size
+        patch, size = (
+            (patch[0] if isinstance(patch, list | tuple) else patch),
+            (size[0] if isinstance(size, list | tuple) else size),
         )
         tokens_per_tile = int((size // patch) ** 2 * cfg.downsample_ratio**2)
         config = InternVLConfig(

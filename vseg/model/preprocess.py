@@ -49,8 +49,13 @@ def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int
     """
     aspect = width / height
     grids = sorted(
-        {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
-         if min_tiles <= c * r <= max_tiles},
+        {
+            (c, r)
+            for n in range(min_tiles, max_tiles + 1)
+            for c in range(1, n + 1)
+            for r in range(1, n + 1)
+            if min_tiles <= c * r <= max_tiles
+        },
         key=lambda g: g[0] * g[1],
     )
     best, best_diff = (1, 1), float("inf")
@@ -64,8 +69,9 @@ def tile_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int
     return best
 
 
-def internvl_tiles(image: Image.Image, tile: int, max_tiles: int, min_tiles: int = 1,
-                   use_thumbnail: bool = True) -> torch.Tensor:
+def internvl_tiles(
+    image: Image.Image, tile: int, max_tiles: int, min_tiles: int = 1, use_thumbnail: bool = True
+) -> torch.Tensor:
     """InternVL input: (num_tiles, 3, tile, tile) float32 in ImageNet normalisation.
 
     Args:
