@@ -33,6 +33,7 @@ class RunResult:
     run_dir: Path
     global_step: int
     metrics: dict[str, float]
+    module: Sa2VAModule | None = None  # the trained module (for callers in the same process, e.g. tests)
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -124,4 +125,4 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         save_file(state, weights / "trainable.safetensors", metadata={"global_step": str(trainer.global_step)})
         print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    return RunResult(run_dir=run_dir, global_step=trainer.global_step, metrics=metrics)
+    return RunResult(run_dir=run_dir, global_step=trainer.global_step, metrics=metrics, module=module)
