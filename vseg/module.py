@@ -144,8 +144,8 @@ class Sa2VAModule(L.LightningModule):
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas))
         else:
-            fused = torch.cuda.is_available() and self.device.type == "cuda"
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
+            # Not fused: Lightning's gradient clipping under AMP refuses optimizers that unscale internally.
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
