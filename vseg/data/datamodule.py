@@ -139,6 +139,11 @@ class VesselDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "setup() first"
         world, rank = self._distributed()
+        if world > len(self.val_set):
+            raise ValueError(
+                f"the validation split has {len(self.val_set)} images for {world} processes; every process needs "
+                "at least one: raise data.val_fraction or data.num_samples"
+            )
         sampler = (
             # Unrepeated: no padding duplicates, so validation metrics count every image exactly once.
             UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
