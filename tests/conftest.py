@@ -50,13 +50,5 @@ def built(cfg):
 
     torch.manual_seed(0)
     model, tokenizer = build_sa2va(cfg.model, cfg.lora)
-    processor = Sa2VAProcessor(
-        tokenizer,
-        model.family,
-        model.base_mllm.config,
-        cfg.model,
-        model.grounding.image_size,
-        model.grounding.low_res_size,
-        cfg.data.max_length,
-    )
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     return model, tokenizer, processor

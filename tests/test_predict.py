@@ -83,15 +83,7 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
 def _processor_like(module):
     model, cfg = module.model, module.cfg
     tokenizer, _ = build_tokenizer(cfg.model)
-    return Sa2VAProcessor(
-        tokenizer,
-        model.family,
-        model.base_mllm.config,
-        cfg.model,
-        model.grounding.image_size,
-        model.grounding.low_res_size,
-        cfg.data.max_length,
-    )
+    return Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
 
 
 def test_predict_rejects_a_directory_that_is_not_a_run(tmp_path):

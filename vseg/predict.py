@@ -73,15 +73,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(weights, strict=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    processor = Sa2VAProcessor(
-        tokenizer,
-        model.family,
-        model.base_mllm.config,
-        cfg.model,
-        model.grounding.image_size,
-        model.grounding.low_res_size,
-        cfg.data.max_length,
-    )
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     data = VesselDataModule(cfg.data, processor)
     data.setup("predict")
     dataset = data.val_set if pcfg.split == "val" else data.train_set

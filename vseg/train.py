@@ -100,15 +100,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         log.info("run directory: %s", run_dir)
 
     log.info("parameters: %s", count_parameters(model))
-    processor = Sa2VAProcessor(
-        tokenizer=tokenizer,
-        family=model.family,
-        mllm_config=model.base_mllm.config,
-        model_cfg=cfg.model,
-        sam_size=model.grounding.image_size,
-        mask_size=model.grounding.low_res_size,
-        max_length=cfg.data.max_length,
-    )
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate)
     module = Sa2VAModule(model, cfg)

@@ -48,6 +48,19 @@ class Sa2VAProcessor:
     mask_size: int
     max_length: int = 2048
 
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig, max_length: int):
+        """The processor matching a built `Sa2VA` (tile size, SAM size and mask size read off the model)."""
+        return cls(
+            tokenizer=tokenizer,
+            family=model.family,
+            mllm_config=model.base_mllm.config,
+            model_cfg=model_cfg,
+            sam_size=model.grounding.image_size,
+            mask_size=model.grounding.low_res_size,
+            max_length=max_length,
+        )
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
