@@ -15,7 +15,7 @@ from vseg.model.processor import Sa2VAProcessor
 from vseg.predict import run as predict
 from vseg.train import run as train
 
-from conftest import tiny_cfg
+from conftest import CONF, tiny_cfg
 
 
 def test_predict_reproduces_the_runs_validation(tmp_path):
@@ -32,18 +32,7 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
         )
     )
     out = tmp_path / "pred"
-    summary = predict(
-        OmegaConf.create(
-            {
-                "ckpt": str(run_dir),
-                "out": str(out),
-                "split": "val",
-                "batch_size": 3,
-                "threshold": 0.5,
-                "overwrite": False,
-            }
-        )
-    )
+    summary = predict(_predict_cfg(ckpt=str(run_dir), out=str(out), batch_size=3))
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert summary["images"] == len(lines) == 1  # 8 samples, val_fraction 0.125
     assert (out / lines[0]["mask"]).is_file()
@@ -66,18 +55,15 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
     assert lines[0]["id"] == batch["ids"][0]
     assert lines[0]["mean_logit"] == pytest.approx(float(o.mask_logits.mean()), rel=1e-5)
     with pytest.raises(ConfigError, match="not empty"):
-        predict(
-            OmegaConf.create(
-                {
-                    "ckpt": str(run_dir),
-                    "out": str(out),
-                    "split": "val",
-                    "batch_size": 3,
-                    "threshold": 0.5,
-                    "overwrite": False,
-                }
-            )
-        )
+        predict(_predict_cfg(ckpt=str(run_dir), out=str(out), batch_size=3))
+
+
+def _predict_cfg(**values):
+    """conf/predict.yaml's defaults (without the hydra block) with `values` set, as predict.py sees them."""
+    cfg = OmegaConf.load(CONF / "predict.yaml")
+    cfg.pop("hydra")
+    cfg.pop("defaults")
+    return OmegaConf.merge(cfg, values)
 
 
 def _processor_like(module):
@@ -88,15 +74,4 @@ def _processor_like(module):
 
 def test_predict_rejects_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match="config.yaml not found"):
-        predict(
-            OmegaConf.create(
-                {
-                    "ckpt": str(tmp_path),
-                    "out": None,
-                    "split": "val",
-                    "batch_size": 1,
-                    "threshold": 0.5,
-                    "overwrite": False,
-                }
-            )
-        )
+        predict(_predict_cfg(ckpt=str(tmp_path)))
