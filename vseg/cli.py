@@ -1,12 +1,28 @@
-"""Shared behaviour of the command-line entry points: config errors end the run with one clear message."""
+"""Command-line plumbing: `vseg <command> [group=option ...] [key=value ...]` and clean config errors.
+
+`train.py` and `predict.py` are Hydra apps of their own; the `vseg` tool's commands (check, export, info,
+plan, ...) compose the same `conf/` tree with Hydra's compose API, so every group and override works the
+same way everywhere. A command is a module with `main(overrides: list[str]) -> int`, registered below.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig
 
 from vseg.config import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: command -> (module with `main(overrides) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("vseg.data.check", "check a dataset: report, problems, optional dump of samples as the model sees them"),
+}
 
 
 @contextlib.contextmanager
@@ -17,3 +33,47 @@ def exit_on_config_error() -> Iterator[None]:
     except ConfigError as err:
         print(f"vseg: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Composes `conf/<config_name>.yaml` with command-line overrides; a bad override is a ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config directory {CONF_DIR} not found; install vseg from its repository (pip install -e .)")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {err}") from None
+
+
+def _usage() -> str:
+    lines = ["usage: vseg <command> [group=option ...] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vseg` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, overrides = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"vseg: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(overrides) or 0)
+    except ConfigError as err:
+        print(f"vseg {name}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
