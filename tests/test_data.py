@@ -8,44 +8,53 @@ import torch
 from torch.utils.data import DataLoader
 
 from vseg.data.datamodule import VesselDataModule, WindowedLoader, batch_counts
-from vseg.data.dataset import SegmentationDataset, split_records, synthetic_records
+from vseg.config import DataConfig, SplitConfig
+from vseg.data.dataset import SegmentationDataset, expand, split_records
+from vseg.data.records import load_sample
+from vseg.data.sources import synthetic_records
+
+
+def _synthetic(n: int, size: int, style: str, seed: int, **kw) -> tuple[DataConfig, list]:
+    cfg = DataConfig(num_samples=n, image_size=size, style=style, seed=seed, **kw)
+    return cfg, synthetic_records(cfg)
 
 
 def test_records_are_deterministic_and_split_is_disjoint():
-    a = synthetic_records(10, 64, "mixed", seed=3)
-    b = synthetic_records(10, 64, "mixed", seed=3)
+    _, a = _synthetic(10, 64, "mixed", seed=3)
+    _, b = _synthetic(10, 64, "mixed", seed=3)
     for ra, rb in zip(a, b, strict=True):
-        ia, ma = ra.load()
-        ib, mb = rb.load()
-        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
-    train, val = split_records(a, 0.3, seed=1)
+        sa, sb = load_sample(ra, 64), load_sample(rb, 64)
+        assert np.array_equal(sa.image, sb.image) and np.array_equal(sa.masks, sb.masks)
+    split = SplitConfig(val_fraction=0.3)
+    train, val = split_records(a, split, seed=1)
     assert len(val) == 3 and len(train) == 7
     assert not {r.id for r in train} & {r.id for r in val}
-    assert [r.id for r in split_records(a, 0.3, seed=1)[1]] == [r.id for r in val]
-    assert [r.id for r in split_records(a, 0.3, seed=2)[1]] != [r.id for r in val]
+    assert [r.id for r in split_records(a, split, seed=1)[1]] == [r.id for r in val]
+    assert [r.id for r in split_records(a, split, seed=2)[1]] != [r.id for r in val]
 
 
 def test_repeats_and_prompt_phrasings(built):
     _, _, processor = built
-    records = synthetic_records(3, 64, "fundus", seed=0)
     prompts = ["A?", "B?", "C?", "D?"]
-    ds = SegmentationDataset(records, processor, prompts, "It is [SEG].", repeats=4, seed=0)
+    cfg, records = _synthetic(3, 64, "fundus", seed=0, prompts=prompts)
+    ds = SegmentationDataset(expand(records, "merge"), processor, cfg, repeats=4)
     assert len(ds) == 12
     assert ds[0]["id"] == ds[3]["id"] == records[0].id
-    phrasings = {ds.prompt_for(i) for i in range(len(ds))}
+    phrasings = {ds.question_for(i, None) for i in range(len(ds))}
     assert len(phrasings) > 1 and phrasings <= set(prompts)
-    assert [ds.prompt_for(i) for i in range(12)] == [ds.prompt_for(i) for i in range(12)]
+    assert [ds.question_for(i, None) for i in range(12)] == [ds.question_for(i, None) for i in range(12)]
+    val = SegmentationDataset(expand(records, "merge"), processor, cfg, train=False)
+    assert {val.question_for(i, None) for i in range(3)} == {"A?"}
     with pytest.raises(IndexError):
         ds[12]
 
 
 def test_collate_pads_text_and_stacks_images(built):
     _, tokenizer, processor = built
-    records = synthetic_records(2, 64, "angiogram", seed=0)
-    ds = SegmentationDataset(
-        records, processor, ["Short?", "A much longer question about the vessels here?"], "It is [SEG].", seed=5
-    )
-    items = [ds[0], ds[1]]
+    _, records = _synthetic(2, 64, "angiogram", seed=0)
+    samples = [load_sample(r, 64) for r in records]
+    questions = ["Short?", "A much longer question about the vessels here?"]
+    items = [processor.encode(s.image, q, "It is [SEG].", s.masks, s.id) for s, q in zip(samples, questions, strict=True)]
     batch = processor.collate(items)
     lengths = [len(i["input_ids"]) for i in items]
     assert batch["input_ids"].shape == (2, max(lengths))
@@ -60,8 +69,8 @@ def test_collate_pads_text_and_stacks_images(built):
 
 def test_windowed_loader_stamps_window_counts(built):
     _, _, processor = built
-    records = synthetic_records(5, 64, "mixed", seed=0)
-    ds = SegmentationDataset(records, processor, ["Segment the vessels."], "It is [SEG].")
+    cfg, records = _synthetic(5, 64, "mixed", seed=0, prompts=["Segment the vessels."])
+    ds = SegmentationDataset(expand(records, "merge"), processor, cfg)
     loader = WindowedLoader(DataLoader(ds, batch_size=1, collate_fn=processor.collate), accumulate=2)
     batches = list(loader)
     assert len(batches) == 5
@@ -84,4 +93,5 @@ def test_datamodule_shuffles_per_epoch_reproducibly(cfg, built):
     dm2.setup("fit")
     assert [tuple(b["ids"]) for b in dm2.train_dataloader()] == epoch0
     assert len(dm.val_set) + len(dm.train_set) == cfg.data.num_samples
+    assert dm.report is not None and not dm.report.bad
     assert torch.is_tensor(next(iter(dm.val_dataloader()))["input_ids"])

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 STRATEGIES = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
+MODEL_FAMILIES = ("internvl", "qwen2_5_vl", "qwen3_vl")  # keys of vseg.model.families.FAMILIES
 
 
 class ConfigError(ValueError):
@@ -26,18 +27,21 @@ class ModelConfig:
     """Which Sa2VA network to build and how."""
 
     name: str = "tiny"  # label shown in logs and the run directory
-    family: str = "internvl"  # MLLM family: internvl (qwen2_5_vl / qwen3_vl plug in here)
+    family: str = "internvl"  # MLLM family: internvl | qwen2_5_vl | qwen3_vl
     path: str | None = None  # local folder of a released Sa2VA checkpoint; None = random init
     tokenizer_path: str | None = None  # local tokenizer folder; None = `path`, or the tiny built-in one
     template: str = "qwen_chat"  # chat template of the base MLLM
     dtype: str = "float32"  # weight dtype of the frozen parts: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     vision: dict[str, Any] = field(default_factory=dict)  # InternVLVisionConfig fields
-    text: dict[str, Any] = field(default_factory=dict)  # text model config fields, with model_type
+    text: dict[str, Any] = field(default_factory=dict)  # text model config fields (model_type; vocab_size fixes V)
     downsample_ratio: float = 0.5  # InternVL pixel-shuffle ratio
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = True  # tied input/output embeddings (Qwen2.5 small models)
     max_tiles: int = 1  # InternVL dynamic tiles per image (1..max_tiles, + thumbnail when > 1)
+    image_factor: int = 28  # Qwen-VL: images first resized to a multiple of this (Sa2VA's qwen-vl-utils step)
+    min_pixels: int = 401408  # Qwen-VL image processor: fewest pixels per image (Sa2VA: 512 * 28 * 28)
+    max_pixels: int = 1605632  # Qwen-VL image processor: most pixels per image (Sa2VA: 2048 * 28 * 28)
     sam2: dict[str, Any] = field(default_factory=dict)  # Sam2Config fields (vision_config, ...)
     gradient_checkpointing: bool = False  # recompute LLM layers in backward to save activation memory
 
@@ -59,20 +63,68 @@ class LoraConfig:
     train_new_token_rows: bool = True  # embedding / lm_head rows of [SEG] and the other added tokens
 
 
+SOURCES = ("synthetic", "folders", "polygons", "coco")
+
+
+@dataclass
+class SplitConfig:
+    """How records are divided into train and validation (always by image, never by repeat or object)."""
+
+    mode: str = "random"  # random: val_fraction by seed | field: by a record's own split tag | files: id lists
+    val_fraction: float = 0.125  # random: share of distinct images held out
+    train_values: list[str] = field(default_factory=list)  # field: tags that go to train (e.g. DRIVE "training")
+    val_values: list[str] = field(default_factory=list)  # field: tags that go to val (e.g. DRIVE "test")
+    train_file: str | None = None  # files: text file, one record id per line
+    val_file: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only augmentation; geometry is applied to image, masks and field of view alike."""
+
+    enabled: bool = False
+    hflip: float = 0.5  # probability of a horizontal flip
+    vflip: float = 0.5
+    rot90: float = 0.5  # probability of a random multiple of 90 degrees
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # zoom range; > 1 crops, < 1 pads
+    brightness: float = 0.0  # max relative change, e.g. 0.2
+    contrast: float = 0.0
+    saturation: float = 0.0
+    gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])
+
+
 @dataclass
 class DataConfig:
-    """Where samples come from and how they are batched."""
+    """Where samples come from, how they are sized, checked, split, augmented and batched."""
 
-    source: str = "synthetic"  # synthetic (more sources: folders, polygons, coco)
-    num_samples: int = 64  # synthetic: distinct images generated
-    image_size: int = 128  # images are generated (or rescaled) to this square size
-    style: str = "mixed"  # synthetic: angiogram | fundus | mixed
-    seed: int = 0  # generation and split seed
-    val_fraction: float = 0.125  # share of distinct images held out for validation
+    source: str = "synthetic"  # synthetic | folders | polygons | coco
+    name: str = ""  # label used in reports (e.g. drive)
+    # synthetic
+    num_samples: int = 64  # distinct images generated
+    style: str = "mixed"  # angiogram | fundus | mixed
+    # folders: images + mask files matched by a regex with named groups, masks found by templates
+    root: str | None = None
+    image_pattern: str = r"(?P<id>[^/]+)\.(png|jpg|jpeg|tif|tiff|gif|bmp|ppm)"  # regex on the path under root
+    mask_pattern: str = "masks/{id}.png"  # template filled with the image pattern's named groups
+    fov_pattern: str | None = None  # optional field-of-view mask template (metrics count only inside it)
+    # polygons / coco
+    annotations: str | None = None  # JSON file
+    image_root: str | None = None  # image paths in the JSON are relative to this (default: the JSON's folder)
+    holes: str = "union"  # polygons of one object: union (COCO, Sa2VA) | even_odd (inner rings cut holes)
+    categories: list[str] | None = None  # coco: category names to keep (None = all)
+    objects: str = "merge"  # merge: one vessel mask per image | per_object: one prompt per object/category
+    allow_empty: bool = False  # an image whose target mask is empty is a problem unless allowed
+    skip_invalid: bool = False  # skip (and count) records with problems instead of refusing the dataset
+    # size
+    image_size: int | None = 128  # every image is resized to this square side; None keeps original sizes
+    aspect: str = "stretch"  # stretch (Sa2VA: both branches resize without keeping aspect) | pad
+    seed: int = 0  # generation, split, phrasing and augmentation seed
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     repeats: int = 1  # each training image is seen `repeats` times per epoch
     batch_size: int = 2  # per-device micro-batch
     val_batch_size: int = 4
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 0  # DataLoader workers (decoding and resizing happen there)
     max_length: int = 512  # token budget per sample; longer samples are an error, not truncated
     prompts: list[str] = field(
         default_factory=lambda: [
@@ -82,6 +134,13 @@ class DataConfig:
             "Please output the segmentation mask of the vessels.",
         ]
     )  # question phrasings, drawn per sample
+    object_prompts: list[str] = field(
+        default_factory=lambda: [
+            "Please segment the {phrase} in this image.",
+            "Can you segment the {phrase}?",
+            "What is the {phrase} in this image? Please respond with a segmentation mask.",
+        ]
+    )  # per_object phrasings; {phrase} is the object's text or category name
     answer: str = "It is [SEG]."  # supervised answer; must contain [SEG]
 
 
@@ -130,6 +189,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """How a run reacts to signals, bad numbers and failed ranks (see FAULTS.md)."""
+
+    handle_signals: bool = True  # SIGINT / SIGTERM / SIGUSR1: save a resumable checkpoint, then exit
+    max_bad_steps: int = 5  # non-finite loss/gradient steps in a row before the run stops (0 = never)
+    check_grads: bool = True  # also check gradients (not only the loss) before every optimizer step
+    watchdog: bool = True  # multi-process: a failed or vanished rank stops every rank promptly
+    heartbeat_timeout_s: float = 120.0  # a rank silent this long counts as dead
+
+
+@dataclass
 class TrainConfig:
     """Everything `train.py` needs."""
 
@@ -140,6 +210,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
     logger: dict[str, Any] = field(default_factory=dict)  # TensorBoard logger options
     callbacks: dict[str, Any] = field(default_factory=dict)  # progress bar, overlays
@@ -147,6 +218,7 @@ class TrainConfig:
     run_dir: str | None = None  # None = runs/<timestamp>; shared by every rank
     runs_root: str = "runs"
     ckpt_path: str | None = None  # resume from this Lightning checkpoint
+    resume: str | None = None  # null: continue a given run_dir's newest checkpoint | auto: also find the run
 
 
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
@@ -164,6 +236,70 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
     typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(typed)
     return typed
+
+
+def _validate_data(d: DataConfig, need) -> None:
+    """Source-specific required fields and paths; file-level problems are `vseg check`'s job."""
+    import re
+    from pathlib import Path
+
+    need(d.source in SOURCES, f"data.source={d.source!r}: expected one of {SOURCES}")
+    if d.source == "synthetic":
+        need(d.style in ("angiogram", "fundus", "mixed"), f"data.style={d.style!r}: angiogram|fundus|mixed")
+        need(d.num_samples >= 2, f"data.num_samples={d.num_samples}: need at least 2 (one train, one val)")
+        need(d.image_size is not None, "data.image_size: synthetic images need a size")
+    if d.source == "folders":
+        if not d.root:
+            need(False, "data.root is not set: data=folders needs data.root=DIR (images + masks)")
+        else:
+            need(Path(d.root).is_dir(), f"data.root={d.root}: no such directory")
+        try:
+            groups = set(re.compile(d.image_pattern).groupindex)
+        except re.error as err:
+            groups = set()
+            need(False, f"data.image_pattern={d.image_pattern!r}: not a valid regular expression ({err})")
+        need("id" in groups, f"data.image_pattern={d.image_pattern!r}: needs a named group (?P<id>...)")
+        for key in ("mask_pattern", "fov_pattern"):
+            template = getattr(d, key)
+            if template is None:
+                continue
+            fields = set(re.findall(r"{(\w+)}", template))
+            need(fields <= groups, f"data.{key}={template!r}: uses {sorted(fields - groups)} not named in image_pattern")
+    if d.source in ("polygons", "coco"):
+        if not d.annotations:
+            need(False, f"data.annotations is not set: data={d.source} needs data.annotations=FILE.json")
+        else:
+            need(Path(d.annotations).is_file(), f"data.annotations={d.annotations}: no such file")
+        if d.image_root:
+            need(Path(d.image_root).is_dir(), f"data.image_root={d.image_root}: no such directory")
+    need(d.holes in ("union", "even_odd"), f"data.holes={d.holes!r}: union|even_odd")
+    need(d.objects in ("merge", "per_object"), f"data.objects={d.objects!r}: merge|per_object")
+    need(d.aspect in ("stretch", "pad"), f"data.aspect={d.aspect!r}: stretch|pad")
+    need(d.image_size is None or d.image_size >= 32, f"data.image_size={d.image_size}: must be >= 32 (or null)")
+    s = d.split
+    need(s.mode in ("random", "field", "files"), f"data.split.mode={s.mode!r}: random|field|files")
+    if s.mode == "random":
+        need(0.0 < s.val_fraction < 1.0, f"data.split.val_fraction={s.val_fraction}: must be in (0, 1)")
+    if s.mode == "field":
+        need(bool(s.train_values) and bool(s.val_values), "data.split.mode=field needs train_values and val_values")
+    if s.mode == "files":
+        for key in ("train_file", "val_file"):
+            value = getattr(s, key)
+            need(bool(value) and Path(value).is_file(), f"data.split.{key}={value}: no such file (split.mode=files)")
+    a = d.augment
+    need(all(0.0 <= p <= 1.0 for p in (a.hflip, a.vflip, a.rot90)), "data.augment: flip/rot90 probabilities in [0, 1]")
+    for key in ("scale", "gamma"):
+        lo_hi = getattr(a, key)
+        need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"data.augment.{key}={lo_hi}: need [low, high], 0 < low <= high")
+    need(min(a.brightness, a.contrast, a.saturation) >= 0, "data.augment: brightness/contrast/saturation >= 0")
+    need(d.repeats >= 1, f"data.repeats={d.repeats}: must be >= 1")
+    need(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size and data.val_batch_size must be >= 1")
+    need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
+    need(bool(d.prompts), "data.prompts is empty")
+    need(
+        d.objects != "per_object" or all("{phrase}" in p for p in d.object_prompts) and bool(d.object_prompts),
+        "data.object_prompts: each phrasing needs {phrase} (data.objects=per_object)",
+    )
 
 
 def _trainer_arguments() -> set[str]:
@@ -190,7 +326,12 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     need(not unknown, f"trainer: unknown lightning.Trainer arguments {sorted(unknown)}")
     need("strategy" not in t, "trainer.strategy: choose the strategy with `strategy=<name>`, not trainer.strategy")
     need(cfg.strategy.name in STRATEGIES, f"strategy.name={cfg.strategy.name!r}: expected one of {STRATEGIES}")
-    need(cfg.model.family == "internvl", f"model.family={cfg.model.family!r}: only 'internvl' is built today")
+    need(cfg.model.family in MODEL_FAMILIES, f"model.family={cfg.model.family!r}: expected one of {MODEL_FAMILIES}")
+    need(
+        0 < cfg.model.min_pixels <= cfg.model.max_pixels and cfg.model.image_factor > 0,
+        f"model.min_pixels={cfg.model.min_pixels}, max_pixels={cfg.model.max_pixels}, "
+        f"image_factor={cfg.model.image_factor}: need 0 < min_pixels <= max_pixels and image_factor > 0",
+    )
     need(cfg.model.template in TEMPLATES, f"model.template={cfg.model.template!r}: expected one of {sorted(TEMPLATES)}")
     need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -201,20 +342,16 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")
     d = cfg.data
-    need(d.source == "synthetic", f"data.source={d.source!r}: only 'synthetic' exists today")
-    need(d.style in ("angiogram", "fundus", "mixed"), f"data.style={d.style!r}: angiogram|fundus|mixed")
-    need(d.num_samples >= 2, f"data.num_samples={d.num_samples}: need at least 2 (one train, one val)")
-    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
-    need(d.repeats >= 1, f"data.repeats={d.repeats}: must be >= 1")
-    need(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size and data.val_batch_size must be >= 1")
-    need(d.image_size >= 32, f"data.image_size={d.image_size}: must be >= 32")
-    need(bool(d.prompts), "data.prompts is empty")
+    _validate_data(d, need)
     need(d.answer.count(SEG_TOKEN) == 1, f"data.answer={d.answer!r}: must contain {SEG_TOKEN} exactly once")
     need(cfg.loss.mask_size in ("low_res", "image"), f"loss.mask_size={cfg.loss.mask_size!r}: low_res|image")
     need(min(cfg.loss.mask_weight, cfg.loss.dice_weight, cfg.loss.llm_weight) >= 0, "loss weights must be >= 0")
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
     need(0.0 <= cfg.optim.warmup_ratio < 1.0, f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
     need(cfg.checkpoint.every_n_steps >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every_n_steps and keep >= 1")
+    need(cfg.resume in (None, "auto", "never"), f"resume={cfg.resume!r}: null | auto | never")
+    need(cfg.faults.max_bad_steps >= 0, f"faults.max_bad_steps={cfg.faults.max_bad_steps}: must be >= 0")
+    need(cfg.faults.heartbeat_timeout_s > 0, "faults.heartbeat_timeout_s must be > 0")
     accum = t.get("accumulate_grad_batches", 1)
     need(isinstance(accum, int) and accum >= 1, f"trainer.accumulate_grad_batches={accum}: must be an int >= 1")
 

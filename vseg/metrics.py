@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 
-def dice_iou_per_image(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) Dice and IoU of boolean (N, H, W) masks."""
+def dice_iou_per_image(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) Dice and IoU of boolean (N, H, W) masks, counting only pixels where `valid` (H, W) is true."""
     pred = pred.bool().flatten(1)
     target = target.bool().flatten(1)
+    if valid is not None:
+        keep = valid.bool().flatten().to(pred.device)
+        pred, target = pred[:, keep], target[:, keep]
     inter = (pred & target).sum(1).double()
     p, t = pred.sum(1).double(), target.sum(1).double()
     union = p + t - inter
@@ -42,11 +47,13 @@ class SegmentationMetrics(Metric):
         self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Adds boolean predictions and targets of shape (N, H, W)."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Adds boolean predictions and targets of shape (N, H, W), optionally within a field of view (H, W)."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        dice, iou = dice_iou_per_image(pred, target)
+        if valid is not None and tuple(valid.shape) != tuple(pred.shape[-2:]):
+            raise ValueError(f"field of view {tuple(valid.shape)} and masks {tuple(pred.shape[-2:])} differ")
+        dice, iou = dice_iou_per_image(pred, target, valid)
         self.dice_sum += dice.sum()
         self.iou_sum += iou.sum()
         self.count += dice.numel()

@@ -93,7 +93,8 @@ class Sa2VAModule(L.LightningModule):
         for i, masks in enumerate(batch["masks"]):
             logits = out.mask_logits[out.seg_sample_index == i]
             pred = logits_to_mask(logits, tuple(masks.shape[-2:]))
-            self.val_metrics.update(pred.cpu(), masks.cpu())
+            fov = batch["fov"][i] if "fov" in batch else None
+            self.val_metrics.update(pred.cpu(), masks.cpu(), fov)
             predictions.append(pred)
         if batch_idx == 0 and self.overlays > 0:
             self._log_overlays(batch, predictions)

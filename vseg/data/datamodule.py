@@ -8,6 +8,7 @@ It also owns the distributed sampler, so every rank sees a disjoint shard in a s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +18,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from vseg.config import DataConfig
-from vseg.data.dataset import SegmentationDataset, split_records, synthetic_records
+from vseg.data.check import DatasetProblems, DatasetReport, check_dataset
+from vseg.data.dataset import SegmentationDataset, expand
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
@@ -49,6 +53,8 @@ class WindowedLoader:
         sampler = self.loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
+        if hasattr(self.loader.dataset, "set_epoch"):  # augmentation draws (workers start fresh each epoch)
+            self.loader.dataset.set_epoch(self.epoch)
         self.epoch += 1
         pending: list[dict[str, Any]] = []
         for batch in self.loader:
@@ -86,19 +92,24 @@ class _EpochSeededSampler(RandomSampler):
 
 
 class VesselDataModule(L.LightningDataModule):
-    """Synthetic (and, later, real) vessel data for Sa2VA.
+    """Vessel data for Sa2VA from any source: checked, split by image, repeated, augmented, batched.
 
     Args:
         cfg: data settings.
         processor: the model's processor (tokenizer, image branches).
         accumulate: micro-batches per optimizer step (for window-normalised losses).
+        report: a finished `check_dataset` report to reuse (training checks the data before building
+            the model); None checks in `setup`.
     """
 
-    def __init__(self, cfg: DataConfig, processor: Sa2VAProcessor, accumulate: int = 1):
+    def __init__(
+        self, cfg: DataConfig, processor: Sa2VAProcessor, accumulate: int = 1, report: DatasetReport | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.processor = processor
         self.accumulate = accumulate
+        self.report = report
         self.train_set: SegmentationDataset | None = None
         self.val_set: SegmentationDataset | None = None
 
@@ -106,10 +117,10 @@ class VesselDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         c = self.cfg
-        records = synthetic_records(c.num_samples, c.image_size, c.style, c.seed)
-        train, val = split_records(records, c.val_fraction, c.seed)
-        self.train_set = SegmentationDataset(train, self.processor, c.prompts, c.answer, c.repeats, c.seed)
-        self.val_set = SegmentationDataset(val, self.processor, c.prompts, c.answer, 1, c.seed, fixed_prompt=True)
+        report = self.report if self.report is not None else checked_dataset(c, progress=False)
+        self.report = report
+        self.train_set = SegmentationDataset(expand(report.train, c.objects), self.processor, c, c.repeats, train=True)
+        self.val_set = SegmentationDataset(expand(report.val, c.objects), self.processor, c, 1, train=False)
 
     def _distributed(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -132,7 +143,7 @@ class VesselDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.processor.collate,
             num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
         return WindowedLoader(loader, self.accumulate)
 
@@ -142,7 +153,7 @@ class VesselDataModule(L.LightningDataModule):
         if world > len(self.val_set):
             raise ValueError(
                 f"the validation split has {len(self.val_set)} images for {world} processes; every process needs "
-                "at least one: raise data.val_fraction or data.num_samples"
+                "at least one: raise data.split.val_fraction or add images"
             )
         sampler = (
             # Unrepeated: no padding duplicates, so validation metrics count every image exactly once.
@@ -156,4 +167,15 @@ class VesselDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.processor.collate,
             num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
         )
+
+
+def checked_dataset(cfg: DataConfig, progress: bool = True) -> DatasetReport:
+    """`check_dataset` for training: raises DatasetProblems with the report when the data is not usable."""
+    report = check_dataset(cfg, workers=max(cfg.num_workers, 1) if cfg.num_workers else None, progress=progress)
+    if not report.ok:
+        raise DatasetProblems("the dataset has problems (same report as `vseg check`):\n" + report.format(limit=50))
+    if report.bad:
+        log.warning("data.skip_invalid=true: skipping %d of %d images with problems", len(report.bad), len(report.checks))
+    return report

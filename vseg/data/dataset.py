@@ -1,101 +1,158 @@
-"""Records, the training dataset and the deterministic split.
+"""Items, the deterministic split and the training dataset.
 
-A source yields `VesselRecord`s (an id and a way to load image + mask). `SegmentationDataset` repeats the
-records, draws a prompt phrasing per item from a seeded generator, and hands the sample to the model's
+Records are split by image (never by repeat or object, so nothing leaks between train and val). Each record
+then becomes one item (`data.objects=merge`: all objects form one vessel mask) or one item per object
+(`per_object`: prompted with the object's phrase). `SegmentationDataset` repeats the items, draws a phrasing
+and an augmentation per (epoch, index) from seeded generators, and hands the sample to the model's
 processor, so training, validation and prediction share one path from pixels to tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from vseg.data.synthetic import generate_vessels
+from vseg.config import AugmentConfig, DataConfig, SplitConfig
+from vseg.data.augment import Augmenter
+from vseg.data.records import VesselRecord, load_sample
+from vseg.data.sources import DataSourceError
 from vseg.model.processor import Sa2VAProcessor
 
 
 @dataclass(frozen=True)
-class VesselRecord:
-    """One image with its vessel mask, loaded on demand."""
+class Item:
+    """A record and which of its objects is the target (None: all objects merged into one mask)."""
 
-    id: str
-    load: Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (HxWx3 uint8 image, HxW bool mask)
+    record: VesselRecord
+    object_index: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id if self.object_index is None else f"{self.record.id}_obj{self.object_index}"
 
 
-def synthetic_records(num_samples: int, size: int, style: str, seed: int) -> list[VesselRecord]:
-    """Records of the seeded synthetic vessel generator; image i is the same on every machine."""
+def expand(records: Sequence[VesselRecord], objects: str) -> list[Item]:
+    """Records -> items: one per record (merge) or one per object (per_object)."""
+    if objects == "per_object":
+        return [Item(r, k) for r in records for k in range(max(len(r.objects), 1))]
+    return [Item(r) for r in records]
 
-    def loader(i: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-        return lambda: generate_vessels(seed=seed * 1_000_003 + i, size=size, style=style)
 
-    return [VesselRecord(id=f"synthetic_{i:05d}", load=loader(i)) for i in range(num_samples)]
+def _read_ids(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 def split_records(
-    records: Sequence[VesselRecord], val_fraction: float, seed: int
+    records: Sequence[VesselRecord], split: SplitConfig, seed: int
 ) -> tuple[list[VesselRecord], list[VesselRecord]]:
-    """Deterministic train/val split by seed; at least one record on each side."""
-    if len(records) < 2:
-        raise ValueError(f"need at least 2 records to split, got {len(records)}")
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = min(max(1, round(val_fraction * len(records))), len(records) - 1)
-    val = sorted(order[:n_val].tolist())
-    train = sorted(order[n_val:].tolist())
-    return [records[i] for i in train], [records[i] for i in val]
+    """Deterministic train/val split; raises DataSourceError when a record would end up in neither."""
+    if split.mode == "random":
+        if len(records) < 2:
+            raise DataSourceError(f"need at least 2 images to split, got {len(records)}")
+        order = np.random.default_rng(seed).permutation(len(records))
+        n_val = min(max(1, round(split.val_fraction * len(records))), len(records) - 1)
+        val, train = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+        return [records[i] for i in train], [records[i] for i in val]
+    if split.mode == "field":
+        train_tags, val_tags = set(split.train_values), set(split.val_values)
+        stray = sorted({str(r.group) for r in records if r.group not in train_tags | val_tags})
+        if stray:
+            raise DataSourceError(
+                f"data.split.mode=field: records tagged {stray} are in neither data.split.train_values="
+                f"{sorted(train_tags)} nor val_values={sorted(val_tags)}"
+            )
+        train = [r for r in records if r.group in train_tags]
+        val = [r for r in records if r.group in val_tags]
+    else:
+        train_ids, val_ids = _read_ids(split.train_file or ""), _read_ids(split.val_file or "")
+        known = {r.id for r in records}
+        unknown = sorted((set(train_ids) | set(val_ids)) - known)
+        both = sorted(set(train_ids) & set(val_ids))
+        missing = sorted(known - set(train_ids) - set(val_ids))
+        problems = []
+        if unknown:
+            problems.append(f"ids not in the dataset: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        if both:
+            problems.append(f"ids in both files: {both[:10]}")
+        if missing:
+            problems.append(f"{len(missing)} records in neither file: {missing[:10]}")
+        if problems:
+            raise DataSourceError(
+                f"data.split files {split.train_file} / {split.val_file}: " + "; ".join(problems)
+            )
+        train = [r for r in records if r.id in set(train_ids)]
+        val = [r for r in records if r.id in set(val_ids)]
+    if not train or not val:
+        raise DataSourceError(f"data.split ({split.mode}): {len(train)} train and {len(val)} val images; both need some")
+    return train, val
 
 
 class SegmentationDataset(Dataset):
-    """Records x repeats, each turned into model features with a seeded prompt phrasing.
+    """Items x repeats at the training size, augmented (training only) and encoded by the processor.
 
     Args:
-        records: the distinct images.
+        items: what to serve (records with their target object).
         processor: turns (image, question, answer, mask) into tensors.
-        prompts: question phrasings; item i uses a phrasing drawn from a generator seeded by (seed, i),
-            so the repeats of one image see different phrasings, identically on every run.
-        answer: the supervised answer (one [SEG]).
-        repeats: how many times each record appears per epoch.
-        seed: seed of the phrasing draw.
-        fixed_prompt: always use the first phrasing (validation).
+        cfg: data settings (size, aspect, holes, phrasings, answer, augmentation).
+        repeats: how many times each item appears per epoch.
+        train: draw phrasings and augmentation; False: first phrasing, no augmentation (validation).
     """
 
     def __init__(
         self,
-        records: Sequence[VesselRecord],
+        items: Sequence[Item],
         processor: Sa2VAProcessor,
-        prompts: Sequence[str],
-        answer: str,
+        cfg: DataConfig,
         repeats: int = 1,
-        seed: int = 0,
-        fixed_prompt: bool = False,
+        train: bool = True,
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        if not prompts:
-            raise ValueError("no prompt phrasings given")
-        self.records = list(records)
+        self.items = list(items)
         self.processor = processor
-        self.prompts = list(prompts)
-        self.answer = answer
+        self.cfg = cfg
         self.repeats = repeats
-        self.seed = seed
-        self.fixed_prompt = fixed_prompt
+        self.train = train
+        self.augment = Augmenter(cfg.augment if train else AugmentConfig(enabled=False))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation and phrasing draws depend on the epoch (workers are re-created per epoch)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.records) * self.repeats
+        return len(self.items) * self.repeats
 
-    def prompt_for(self, index: int) -> str:
-        if self.fixed_prompt:
-            return self.prompts[0]
-        rng = np.random.default_rng([self.seed, index])
-        return self.prompts[int(rng.integers(len(self.prompts)))]
+    def question_for(self, index: int, phrase: str | None) -> str:
+        per_object = self.cfg.objects == "per_object"
+        choices = self.cfg.object_prompts if per_object else self.cfg.prompts
+        pick = 0
+        if self.train:
+            rng = np.random.default_rng([self.cfg.seed, index])
+            pick = int(rng.integers(len(choices)))
+        text = choices[pick]
+        return text.format(phrase=phrase or "blood vessels") if per_object else text
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        record = self.records[index % len(self.records)]
-        image, mask = record.load()
-        return self.processor.encode(image, self.prompt_for(index), self.answer, mask, sample_id=record.id)
+        item = self.items[index % len(self.items)]
+        c = self.cfg
+        sample = load_sample(item.record, c.image_size, c.aspect, c.holes)
+        if item.object_index is None:
+            masks, phrase = sample.masks.any(axis=0, keepdims=True), None
+        else:
+            masks, phrase = sample.masks[item.object_index : item.object_index + 1], sample.phrases[item.object_index]
+        image, fov = sample.image, sample.fov
+        if self.train:
+            rng = np.random.default_rng([c.seed, self.epoch, index, 1])
+            image, masks, fov = self.augment(image, masks, fov, rng)
+        features = self.processor.encode(image, self.question_for(index, phrase), c.answer, masks, sample_id=item.id)
+        if fov is not None:
+            features["fov"] = fov
+        return features

@@ -141,6 +141,8 @@ class Sa2VAProcessor:
             "mllm_inputs": self.family.collate([s["mllm_inputs"] for s in samples]),
             "image_sizes": [s["image_size"] for s in samples],
         }
+        if any("fov" in s for s in samples):  # field of view: metrics count only inside it (None: everywhere)
+            batch["fov"] = [torch.from_numpy(s["fov"]) if "fov" in s else None for s in samples]
         if all("masks" in s for s in samples):
             batch["masks"] = [s["masks"] for s in samples]
             batch["masks_low_res"] = torch.cat([s["masks_low_res"] for s in samples])

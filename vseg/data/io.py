@@ -1,0 +1,86 @@
+"""Reading images and masks from disk, with errors that name the file and say what is wrong.
+
+Images: any format Pillow reads (TIF, GIF, PNG, JPG, PPM, BMP, ...), returned as HxWx3 uint8 RGB; 16-bit
+grey images are scaled to 8 bits. Masks: palette (index > 0 is foreground), 0/255, 0/1 and RGB masks are
+all read as HxW bool; lossy (JPEG) masks are thresholded at half their range, so compression noise around
+0 or 255 does not leak into the labels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm")
+
+# Vessel datasets are large single images (HRF is 3504x2336); refuse only absurd sizes (decompression bombs).
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+
+
+class DataFileError(ValueError):
+    """A file that cannot be used as an image or mask; the message names the file."""
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise DataFileError(f"{what} {path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        raise DataFileError(f"{what} {path}: cannot be read as an image ({type(err).__name__}: {err})") from None
+    return image
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) read from the header only."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The image at `path` as HxWx3 uint8 RGB."""
+    path = Path(path)
+    image = _open(path, "image")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 255 else 255.0
+        grey = np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise DataFileError(f"image {path}: floating-point images are not supported; save it as 8-bit PNG/TIF")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def mask_from_pil(image: Image.Image, path: Path | str = "<mask>") -> np.ndarray:
+    """An HxW bool foreground mask from a mask image of any common encoding."""
+    if image.mode == "P":
+        return np.asarray(image) > 0  # palette index 0 is the background
+    if image.mode == "1":
+        return np.asarray(image).astype(bool)
+    if image.mode in ("RGBA", "LA"):
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    if array.dtype.kind == "f":
+        raise DataFileError(f"mask {path}: floating-point masks are not supported")
+    peak = int(array.max()) if array.size else 0
+    if peak <= 1:
+        return array > 0  # 0/1 masks
+    return array > peak / 2  # 0/255 (or 0/65535) masks, robust to lossy compression
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """The mask at `path` as HxW bool."""
+    path = Path(path)
+    return mask_from_pil(_open(path, "mask"), path)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
