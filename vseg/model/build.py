@@ -66,8 +66,19 @@ def build_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[str
     return tokenizer, added
 
 
+def build_sam2(cfg: ModelConfig) -> Sam2Model:
+    """The transformers SAM-2 of `cfg.sam2` (random weights)."""
+    sam_config = Sam2Config(**cfg.sam2)
+    sam_config._attn_implementation = cfg.attn_implementation
+    sam = Sam2Model(sam_config)
+    # One random-Fourier matrix, as in SAM-2 (and in converted checkpoints); random init draws two.
+    with torch.no_grad():
+        sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
+    return sam
+
+
 def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
-    """Builds Sa2VA with random weights at the sizes in `cfg` and applies the training setup.
+    """Builds Sa2VA (random weights at the sizes in `cfg`, or `cfg.path`'s weights) and applies the training setup.
 
     Args:
         cfg: architecture and dtype.
@@ -77,19 +88,18 @@ def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA
         The model (frozen parts in `cfg.dtype`, trainable parts in float32) and its tokenizer.
     """
     if cfg.path is not None:
-        raise NotImplementedError(
-            f"model.path={cfg.path}: loading released Sa2VA checkpoints is not implemented yet; "
-            "today vseg trains from random weights at the configured sizes"
-        )
-    tokenizer, _ = build_tokenizer(cfg)
-    family = get_family(cfg.family)
-    mllm = family.build(cfg, tokenizer)
-    sam_config = Sam2Config(**cfg.sam2)
-    sam_config._attn_implementation = cfg.attn_implementation
-    sam = Sam2Model(sam_config)
-    model = Sa2VA(mllm, family, SamGrounding(sam), token_id(tokenizer, SEG_TOKEN))
-    model.requires_grad_(False)
-    model.to(DTYPES[cfg.dtype])
+        # A checkpoint folder: architecture from its config.json (checked against the preset), weights loaded
+        # shard by shard into a meta-built model (vseg.model.checkpoint).
+        from vseg.model.checkpoint import load_sa2va
+
+        model, tokenizer, cfg = load_sa2va(cfg)
+    else:
+        tokenizer, _ = build_tokenizer(cfg)
+        family = get_family(cfg.family)
+        mllm = family.build(cfg, tokenizer)
+        model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
+        model.requires_grad_(False)
+        model.to(DTYPES[cfg.dtype])
     if lora is not None:
         apply_training_setup(model, lora, tokenizer)
     if cfg.gradient_checkpointing:

@@ -1,0 +1,484 @@
+"""The released Sa2VA layout (the authors' remote-code `Sa2VAChatModel`) <-> vseg's transformers-native names.
+
+Two things are mapped, in both directions, by the same tables:
+
+* **Keys.** Official tensors (`vision_model.*` InternViT, `mlp1.{0,1,3}`, `language_model.*` Qwen2 / Llama /
+  InternLM2, `grounding_encoder.sam2_model.*` original SAM-2, `text_hidden_fcs.*`) become the keys of an
+  unwrapped `Sa2VA` module (`mllm.model.vision_tower.*`, `mllm.model.multi_modal_projector.*`,
+  `mllm.model.language_model.*`, `mllm.lm_head.*`, `grounding.sam.*`, `text_hidden_fcs.*`). Most are renames
+  (one table of template pairs); a few change shape: InternViT's fused `attn.qkv` splits in thirds,
+  InternLM2's `attention.wqkv` splits per GQA group (rows ordered `[q_0 .. q_{G-1}, k, v]` for every KV head),
+  SAM-2's four `point_embeddings.N` rows become one `point_embed` matrix, and its random-Fourier matrix
+  feeds two buffers. SAM-2's video-memory parts are not used for single images and are dropped on import
+  (`DROPPED_SAM2_PREFIXES`; the loader logs what it dropped).
+* **config.json.** `Sa2VAChatConfig` (`vision_config` InternViT fields, `llm_config` with its architecture,
+  `downsample_ratio`, `template`) <-> the architecture fields of `ModelConfig`.
+
+Conversions are pure tensor functions, so they also run on meta tensors: the loader checks every key and
+shape of a folder before it reads a byte of weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+VISION = "mllm.model.vision_tower."
+PROJECTOR = "mllm.model.multi_modal_projector."
+LANGUAGE = "mllm.model.language_model."
+LM_HEAD = "mllm.lm_head."
+SAM = "grounding.sam."
+OFFICIAL_SAM = "grounding_encoder.sam2_model."
+
+#: official SAM-2 parts that single-image Sa2VA never runs (video memory, object pointers)
+DROPPED_SAM2_PREFIXES = tuple(
+    OFFICIAL_SAM + p
+    for p in (
+        "memory_attention.",
+        "memory_encoder.",
+        "mask_downsample.",
+        "obj_ptr_proj.",
+        "obj_ptr_tpos_proj.",
+        "maskmem_tpos_enc",
+        "no_mem_pos_enc",
+        "no_obj_ptr",
+        "no_obj_embed_spatial",
+    )
+)
+
+#: LLM architectures of the release (`llm_config.architectures[0]`) -> transformers model_type vseg builds
+LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama"}
+
+# (official template, native template). `{i}` matches digits, `{a}` a module name, `{rest}` the remaining
+# dotted path (".weight", ".bias", ...). Order matters: the first matching pair wins, in either direction.
+_VISION_RULES = [
+    ("vision_model.embeddings.class_embedding", VISION + "embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", VISION + "embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.{rest}", VISION + "embeddings.patch_embeddings.projection.{rest}"),
+    ("vision_model.encoder.layers.{i}.ls1", VISION + "encoder.layer.{i}.lambda_1"),
+    ("vision_model.encoder.layers.{i}.ls2", VISION + "encoder.layer.{i}.lambda_2"),
+    ("vision_model.encoder.layers.{i}.norm1.{rest}", VISION + "encoder.layer.{i}.layernorm_before.{rest}"),
+    ("vision_model.encoder.layers.{i}.norm2.{rest}", VISION + "encoder.layer.{i}.layernorm_after.{rest}"),
+    (
+        "vision_model.encoder.layers.{i}.attn.proj.{rest}",
+        VISION + "encoder.layer.{i}.attention.projection_layer.{rest}",
+    ),
+    ("vision_model.encoder.layers.{i}.attn.q_norm.{rest}", VISION + "encoder.layer.{i}.attention.q_norm.{rest}"),
+    ("vision_model.encoder.layers.{i}.attn.k_norm.{rest}", VISION + "encoder.layer.{i}.attention.k_norm.{rest}"),
+    ("vision_model.encoder.layers.{i}.mlp.{a}.{rest}", VISION + "encoder.layer.{i}.mlp.{a}.{rest}"),
+    ("mlp1.0.{rest}", PROJECTOR + "layer_norm.{rest}"),
+    ("mlp1.1.{rest}", PROJECTOR + "linear_1.{rest}"),
+    ("mlp1.3.{rest}", PROJECTOR + "linear_2.{rest}"),
+    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
+]
+# Qwen2 / Llama LLMs ship in transformers' own names.
+_HF_LLM_RULES = [
+    ("language_model.model.{rest}", LANGUAGE + "{rest}"),
+    ("language_model.lm_head.{rest}", LM_HEAD + "{rest}"),
+]
+_INTERNLM2_RULES = [
+    ("language_model.model.tok_embeddings.{rest}", LANGUAGE + "embed_tokens.{rest}"),
+    ("language_model.model.layers.{i}.attention.wo.{rest}", LANGUAGE + "layers.{i}.self_attn.o_proj.{rest}"),
+    ("language_model.model.layers.{i}.feed_forward.w1.{rest}", LANGUAGE + "layers.{i}.mlp.gate_proj.{rest}"),
+    ("language_model.model.layers.{i}.feed_forward.w3.{rest}", LANGUAGE + "layers.{i}.mlp.up_proj.{rest}"),
+    ("language_model.model.layers.{i}.feed_forward.w2.{rest}", LANGUAGE + "layers.{i}.mlp.down_proj.{rest}"),
+    ("language_model.model.layers.{i}.attention_norm.{rest}", LANGUAGE + "layers.{i}.input_layernorm.{rest}"),
+    ("language_model.model.layers.{i}.ffn_norm.{rest}", LANGUAGE + "layers.{i}.post_attention_layernorm.{rest}"),
+    ("language_model.model.norm.{rest}", LANGUAGE + "norm.{rest}"),
+    ("language_model.output.{rest}", LM_HEAD + "{rest}"),
+]
+_S, _H = OFFICIAL_SAM, SAM
+_SAM2_RULES = [
+    (_S + "image_encoder.trunk.patch_embed.proj.{rest}", _H + "vision_encoder.backbone.patch_embed.projection.{rest}"),
+    (_S + "image_encoder.trunk.pos_embed", _H + "vision_encoder.backbone.pos_embed"),
+    (_S + "image_encoder.trunk.pos_embed_window", _H + "vision_encoder.backbone.pos_embed_window"),
+    (_S + "image_encoder.trunk.blocks.{i}.norm1.{rest}", _H + "vision_encoder.backbone.blocks.{i}.layer_norm1.{rest}"),
+    (_S + "image_encoder.trunk.blocks.{i}.norm2.{rest}", _H + "vision_encoder.backbone.blocks.{i}.layer_norm2.{rest}"),
+    (
+        _S + "image_encoder.trunk.blocks.{i}.mlp.layers.0.{rest}",
+        _H + "vision_encoder.backbone.blocks.{i}.mlp.proj_in.{rest}",
+    ),
+    (
+        _S + "image_encoder.trunk.blocks.{i}.mlp.layers.1.{rest}",
+        _H + "vision_encoder.backbone.blocks.{i}.mlp.proj_out.{rest}",
+    ),
+    (_S + "image_encoder.trunk.blocks.{i}.attn.{a}.{rest}", _H + "vision_encoder.backbone.blocks.{i}.attn.{a}.{rest}"),
+    (_S + "image_encoder.trunk.blocks.{i}.proj.{rest}", _H + "vision_encoder.backbone.blocks.{i}.proj.{rest}"),
+    (_S + "image_encoder.neck.convs.{i}.conv.{rest}", _H + "vision_encoder.neck.convs.{i}.{rest}"),
+    (_S + "no_mem_embed", _H + "no_memory_embedding"),
+    (_S + "sam_prompt_encoder.not_a_point_embed.{rest}", _H + "prompt_encoder.not_a_point_embed.{rest}"),
+    (_S + "sam_prompt_encoder.no_mask_embed.{rest}", _H + "prompt_encoder.no_mask_embed.{rest}"),
+    (_S + "sam_prompt_encoder.mask_downscaling.0.{rest}", _H + "prompt_encoder.mask_embed.conv1.{rest}"),
+    (_S + "sam_prompt_encoder.mask_downscaling.1.{rest}", _H + "prompt_encoder.mask_embed.layer_norm1.{rest}"),
+    (_S + "sam_prompt_encoder.mask_downscaling.3.{rest}", _H + "prompt_encoder.mask_embed.conv2.{rest}"),
+    (_S + "sam_prompt_encoder.mask_downscaling.4.{rest}", _H + "prompt_encoder.mask_embed.layer_norm2.{rest}"),
+    (_S + "sam_prompt_encoder.mask_downscaling.6.{rest}", _H + "prompt_encoder.mask_embed.conv3.{rest}"),
+    (
+        _S + "sam_mask_decoder.transformer.layers.{i}.{a}.out_proj.{rest}",
+        _H + "mask_decoder.transformer.layers.{i}.{a}.o_proj.{rest}",
+    ),
+    (
+        _S + "sam_mask_decoder.transformer.layers.{i}.norm{a}.{rest}",
+        _H + "mask_decoder.transformer.layers.{i}.layer_norm{a}.{rest}",
+    ),
+    (
+        _S + "sam_mask_decoder.transformer.layers.{i}.mlp.layers.0.{rest}",
+        _H + "mask_decoder.transformer.layers.{i}.mlp.proj_in.{rest}",
+    ),
+    (
+        _S + "sam_mask_decoder.transformer.layers.{i}.mlp.layers.1.{rest}",
+        _H + "mask_decoder.transformer.layers.{i}.mlp.proj_out.{rest}",
+    ),
+    (_S + "sam_mask_decoder.transformer.layers.{i}.{a}.{rest}", _H + "mask_decoder.transformer.layers.{i}.{a}.{rest}"),
+    (
+        _S + "sam_mask_decoder.transformer.final_attn_token_to_image.out_proj.{rest}",
+        _H + "mask_decoder.transformer.final_attn_token_to_image.o_proj.{rest}",
+    ),
+    (
+        _S + "sam_mask_decoder.transformer.final_attn_token_to_image.{rest}",
+        _H + "mask_decoder.transformer.final_attn_token_to_image.{rest}",
+    ),
+    (
+        _S + "sam_mask_decoder.transformer.norm_final_attn.{rest}",
+        _H + "mask_decoder.transformer.layer_norm_final_attn.{rest}",
+    ),
+    (_S + "sam_mask_decoder.output_upscaling.0.{rest}", _H + "mask_decoder.upscale_conv1.{rest}"),
+    (_S + "sam_mask_decoder.output_upscaling.1.{rest}", _H + "mask_decoder.upscale_layer_norm.{rest}"),
+    (_S + "sam_mask_decoder.output_upscaling.3.{rest}", _H + "mask_decoder.upscale_conv2.{rest}"),
+    (_S + "sam_mask_decoder.{a}.{i}.layers.0.{rest}", _H + "mask_decoder.{a}.{i}.proj_in.{rest}"),
+    (_S + "sam_mask_decoder.{a}.{i}.layers.1.{rest}", _H + "mask_decoder.{a}.{i}.layers.0.{rest}"),
+    (_S + "sam_mask_decoder.{a}.{i}.layers.2.{rest}", _H + "mask_decoder.{a}.{i}.proj_out.{rest}"),
+    (_S + "sam_mask_decoder.{a}.layers.0.{rest}", _H + "mask_decoder.{a}.proj_in.{rest}"),
+    (_S + "sam_mask_decoder.{a}.layers.1.{rest}", _H + "mask_decoder.{a}.layers.0.{rest}"),
+    (_S + "sam_mask_decoder.{a}.layers.2.{rest}", _H + "mask_decoder.{a}.proj_out.{rest}"),
+    (_S + "sam_mask_decoder.{a}.{rest}", _H + "mask_decoder.{a}.{rest}"),
+]
+# Special (shape-changing) keys, handled in code.
+_VISION_QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)")
+_NATIVE_VISION_Q = re.compile(re.escape(VISION) + r"encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
+_WQKV = re.compile(r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)")
+_NATIVE_LLM_QKV = re.compile(re.escape(LANGUAGE) + r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+_POINT = re.compile(re.escape(OFFICIAL_SAM) + r"sam_prompt_encoder\.point_embeddings\.(\d+)\.weight")
+_GAUSSIAN = OFFICIAL_SAM + "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+_NATIVE_POINT = SAM + "prompt_encoder.point_embed.weight"
+_NATIVE_GAUSSIAN = (
+    SAM + "prompt_encoder.shared_embedding.positional_embedding",
+    SAM + "shared_image_embedding.positional_embedding",
+)
+
+
+@cache
+def _compile(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    pattern = pattern.replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{a\}", r"(?P<a>[A-Za-z0-9_]+)")
+    pattern = pattern.replace(r"\{rest\}", r"(?P<rest>[A-Za-z0-9_.]+)")
+    return re.compile(pattern)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    official: str
+    native: str
+
+    def convert(self, key: str, to_native: bool) -> str | None:
+        source, target = (self.official, self.native) if to_native else (self.native, self.official)
+        match = _compile(source).fullmatch(key)
+        return None if match is None else target.format(**match.groupdict())
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One native tensor (or, with `row`, one row of it) produced from an official tensor."""
+
+    key: str
+    tensor: torch.Tensor
+    row: int | None = None  # the piece fills row `row` of `key` (SAM-2 point embeddings)
+
+
+def split_internlm2_wqkv(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """InternLM2's fused `wqkv` (rows: for each KV head, its G query heads, then k, then v) -> q, k, v."""
+    groups = num_heads // num_kv_heads
+    head_dim = w.shape[0] // (num_heads + 2 * num_kv_heads)
+    grouped = w.reshape(num_kv_heads, groups + 2, head_dim, *w.shape[1:])
+    q = grouped[:, :groups].reshape(num_heads * head_dim, *w.shape[1:])
+    k = grouped[:, groups].reshape(num_kv_heads * head_dim, *w.shape[1:])
+    v = grouped[:, groups + 1].reshape(num_kv_heads * head_dim, *w.shape[1:])
+    return q, k, v
+
+
+def fuse_internlm2_wqkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int
+) -> torch.Tensor:
+    """Inverse of `split_internlm2_wqkv`."""
+    groups = num_heads // num_kv_heads
+    head_dim = q.shape[0] // num_heads
+    tail = q.shape[1:]
+    parts = [
+        q.reshape(num_kv_heads, groups, head_dim, *tail),
+        k.reshape(num_kv_heads, 1, head_dim, *tail),
+        v.reshape(num_kv_heads, 1, head_dim, *tail),
+    ]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+class InternVLLayout:
+    """Key mapping of the InternVL-family release (InternVL2.5 / InternVL3; Qwen2, Llama or InternLM2 LLM).
+
+    Args:
+        llm_architecture: `llm_config.architectures[0]` of the release (a key of `LLM_ARCHITECTURES`).
+        num_heads, num_kv_heads: of the LLM (InternLM2's `wqkv` split needs them).
+        with_grounding: False for a plain InternVL base MLLM (no SAM-2, no `text_hidden_fcs`).
+    """
+
+    def __init__(self, llm_architecture: str, num_heads: int, num_kv_heads: int, with_grounding: bool = True):
+        if llm_architecture not in LLM_ARCHITECTURES:
+            raise ValueError(
+                f"LLM architecture {llm_architecture!r} is not supported; known: {sorted(LLM_ARCHITECTURES)}"
+            )
+        self.llm_architecture = llm_architecture
+        self.internlm2 = llm_architecture == "InternLM2ForCausalLM"
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.with_grounding = with_grounding
+        llm = _INTERNLM2_RULES if self.internlm2 else _HF_LLM_RULES
+        rules = _VISION_RULES + llm + (_SAM2_RULES if with_grounding else [])
+        if not with_grounding:
+            rules = [r for r in rules if not r.official.startswith("text_hidden_fcs")]
+        self.rules = [_Rule(o, n) for o, n in rules]
+
+    # ---- official -> native -------------------------------------------------------------------------------
+    def is_dropped(self, key: str) -> bool:
+        """True for official tensors vseg does not use (SAM-2 video memory)."""
+        return self.with_grounding and key.startswith(DROPPED_SAM2_PREFIXES)
+
+    def to_native(self, key: str, tensor: torch.Tensor) -> list[Piece] | None:
+        """The native pieces of one official tensor; None for a key this layout does not know."""
+        if m := _VISION_QKV.fullmatch(key):
+            layer, kind = m.groups()
+            q, k, v = tensor.chunk(3, dim=0)
+            prefix = f"{VISION}encoder.layer.{layer}.attention."
+            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", (q, k, v), strict=True)]
+        if self.internlm2 and (m := _WQKV.fullmatch(key)):
+            layer, kind = m.groups()
+            parts = split_internlm2_wqkv(tensor, self.num_heads, self.num_kv_heads)
+            prefix = f"{LANGUAGE}layers.{layer}.self_attn."
+            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", parts, strict=True)]
+        if self.with_grounding:
+            if m := _POINT.fullmatch(key):
+                return [Piece(_NATIVE_POINT, tensor.reshape(-1), row=int(m.group(1)))]
+            if key == _GAUSSIAN:
+                return [Piece(name, tensor) for name in _NATIVE_GAUSSIAN]
+        for rule in self.rules:
+            native = rule.convert(key, to_native=True)
+            if native is not None:
+                return [Piece(native, tensor)]
+        return None
+
+    # ---- native -> official -------------------------------------------------------------------------------
+    def to_official(self, native: Mapping[str, torch.Tensor], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Official (key, tensor) pairs for a complete native state dict (unwrapped `Sa2VA` names).
+
+        Raises:
+            KeyError: naming a native key that has no official counterpart.
+        """
+        for key, tensor in native.items():
+            if m := _NATIVE_VISION_Q.fullmatch(key):
+                layer, which, kind = m.groups()
+                if which == "q":
+                    stem = f"{VISION}encoder.layer.{layer}.attention."
+                    qkv = [native[f"{stem}{n}_proj.{kind}"] for n in "qkv"]
+                    yield f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}", torch.cat(qkv, dim=0)
+                continue
+            if self.internlm2 and (m := _NATIVE_LLM_QKV.fullmatch(key)):
+                layer, which, kind = m.groups()
+                if which == "q":
+                    stem = f"{LANGUAGE}layers.{layer}.self_attn."
+                    q, k, v = (native[f"{stem}{n}_proj.{kind}"] for n in "qkv")
+                    fused = fuse_internlm2_wqkv(q, k, v, self.num_heads, self.num_kv_heads)
+                    yield f"language_model.model.layers.{layer}.attention.wqkv.{kind}", fused
+                continue
+            if key == _NATIVE_POINT:
+                for row in range(tensor.shape[0]):
+                    yield f"{OFFICIAL_SAM}sam_prompt_encoder.point_embeddings.{row}.weight", tensor[row : row + 1]
+                continue
+            if key == _NATIVE_GAUSSIAN[1]:  # the image-wide one: it shapes every mask
+                yield _GAUSSIAN, tensor
+                continue
+            if key == _NATIVE_GAUSSIAN[0]:
+                continue
+            for rule in self.rules:
+                official = rule.convert(key, to_native=False)
+                if official is not None:
+                    yield official, tensor
+                    break
+            else:
+                raise KeyError(f"native key {key!r} has no official Sa2VA counterpart")
+        if tied and LM_HEAD + "weight" not in native:
+            # The remote code unties nothing: its state dict lists the LM head even when it is tied.
+            embed = native[LANGUAGE + "embed_tokens.weight"]
+            yield ("language_model.output.weight" if self.internlm2 else "language_model.lm_head.weight"), embed
+
+
+# ---- config.json <-> ModelConfig fields ----------------------------------------------------------------------
+
+#: Sa2VAChatConfig top-level model_type / architectures that mean "a released Sa2VA (InternVL family)"
+SA2VA_MODEL_TYPES = ("sa2va_chat",)
+#: ... and "a plain InternVL base MLLM without [SEG], SAM-2 and text_hidden_fcs"
+INTERNVL_BASE_MODEL_TYPES = ("internvl_chat",)
+
+_TEXT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "hidden_act",
+    "vocab_size",
+)
+
+
+def _side(value: Any) -> int:
+    return int(value[0] if isinstance(value, list | tuple) else value)
+
+
+def architecture_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` architecture fields of an official InternVL-family `config.json`.
+
+    Returns:
+        {"family", "template", "downsample_ratio", "tie_word_embeddings", "vision": {...}, "text": {...}}
+        plus "llm_architecture" (not a ModelConfig field; the key layout depends on it).
+    """
+    for part in ("vision_config", "llm_config"):
+        if not isinstance(config.get(part), Mapping):
+            raise ValueError(f"config.json has no {part} section; it is not an InternVL / Sa2VA config")
+    llm, vis = config["llm_config"], config["vision_config"]
+    arch = (llm.get("architectures") or [None])[0]
+    if arch not in LLM_ARCHITECTURES:
+        raise ValueError(
+            f"config.json: llm_config.architectures={llm.get('architectures')} is not supported; "
+            f"known: {sorted(LLM_ARCHITECTURES)}"
+        )
+    text: dict[str, Any] = {"model_type": LLM_ARCHITECTURES[arch]}
+    for name in _TEXT_FIELDS:
+        if llm.get(name) is not None:
+            text[name] = llm[name]
+    text.setdefault("num_key_value_heads", text.get("num_attention_heads"))
+    if llm.get("rope_scaling"):
+        text["rope_scaling"] = dict(llm["rope_scaling"])
+    if arch == "InternLM2ForCausalLM":
+        text["attention_bias"] = bool(llm.get("bias", True))
+    size = _side(config.get("force_image_size") or vis["image_size"])
+    patch = _side(vis["patch_size"])
+    vision = {
+        "hidden_size": vis["hidden_size"],
+        "num_hidden_layers": vis["num_hidden_layers"],
+        "num_attention_heads": vis["num_attention_heads"],
+        "intermediate_size": vis["intermediate_size"],
+        "image_size": [size, size],
+        "patch_size": [patch, patch],
+        "norm_type": vis.get("norm_type", "rms_norm"),
+        "use_qk_norm": bool(vis.get("qk_normalization", False)),
+        "attention_bias": bool(vis.get("qkv_bias", False)),
+        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
+        "hidden_act": vis.get("hidden_act", "gelu"),
+    }
+    template = config.get("template")
+    return {
+        "family": "internvl",
+        "template": template.replace("-", "_") if isinstance(template, str) else None,
+        "downsample_ratio": float(config.get("downsample_ratio", 0.5)),
+        "tie_word_embeddings": bool(llm.get("tie_word_embeddings", False)),
+        "vision": vision,
+        "text": text,
+        "llm_architecture": arch,
+    }
+
+
+def config_from_architecture(
+    vision: Mapping[str, Any],
+    text: Mapping[str, Any],
+    *,
+    downsample_ratio: float,
+    template: str,
+    tie_word_embeddings: bool,
+    vocab_size: int,
+    llm_architecture: str,
+    max_tiles: int,
+    dtype: str,
+    extra_llm: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An official `Sa2VAChatConfig` dict (what the authors' code reads) for a vseg architecture."""
+    size, patch = _side(vision.get("image_size", 448)), _side(vision.get("patch_size", 14))
+    vision_config = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": vision["hidden_size"],
+        "num_hidden_layers": vision["num_hidden_layers"],
+        "num_attention_heads": vision["num_attention_heads"],
+        "intermediate_size": vision["intermediate_size"],
+        "image_size": size,
+        "patch_size": patch,
+        "num_channels": 3,
+        "qkv_bias": bool(vision.get("attention_bias", False)),
+        "qk_normalization": bool(vision.get("use_qk_norm", False)),
+        "norm_type": vision.get("norm_type", "layer_norm"),
+        "layer_norm_eps": vision.get("layer_norm_eps", 1e-6),
+        "hidden_act": vision.get("hidden_act", "gelu"),
+        "initializer_factor": vision.get("layer_scale_init_value", 0.1),
+        "initializer_range": 0.02,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "drop_path_rate": 0.0,
+        "use_flash_attn": False,
+        "torch_dtype": dtype,
+    }
+    model_type = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
+    llm_config: dict[str, Any] = {"architectures": [llm_architecture], "model_type": model_type[llm_architecture]}
+    for name in _TEXT_FIELDS:
+        if name in text:
+            llm_config[name] = text[name]
+    if "rope_scaling" in text:
+        llm_config["rope_scaling"] = dict(text["rope_scaling"])
+    if llm_architecture == "InternLM2ForCausalLM":
+        llm_config["bias"] = bool(text.get("attention_bias", False))
+        llm_config["auto_map"] = {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        }
+    llm_config.update(extra_llm or {})
+    llm_config["vocab_size"] = vocab_size
+    llm_config["tie_word_embeddings"] = tie_word_embeddings
+    llm_config["torch_dtype"] = dtype
+    return {
+        "architectures": ["Sa2VAChatModel"],
+        "model_type": "sa2va_chat",
+        "auto_map": {
+            "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+            "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
+            "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel",
+        },
+        "vision_config": vision_config,
+        "llm_config": llm_config,
+        "downsample_ratio": downsample_ratio,
+        "template": template,
+        "force_image_size": size,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "dynamic_image_size": max_tiles > 1,
+        "use_thumbnail": max_tiles > 1,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": max_tiles,
+        "pad2square": False,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+    }
