@@ -120,7 +120,7 @@ def check_record(record: VesselRecord, cfg: DataConfig) -> tuple[RecordCheck, Sa
     merged = sample.masks.any(axis=0) if valid else np.zeros((0, 0), bool)
     inside = sample.fov if sample.fov is not None else np.ones_like(merged)
     foreground = float(merged[inside].mean()) if valid and inside.any() else 0.0
-    if valid and not cfg.allow_empty:
+    if valid and not cfg.allow_empty and not problems:  # (a broken annotation already explains an empty mask)
         if not merged.any():
             problems.append("the target mask is empty (set data.allow_empty=true if images without vessels are intended)")
         elif cfg.objects == "per_object":
