@@ -22,6 +22,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: command -> (module with `main(overrides) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("vseg.data.check", "check a dataset: report, problems, optional dump of samples as the model sees them"),
+    "export": ("vseg.export", "write a trained run as a model folder: format=native|official|adapter"),
 }
 
 

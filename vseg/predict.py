@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from vseg.config import ConfigError, TrainConfig
 from vseg.data.datamodule import VesselDataModule
 from vseg.metrics import dice_iou_per_image, logits_to_mask
 from vseg.model.build import build_sa2va
 from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,21 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     raw = OmegaConf.load(config_file)
     cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))  # type: ignore[assignment]
     return cfg, load_file(weights_file)
+
+
+def rebuild_run(run_dir: Path) -> tuple[TrainConfig, Sa2VA, PreTrainedTokenizerBase]:
+    """The run's model as training left it: base rebuilt (seeded random init, or `model.path`), trained weights in."""
+    cfg, weights = load_run(run_dir)
+    L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ConfigError(
+            f"{run_dir}/weights/trainable.safetensors does not match the model of its config.yaml "
+            f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
+        )
+    model.load_state_dict(weights, strict=False)
+    return cfg, model, tokenizer
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -61,16 +78,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     out = Path(pcfg.out).resolve() if pcfg.out else run_dir / "predictions"
     if out.exists() and any(out.iterdir()) and not pcfg.overwrite:
         raise ConfigError(f"out={out} is not empty; pass overwrite=true or another out=")
-    cfg, weights = load_run(run_dir)
-    L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ConfigError(
-            f"{run_dir}/weights/trainable.safetensors does not match the model of its config.yaml "
-            f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
-        )
-    model.load_state_dict(weights, strict=False)
+    cfg, model, tokenizer = rebuild_run(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)

@@ -156,6 +156,8 @@ def folder_architecture(folder: Folder) -> dict[str, Any]:
 
 def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -> ModelConfig:
     """The preset with the folder's architecture; raises listing every field where the two disagree."""
+    arch = {**arch, "text": official.with_rope_parameters(arch.get("text") or {})}
+    cfg = dataclasses.replace(cfg, text=official.with_rope_parameters(cfg.text))
     problems = []
     for name, value in arch.items():
         if name == "llm_architecture" or value is None:
@@ -568,6 +570,29 @@ def write_native_folder(
     tokenizer.save_pretrained(str(folder))
 
 
+def _full_architecture(model: nn.Module, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`cfg.vision` / `cfg.text` completed with the defaults the built transformers configs filled in."""
+    config = model.base_mllm.config if hasattr(model, "base_mllm") else model.mllm.config
+    text, vision = dict(cfg.text), dict(cfg.vision)
+    for name in official.TEXT_FIELDS:
+        if name not in text and getattr(config.text_config, name, None) is not None:
+            text[name] = getattr(config.text_config, name)
+    text = official.with_rope_parameters(text)
+    if "rope_parameters" not in text and getattr(config.text_config, "rope_parameters", None):
+        text["rope_parameters"] = dict(config.text_config.rope_parameters)
+    for name in (
+        "layer_norm_eps",
+        "hidden_act",
+        "norm_type",
+        "use_qk_norm",
+        "attention_bias",
+        "layer_scale_init_value",
+    ):
+        if name not in vision and getattr(config.vision_config, name, None) is not None:
+            vision[name] = getattr(config.vision_config, name)
+    return vision, text
+
+
 def official_layout(cfg: ModelConfig) -> tuple[InternVLLayout, str]:
     """The official key layout (and LLM architecture name) for a vseg InternVL-family ModelConfig."""
     if cfg.family != "internvl":
@@ -619,9 +644,10 @@ def write_official_folder(
         for source in sorted(base.path.glob("*.py")):
             (folder / source.name).write_bytes(source.read_bytes())
     else:
+        vision, text = _full_architecture(model, cfg)
         config = official.config_from_architecture(
-            cfg.vision,
-            cfg.text,
+            vision,
+            text,
             downsample_ratio=cfg.downsample_ratio,
             template=cfg.template,
             tie_word_embeddings=tied,

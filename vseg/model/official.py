@@ -330,18 +330,46 @@ SA2VA_MODEL_TYPES = ("sa2va_chat",)
 #: ... and "a plain InternVL base MLLM without [SEG], SAM-2 and text_hidden_fcs"
 INTERNVL_BASE_MODEL_TYPES = ("internvl_chat",)
 
-_TEXT_FIELDS = (
+TEXT_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
     "intermediate_size",
     "max_position_embeddings",
-    "rope_theta",
     "rms_norm_eps",
     "hidden_act",
     "vocab_size",
 )
+
+
+def with_rope_parameters(text: Mapping[str, Any]) -> dict[str, Any]:
+    """`text` with transformers-5 `rope_parameters` in place of the older `rope_theta` / `rope_scaling`."""
+    out = dict(text)
+    theta, scaling = out.pop("rope_theta", None), out.pop("rope_scaling", None)
+    if "rope_parameters" in out or theta is None:
+        return out
+    rope: dict[str, Any] = {"rope_type": "default"}
+    if scaling:
+        scaling = dict(scaling)
+        rope["rope_type"] = scaling.pop("rope_type", None) or scaling.pop("type", "default")
+        scaling.pop("type", None)
+        rope.update(scaling)
+    rope["rope_theta"] = theta
+    out["rope_parameters"] = rope
+    return out
+
+
+def rope_theta_and_scaling(text: Mapping[str, Any]) -> dict[str, Any]:
+    """The released config's `rope_theta` (+ `rope_scaling` unless default) from `rope_parameters`."""
+    rope = dict(with_rope_parameters(text).get("rope_parameters") or {})
+    out: dict[str, Any] = {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type", "default")
+    if kind != "default":
+        out["rope_scaling"] = {"type": kind, **rope}
+    return out
 
 
 def _side(value: Any) -> int:
@@ -366,12 +394,11 @@ def architecture_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
             f"known: {sorted(LLM_ARCHITECTURES)}"
         )
     text: dict[str, Any] = {"model_type": LLM_ARCHITECTURES[arch]}
-    for name in _TEXT_FIELDS:
+    for name in TEXT_FIELDS:
         if llm.get(name) is not None:
             text[name] = llm[name]
     text.setdefault("num_key_value_heads", text.get("num_attention_heads"))
-    if llm.get("rope_scaling"):
-        text["rope_scaling"] = dict(llm["rope_scaling"])
+    text = with_rope_parameters({**text, "rope_theta": llm.get("rope_theta"), "rope_scaling": llm.get("rope_scaling")})
     if arch == "InternLM2ForCausalLM":
         text["attention_bias"] = bool(llm.get("bias", True))
     size = _side(config.get("force_image_size") or vis["image_size"])
@@ -441,11 +468,10 @@ def config_from_architecture(
     }
     model_type = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
     llm_config: dict[str, Any] = {"architectures": [llm_architecture], "model_type": model_type[llm_architecture]}
-    for name in _TEXT_FIELDS:
+    for name in TEXT_FIELDS:
         if name in text:
             llm_config[name] = text[name]
-    if "rope_scaling" in text:
-        llm_config["rope_scaling"] = dict(text["rope_scaling"])
+    llm_config.update(rope_theta_and_scaling(text))
     if llm_architecture == "InternLM2ForCausalLM":
         llm_config["bias"] = bool(text.get("attention_bias", False))
         llm_config["auto_map"] = {

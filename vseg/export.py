@@ -1,0 +1,188 @@
+"""`vseg export ckpt=RUN_DIR out=DIR format=official|native|adapter`: a trained run as a standalone model folder.
+
+The run's model is rebuilt exactly as `predict.py` does (`vseg.predict.rebuild_run`), then:
+
+* `native`   — LoRA and the trained token rows folded into the base (PEFT `merge_and_unload`), written in
+  vseg's own key layout: safetensors shards + index, `config.json` (`vseg_format: native` + the model
+  config), tokenizer files. `model.path=DIR` loads it back bit-exactly (same dtype).
+* `official` — the same merged weights under the released Sa2VA key names with the authors'
+  `Sa2VAChatConfig` config.json (see `vseg.model.checkpoint.write_official_folder`); `model.path` loads it too.
+* `adapter`  — small: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the trained
+  non-LoRA modules (`vseg_modules.safetensors`: projector, mask decoder, text_hidden_fcs), the run config and
+  the tokenizer. `load_adapter_folder` rebuilds the base the same way and applies them.
+
+The folder is written to a temporary sibling and renamed into place; a non-empty `out` is refused unless
+`overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from vseg.config import ConfigError, ModelConfig, TrainConfig
+from vseg.model.checkpoint import (
+    DTYPES,
+    folder_architecture,
+    merge_architecture,
+    read_folder,
+    write_json,
+    write_native_folder,
+    write_official_folder,
+)
+from vseg.model.sa2va import Sa2VA
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("official", "native", "adapter")
+ADAPTER_FORMAT = "adapter"
+MODULES_FILE = "vseg_modules.safetensors"
+
+
+def merge_adapters(model: Sa2VA) -> Sa2VA:
+    """Folds LoRA and the trainable token rows into the base weights, in place; leaves a plain model."""
+    if hasattr(model.mllm, "merge_and_unload"):
+        model.mllm = model.mllm.merge_and_unload()
+    leftover = [n for n, _ in model.named_parameters() if "lora_" in n or "trainable_tokens_" in n]
+    if leftover:
+        raise RuntimeError(f"adapters left after merge_and_unload: {leftover[:5]}")
+    return model
+
+
+def effective_model_config(cfg: ModelConfig, model: Sa2VA) -> ModelConfig:
+    """The architecture the model was built with: the preset, completed from `model.path`'s config.json."""
+    if cfg.path is not None:
+        folder = read_folder(cfg.path)
+        arch = folder_architecture(folder)
+        arch.get("text", {}).pop("vocab_size", None)
+        cfg = merge_architecture(cfg, folder, arch)
+    rows = int(model.family.input_embeddings(model.base_mllm).weight.shape[0])
+    return dataclasses.replace(cfg, text={**cfg.text, "vocab_size": rows})
+
+
+def _adapter_modules(model: Sa2VA) -> dict[str, torch.Tensor]:
+    """Trained parameters that PEFT's adapter file does not hold (projector, mask decoder, text_hidden_fcs)."""
+    return {
+        n: p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n and "trainable_tokens_" not in n
+    }
+
+
+def write_adapter_folder(model: Sa2VA, cfg: TrainConfig, tokenizer, folder: Path) -> None:
+    """PEFT adapter + the other trained modules + the run config: rebuild the base, apply, done."""
+    if not hasattr(model.mllm, "peft_config"):
+        raise ConfigError("format=adapter: this run has no PEFT adapter (lora.enabled=false, no token rows)")
+    model.mllm.save_pretrained(str(folder))
+    save_file(_adapter_modules(model), str(folder / MODULES_FILE), metadata={"format": "pt"})
+    train = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    write_json(folder / "config.json", {"vseg_format": ADAPTER_FORMAT, "train": train})
+    tokenizer.save_pretrained(str(folder))
+
+
+def load_adapter_folder(path: str | Path) -> tuple[TrainConfig, Sa2VA, object]:
+    """Rebuilds the base of an `adapter` export (seeded random init or its `model.path`) and applies it."""
+    import lightning as L
+    from peft import set_peft_model_state_dict
+
+    from vseg.model.build import build_sa2va
+
+    folder = Path(path)
+    config_file = folder / "config.json"
+    data = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if data.get("vseg_format") != ADAPTER_FORMAT:
+        raise ConfigError(f"{folder}: not a `vseg export format=adapter` folder (config.json says otherwise)")
+    raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), data["train"])
+    cfg: TrainConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    L.seed_everything(cfg.seed, verbose=False)
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    result = set_peft_model_state_dict(model.mllm, load_file(str(folder / "adapter_model.safetensors")))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    modules = load_file(str(folder / MODULES_FILE))
+    expected = set(_adapter_modules(model))
+    if set(modules) != expected or unexpected:
+        raise ConfigError(
+            f"{folder}: adapter does not fit the model of its config (missing {sorted(expected - set(modules))[:5]}, "
+            f"unexpected {sorted(set(modules) - expected)[:5] + unexpected[:5]})"
+        )
+    model.load_state_dict(modules, strict=False)
+    return cfg, model, tokenizer
+
+
+def _staging(out: Path, run_dir: Path, overwrite: bool) -> Path:
+    if out == run_dir or run_dir in out.parents:
+        raise ConfigError(f"out={out} is inside the run directory {run_dir}; export somewhere else")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"out={out} is not empty; pass overwrite=true or another out=")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def run(pcfg: DictConfig) -> Path:
+    """Exports the run `pcfg.ckpt` to `pcfg.out` in `pcfg.format`; returns the folder."""
+    from vseg.predict import rebuild_run
+
+    if pcfg.format not in FORMATS:
+        raise ConfigError(f"format={pcfg.format!r}: expected one of {FORMATS}")
+    run_dir = Path(pcfg.ckpt).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(f"ckpt={pcfg.ckpt}: not a directory; pass a training run directory")
+    out = Path(pcfg.out).expanduser().resolve()
+    if pcfg.dtype is not None and pcfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={pcfg.dtype!r}: expected one of {sorted(DTYPES)} or null (the run's model.dtype)")
+    max_shard_bytes = int(float(pcfg.max_shard_size_mb) * 1024 * 1024)
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_size_mb={pcfg.max_shard_size_mb}: must be > 0")
+    tmp = _staging(out, run_dir, bool(pcfg.overwrite))
+    try:
+        cfg, model, tokenizer = rebuild_run(run_dir)
+        model.eval()
+        dtype = pcfg.dtype or cfg.model.dtype
+        if pcfg.format == "adapter":
+            write_adapter_folder(model, cfg, tokenizer, tmp)
+        else:
+            model_cfg = effective_model_config(cfg.model, model)
+            merge_adapters(model)
+            if pcfg.format == "native":
+                write_native_folder(model, model_cfg, tokenizer, tmp, dtype, max_shard_bytes)
+            else:
+                base = read_folder(cfg.model.path) if cfg.model.path else None
+                write_official_folder(model, model_cfg, tokenizer, tmp, dtype, max_shard_bytes, base=base)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s) to %s", run_dir, pcfg.format, out)
+    print(f"{pcfg.format} export of {run_dir} written to {out}", flush=True)
+    return out
+
+
+def main(overrides: list[str]) -> int:
+    """`vseg export ...`: compose conf/export.yaml with the overrides and export."""
+    from vseg.cli import compose
+
+    run(compose("export", overrides))
+    return 0
