@@ -1,0 +1,125 @@
+"""`vseg export`: a trained run -> native / official / adapter folders that load back into vseg exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import tiny_cfg
+from tests.test_checkpoint import model_outputs
+from vseg.cli import main as cli
+from vseg.export import load_adapter_folder, merge_adapters
+from vseg.model.build import build_sa2va
+from vseg.model.checkpoint import write_native_folder
+from vseg.module import trainable_state_dict
+from vseg.predict import rebuild_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as train.py leaves it, with every trainable tensor moved off its initial value."""
+    cfg = tiny_cfg(["lora.r=4", "lora.alpha=8"])
+    L.seed_everything(cfg.seed, verbose=False)
+    model, _ = build_sa2va(cfg.model, cfg.lora)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    run = tmp_path_factory.mktemp("run")
+    OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml")
+    (run / "weights").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in trainable_state_dict(model).items()},
+        str(run / "weights" / "trainable.safetensors"),
+    )
+    return run
+
+
+def _export(run_dir, out, fmt, *extra) -> int:
+    return cli(["export", f"ckpt={run_dir}", f"out={out}", f"format={fmt}", *extra])
+
+
+def _all_tensors(folder):
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+@pytest.mark.parametrize("fmt", ["native", "official"])
+def test_merged_export_loads_back_exactly(run_dir, tmp_path, fmt):
+    out = tmp_path / fmt
+    assert _export(run_dir, out, fmt, "max_shard_size_mb=0.5") == 0
+    assert not list(tmp_path.glob(".*partial*"))
+    cfg, unmerged, tokenizer = rebuild_run(run_dir)
+    reference = model_outputs(unmerged, tokenizer, cfg.model)
+    merged = merge_adapters(unmerged)
+    loaded, loaded_tokenizer = build_sa2va(dataclasses.replace(cfg.model, path=str(out)), None)
+    # Bit-exact: the folder holds exactly the merged weights.
+    mine, theirs = merged.state_dict(), loaded.state_dict()
+    assert set(mine) == set(theirs)
+    assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
+    # Merged == unmerged (LoRA and the trained [SEG] rows folded in), within float tolerance.
+    for a, b in zip(reference, model_outputs(loaded, loaded_tokenizer, cfg.model), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    if fmt == "native":
+        # export -> import -> export round-trips exactly.
+        again = tmp_path / "again"
+        again.mkdir()
+        write_native_folder(loaded, dataclasses.replace(cfg.model), loaded_tokenizer, again, "float32", 1 << 30)
+        first, second = _all_tensors(out), _all_tensors(again)
+        assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    else:
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == ["Sa2VAChatModel"] and config["llm_config"]["vocab_size"] == len(tokenizer)
+        assert (
+            "language_model.lm_head.weight"
+            in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        )
+
+
+def test_adapter_export_is_small_and_reapplies_exactly(run_dir, tmp_path):
+    out = tmp_path / "adapter"
+    assert _export(run_dir, out, "adapter") == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "vseg_modules.safetensors", "config.json"} <= names
+    cfg, model, tokenizer = rebuild_run(run_dir)
+    _, again, again_tokenizer = load_adapter_folder(out)
+    for a, b in zip(
+        model_outputs(model, tokenizer, cfg.model), model_outputs(again, again_tokenizer, cfg.model), strict=True
+    ):
+        assert torch.equal(a, b)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    stored = sum(
+        t.numel()
+        for f in ("adapter_model.safetensors", "vseg_modules.safetensors")
+        for t in load_file(str(out / f)).values()
+    )
+    assert stored < frozen / 2
+
+
+def test_export_refuses_a_non_empty_out_unless_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _export(run_dir, out, "native") == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _export(run_dir, out, "native", "overwrite=true") == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no partial or old folders left behind
+
+
+def test_export_rejects_bad_arguments(run_dir, tmp_path, capsys):
+    assert _export(run_dir, tmp_path / "x", "onnx") == 2
+    assert "format='onnx'" in capsys.readouterr().err
+    assert _export(tmp_path / "nope", tmp_path / "y", "native") == 2
+    assert _export(run_dir, run_dir / "inside", "native") == 2
+    assert not (tmp_path / "x").exists()
