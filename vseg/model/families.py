@@ -8,25 +8,47 @@ last hidden state. `Sa2VA`, the data pipeline and the trainer only talk to this 
 
 from __future__ import annotations
 
+import inspect
+import math
+from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
 from vseg.config import ModelConfig
 from vseg.model.preprocess import internvl_tiles
-from vseg.model.tokenizer import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, token_id
+from vseg.model.tokenizer import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    QWEN_IMAGE_PAD_TOKEN,
+    QWEN_VIDEO_PAD_TOKEN,
+    QWEN_VISION_END_TOKEN,
+    QWEN_VISION_START_TOKEN,
+    token_id,
+)
 
 
 class MLLMFamily(Protocol):
     """The per-family operations Sa2VA needs."""
 
     name: str
-    #: parameter-name prefixes (relative to the transformers model) of each part
+    #: parameter-name prefixes (relative to the transformers model) of each part; the projector may sit
+    #: inside the vision prefix (Qwen-VL mergers) and may have several prefixes (Qwen3-VL deepstack mergers)
     vision_prefix: str
-    projector_prefix: str
+    projector_prefix: str | tuple[str, ...]
     language_prefix: str
 
     def build(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module: ...
@@ -50,6 +72,32 @@ class MLLMFamily(Protocol):
     def input_embeddings(self, mllm: nn.Module) -> nn.Embedding: ...
 
 
+def vocab_size(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Rows of the embedding and LM head.
+
+    `model.text.vocab_size` fixes it (the real configs do: the released vocabulary, Sa2VA's added tokens
+    included, so a size report or a meta-device build needs no tokenizer files); unset, it is
+    `len(tokenizer)`. A tokenizer read from a folder (`model.path` / `model.tokenizer_path`) must have
+    exactly that many tokens, so a checkpoint never loads into a resized or mismatched head; the tiny
+    built-in tokenizer only has to fit (its ids then stand in for the release's).
+    """
+    configured = cfg.text.get("vocab_size")
+    have = len(tokenizer)
+    if configured is None:
+        return have
+    configured = int(configured)
+    from_folder = cfg.tokenizer_path or cfg.path
+    if from_folder is not None and have != configured:
+        raise ValueError(
+            f"model.text.vocab_size={configured} (model={cfg.name}) but the tokenizer in {from_folder} has {have} "
+            "tokens (Sa2VA tokens included): use the config that matches this checkpoint, or set "
+            "model.text.vocab_size=null to size the vocabulary from the tokenizer (a base MLLM without [SEG])"
+        )
+    if have > configured:
+        raise ValueError(f"model.text.vocab_size={configured} is smaller than the tokenizer ({have} tokens)")
+    return configured
+
+
 class InternVLFamily:
     """InternVL2.5 / InternVL3 on transformers' native `InternVLForConditionalGeneration`."""
 
@@ -62,7 +110,7 @@ class InternVLFamily:
         """The transformers config: vocabulary from the tokenizer, image token id from `<IMG_CONTEXT>`."""
         text = dict(cfg.text)
         model_type = text.pop("model_type", "qwen2")
-        text.setdefault("vocab_size", len(tokenizer))
+        text["vocab_size"] = vocab_size(cfg, tokenizer)
         text["tie_word_embeddings"] = cfg.tie_word_embeddings
         vision = dict(cfg.vision)
         patch = vision.get("patch_size", 14)
@@ -130,7 +178,179 @@ class InternVLFamily:
         return mllm.get_input_embeddings()
 
 
-FAMILIES: dict[str, MLLMFamily] = {"internvl": InternVLFamily()}
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """A (height, width) near the input with both sides multiples of `factor` and an area within bounds.
+
+    Sides are rounded to the nearest multiple first; an area above `max_pixels` (below `min_pixels`) is then
+    shrunk (grown) by one common scale, rounding down (up) so the bound holds. Qwen-VL's resize rule.
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"image of size {width}x{height} is empty")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+@lru_cache(maxsize=8)
+def _qwen_image_processor(
+    patch: int, merge: int, temporal: int, min_pixels: int, max_pixels: int, mean: tuple, std: tuple
+) -> Any:
+    """The transformers Qwen-VL image processor, built from numbers (no download); the PIL backend when present."""
+    import transformers
+
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=temporal,
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
+    )
+
+
+class QwenVLFamily:
+    """Shared part of Qwen2.5-VL and Qwen3-VL: transformers' native models, native image processor.
+
+    The image goes through two resizes, as in Sa2VA's Qwen code: first to a multiple of `model.image_factor`
+    (28, qwen-vl-utils' rule), then by the image processor to a multiple of patch x merge within
+    [model.min_pixels, model.max_pixels]. The prompt holds `<|vision_start|>`, one `<|image_pad|>` per merged
+    patch and `<|vision_end|>`.
+    """
+
+    name = "qwen_vl"
+    vision_prefix = "model.visual."
+    projector_prefix: str | tuple[str, ...] = "model.visual.merger."
+    language_prefix = "model.language_model."
+    config_class: Any = None
+    model_class: Any = None
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """The transformers config; vocabulary per `vocab_size`, vision token ids from the tokenizer."""
+        text = dict(cfg.text)
+        text.pop("model_type", None)
+        text["vocab_size"] = vocab_size(cfg, tokenizer)
+        text["tie_word_embeddings"] = cfg.tie_word_embeddings
+        vocab = tokenizer.get_vocab()
+        video = vocab.get(QWEN_VIDEO_PAD_TOKEN, token_id(tokenizer, QWEN_IMAGE_PAD_TOKEN))
+        config = self.config_class(
+            text_config=text,
+            vision_config=dict(cfg.vision),
+            image_token_id=token_id(tokenizer, QWEN_IMAGE_PAD_TOKEN),
+            video_token_id=int(video),
+            vision_start_token_id=token_id(tokenizer, QWEN_VISION_START_TOKEN),
+            vision_end_token_id=token_id(tokenizer, QWEN_VISION_END_TOKEN),
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+        config._attn_implementation = cfg.attn_implementation
+        return config
+
+    def build(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+        return self.model_class(self.make_config(cfg, tokenizer))
+
+    def text_hidden_size(self, mllm: nn.Module) -> int:
+        return int(mllm.config.text_config.hidden_size)
+
+    def image_processor(self, mllm_config: Any, cfg: ModelConfig) -> Any:
+        vision = mllm_config.vision_config
+        return _qwen_image_processor(
+            int(vision.patch_size),
+            int(vision.spatial_merge_size),
+            int(vision.temporal_patch_size),
+            int(cfg.min_pixels),
+            int(cfg.max_pixels),
+            tuple(self.image_mean),
+            tuple(self.image_std),
+        )
+
+    def image_inputs(
+        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        factor = int(cfg.image_factor)
+        # qwen-vl-utils' first resize: multiple of `factor`, area within [4, 16384] * factor^2.
+        height, width = smart_resize(image.height, image.width, factor, 4 * factor * factor, 16384 * factor * factor)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        out = self.image_processor(mllm_config, cfg)(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"].long()
+        merge = int(mllm_config.vision_config.spatial_merge_size)
+        n_tokens = int(grid.prod()) // (merge * merge)
+        text = f"{QWEN_VISION_START_TOKEN}{QWEN_IMAGE_PAD_TOKEN * n_tokens}{QWEN_VISION_END_TOKEN}"
+        return {"pixel_values": out["pixel_values"].float(), "image_grid_thw": grid}, text
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        # Patches of all images in one sequence; image_grid_thw says where each image's patches are.
+        return {
+            "pixel_values": torch.cat([item["pixel_values"] for item in items]),
+            "image_grid_thw": torch.cat([item["image_grid_thw"] for item in items]),
+        }
+
+    @staticmethod
+    def _accepts(module: nn.Module, argument: str) -> bool:
+        return argument in inspect.signature(module.forward).parameters
+
+    def decoder_states(
+        self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        embeddings = mllm.get_input_embeddings()
+        device = embeddings.weight.device if hasattr(embeddings, "weight") else input_ids.device
+        visual = mllm.model.visual
+        vision_param = next(visual.parameters())
+        input_ids = input_ids.to(device)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.to(device),
+            "pixel_values": inputs["pixel_values"].to(device=vision_param.device, dtype=vision_param.dtype),
+            "image_grid_thw": inputs["image_grid_thw"].to(vision_param.device),
+            "use_cache": False,
+        }
+        if self._accepts(mllm.model, "mm_token_type_ids"):
+            # 1 marks image placeholders; the 3-D rope positions are computed from it.
+            kwargs["mm_token_type_ids"] = (input_ids == mllm.config.image_token_id).int()
+        return mllm.model(**kwargs).last_hidden_state
+
+    def lm_head(self, mllm: nn.Module) -> nn.Module:
+        return mllm.lm_head
+
+    def input_embeddings(self, mllm: nn.Module) -> nn.Embedding:
+        return mllm.get_input_embeddings()
+
+
+class Qwen25VLFamily(QwenVLFamily):
+    """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): window-attention ViT, 14-px patches, CLIP mean/std."""
+
+    name = "qwen2_5_vl"
+    config_class = Qwen2_5_VLConfig
+    model_class = Qwen2_5_VLForConditionalGeneration
+    image_mean = (0.48145466, 0.4578275, 0.40821073)
+    image_std = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Qwen3VLFamily(QwenVLFamily):
+    """Qwen3-VL (`Qwen3VLForConditionalGeneration`): 16-px patches, deepstack mergers feed early LLM layers."""
+
+    name = "qwen3_vl"
+    projector_prefix = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+    config_class = Qwen3VLConfig
+    model_class = Qwen3VLForConditionalGeneration
+
+
+FAMILIES: dict[str, MLLMFamily] = {
+    "internvl": InternVLFamily(),
+    "qwen2_5_vl": Qwen25VLFamily(),
+    "qwen3_vl": Qwen3VLFamily(),
+}
 
 
 def get_family(name: str) -> MLLMFamily:

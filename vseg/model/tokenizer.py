@@ -23,6 +23,12 @@ IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # Tokens Sa2VA adds on top of its base MLLM; released checkpoints already contain them.
 SA2VA_ADDED_TOKENS = (SEG_TOKEN, "<p>", "</p>", "<vp>", "</vp>")
 IMAGE_TOKENS = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+# Qwen-VL's image markers (already in every Qwen2.5-VL / Qwen3-VL tokenizer; the tiny one carries them too).
+QWEN_VISION_START_TOKEN = "<|vision_start|>"
+QWEN_VISION_END_TOKEN = "<|vision_end|>"
+QWEN_IMAGE_PAD_TOKEN = "<|image_pad|>"
+QWEN_VIDEO_PAD_TOKEN = "<|video_pad|>"
+QWEN_VISION_TOKENS = (QWEN_VISION_START_TOKEN, QWEN_VISION_END_TOKEN, QWEN_IMAGE_PAD_TOKEN, QWEN_VIDEO_PAD_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         padding_side="right",
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *IMAGE_TOKENS, *SA2VA_ADDED_TOKENS]})
+    specials = ["<|im_start|>", *IMAGE_TOKENS, *SA2VA_ADDED_TOKENS, *QWEN_VISION_TOKENS]  # Qwen ones last: ids kept
+    fast.add_special_tokens({"additional_special_tokens": specials})
     return fast
 
 
