@@ -362,3 +362,60 @@ def test_loading_reads_one_tensor_at_a_time(official_folder, monkeypatch):
     _load(cfg, folder)
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     assert sorted(reads) == sorted(index)
+
+
+def test_plain_base_mllm_gets_the_tokens_and_grown_rows(tmp_path, caplog):
+    """An InternVL base (no [SEG], no SAM-2): tokens added, embedding grown on CPU with the mean row."""
+    from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, token_id
+
+    cfg, model, tokenizer = _tiny("qwen2")
+    folder = tmp_path / "base"
+    folder.mkdir()
+    write_official_folder(model, cfg, tokenizer, folder, "float32", max_shard_bytes=1 << 30)
+    # Take the Sa2VA tokens out of the tokenizer (later ids move down) and their rows out of the embedding.
+    removed = sorted(token_id(tokenizer, t) for t in SA2VA_ADDED_TOKENS)
+    assert removed == list(range(removed[0], removed[0] + 5))
+
+    def remap(i: int) -> int:
+        return i if i < removed[0] else i - 5
+
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["added_tokens"] = [
+        dict(t, id=remap(t["id"])) for t in spec["added_tokens"] if t["content"] not in SA2VA_ADDED_TOKENS
+    ]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    if "added_tokens_decoder" in tc:
+        tc["added_tokens_decoder"] = {
+            str(remap(int(k))): v
+            for k, v in tc["added_tokens_decoder"].items()
+            if v["content"] not in SA2VA_ADDED_TOKENS
+        }
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if isinstance(tc.get(key), list):
+            tc[key] = [t for t in tc[key] if t not in SA2VA_ADDED_TOKENS]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    rows = len(tokenizer)
+    keep = [i for i in range(rows) if i not in removed]
+    heads = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+    weights = {
+        k: (v[keep].clone() if k in heads else v)
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if not k.startswith(("grounding_encoder.", "text_hidden_fcs."))
+    }
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="internvl_chat", architectures=["InternVLChatModel"])
+    config["llm_config"]["vocab_size"] = rows - 5
+    (folder / "config.json").write_text(json.dumps(config))
+
+    with caplog.at_level(logging.INFO, logger="vseg.model.checkpoint"):
+        loaded, loaded_tokenizer = _load(cfg, folder)
+    assert "embed_tokens.weight: 404 -> 409 rows" in caplog.text
+    assert [token_id(loaded_tokenizer, t) for t in SA2VA_ADDED_TOKENS] == list(range(rows - 5, rows))
+    old = model.base_mllm.get_input_embeddings().weight[keep]
+    new = loaded.base_mllm.get_input_embeddings().weight
+    assert new.shape[0] == rows and torch.equal(new[: rows - 5], old)
+    torch.testing.assert_close(new[rows - 5 :], old.mean(0).expand(5, -1))
+    assert loaded.base_mllm.lm_head.weight is new  # still tied
+    assert not any(p.device.type == "meta" for p in loaded.parameters())  # SAM-2 + text_hidden_fcs built real

@@ -247,7 +247,7 @@ class InternVLLayout:
         llm = _INTERNLM2_RULES if self.internlm2 else _HF_LLM_RULES
         rules = _VISION_RULES + llm + (_SAM2_RULES if with_grounding else [])
         if not with_grounding:
-            rules = [r for r in rules if not r.official.startswith("text_hidden_fcs")]
+            rules = [(o, n) for o, n in rules if not o.startswith("text_hidden_fcs")]
         self.rules = [_Rule(o, n) for o, n in rules]
 
     # ---- official -> native -------------------------------------------------------------------------------
