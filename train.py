@@ -1,5 +1,7 @@
 """Train Sa2VA with LoRA: `python train.py [group=option ...] [key=value ...]` (see conf/train.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -8,10 +10,17 @@ from vseg.cli import exit_on_config_error
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from vseg.faults import NonFiniteError
     from vseg.train import run
 
     with exit_on_config_error():
-        run(cfg)
+        try:
+            result = run(cfg)
+        except NonFiniteError as err:
+            print(f"vseg: {err}", file=sys.stderr)
+            sys.exit(3)
+    if result.exit_code:
+        sys.exit(result.exit_code)  # 128 + signal: stopped by a signal after saving a resumable checkpoint
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vseg.config import TrainConfig
+from vseg.faults import NonFiniteGuard, TestFaults
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, logits_to_mask
 from vseg.model.sa2va import Sa2VA
@@ -39,6 +40,9 @@ class Sa2VAModule(L.LightningModule):
         # Checkpoints hold only trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False
         self.overlays = int(cfg.callbacks.get("val_overlays", 4))
+        # NaN/Inf losses or gradients: the optimizer step is skipped on every rank and counted.
+        self.guard = NonFiniteGuard(cfg.faults.max_bad_steps, cfg.faults.check_grads)
+        self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
 
     # ---------------------------------------------------------------- steps
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
@@ -74,15 +78,55 @@ class Sa2VAModule(L.LightningModule):
         return Window(float(counts[0]), float(counts[1]), float(accumulate * world))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        step, rank = self.global_step, self.global_rank
+        self.test_faults.maybe_raise(step, rank)
         _, sums = self._forward(batch)
         losses = combine(sums, self.cfg.loss, self._window(batch, sums))
+        micro = batch_idx % max(self.trainer.accumulate_grad_batches if self._trainer is not None else 1, 1)
+        loss = self.test_faults.loss(losses["loss"], step, micro)
+        self.guard.observe(loss, batch["ids"])
+        self.test_faults.record(step, rank, batch["ids"], loss)
         size = len(batch["ids"])
-        self.log("train/loss", losses["loss_logged"], prog_bar=True, batch_size=size)
+        logged = self.test_faults.loss(losses["loss_logged"], step, micro)
+        self.log("train/loss", logged, prog_bar=True, batch_size=size)
         for key in ("loss_mask", "loss_dice", "llm_loss"):
             self.log(f"train/{key}", losses[key], batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], batch_size=size)
-        return losses["loss"]
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Applies the optimizer step only if every loss and gradient of it was finite on every rank.
+
+        Runs at the last micro-batch of each accumulation window. A bad step is skipped whole: no
+        optimizer update (no moment update, no weight decay), gradients dropped; the global step and the
+        LR schedule still advance, as with AMP's skipped steps. Under fp16 AMP the GradScaler keeps
+        handling gradient overflow itself (only losses are checked); under DeepSpeed the ZeRO optimizer
+        skips non-finite gradients itself and its overflow flag is counted here.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self.trainer
+        step = self.global_step
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            optimizer.step(closure=optimizer_closure)
+            if not trainer.fit_loop._should_accumulate():
+                overflow = bool(getattr(getattr(trainer.model, "optimizer", None), "overflow", False))
+                self.guard.decide(self, torch.tensor(overflow))
+                self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+            return
+        closure_result = optimizer_closure()  # forward + backward of the window's last micro-batch
+        self.test_faults.grads(params, step)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        check = self.guard.check_grads and scaler is None
+        skip = self.guard.decide(self, NonFiniteGuard.grads_bad(params) if check else None)
+        self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step(closure=lambda: closure_result)
+        self.test_faults.weights(params, step)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, sums = self._forward(batch)

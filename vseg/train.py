@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from vseg.config import TrainConfig, load_config
+from vseg.config import ConfigError, TrainConfig, load_config
 from vseg.data.datamodule import VesselDataModule
+from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
 from vseg.model.build import build_sa2va, count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
@@ -34,6 +35,9 @@ class RunResult:
     global_step: int
     metrics: dict[str, float]
     module: Sa2VAModule | None = None  # the trained module (for callers in the same process, e.g. tests)
+    stopped_by: str | None = None  # the signal that interrupted the run (a resumable checkpoint was saved)
+    exit_code: int = 0  # what train.py exits with: 128 + signal number when a signal stopped the run
+    resumed_from: Path | None = None  # the checkpoint this run continued from
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -41,7 +45,8 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
     Precedence: `run_dir=`; the directory of a resumed checkpoint (`ckpt_path=RUN/checkpoints/x.ckpt`);
     the directory chosen by the launching process (passed to Lightning's worker processes through the
-    environment); a new `runs_root/<timestamp>` (torchrun: named by its run id so all ranks agree).
+    environment); with `resume=auto`, the newest run of this model under `runs_root` that has a complete
+    checkpoint; a new `runs_root/<timestamp>` (torchrun: named by its run id so all ranks agree).
     """
     if cfg.run_dir:
         path = Path(cfg.run_dir)
@@ -49,6 +54,8 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
         path = Path(cfg.ckpt_path).parent.parent
     elif os.environ.get(RUN_DIR_ENV):
         path = Path(os.environ[RUN_DIR_ENV])
+    elif cfg.resume == "auto" and (found := latest_run(Path(cfg.runs_root), cfg.model.name)) is not None:
+        path = found
     else:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID")
         name = f"torchrun-{run_id}" if run_id and run_id != "none" else time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -58,21 +65,49 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return path
 
 
+def latest_run(runs_root: Path, model_name: str) -> Path | None:
+    """The most recently written `runs_root/*_<model_name>` run that has a complete checkpoint."""
+    best: tuple[float, Path] | None = None
+    for run in runs_root.glob(f"*_{model_name}") if runs_root.is_dir() else []:
+        ckpt = newest_checkpoint(run / "checkpoints")
+        if ckpt is not None and (best is None or ckpt.stat().st_mtime > best[0]):
+            best = (ckpt.stat().st_mtime, run)
+    return best[1] if best else None
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from: `ckpt_path=`, else the run directory's newest complete one.
+
+    Re-running a command in the same run directory therefore continues it (every rank picks the same
+    file: the choice is made before any rank can write a new one). `resume=never` refuses a run
+    directory that already has checkpoints rather than mixing two runs in it.
+    """
+    if cfg.ckpt_path:
+        return Path(cfg.ckpt_path)
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    if newest is not None and cfg.resume == "never":
+        raise ConfigError(
+            f"resume=never but {run_dir} already has checkpoints (newest {newest.name}): "
+            "choose another run_dir=, or drop resume=never to continue that run"
+        )
+    return newest
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
-    """Lightning Trainer with TensorBoard logging under the run dir and step checkpoints."""
+    """Lightning Trainer with TensorBoard logging under the run dir, atomic step checkpoints that
+    survive signals, and (several processes) the rank watchdog."""
     ckpt = cfg.checkpoint
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=ckpt.every_n_steps,
-            save_top_k=ckpt.keep,
-            monitor="step",
-            mode="max",
-            save_last=ckpt.save_last,
+    callbacks: list[L.Callback] = [
+        RunCheckpoint(
+            run_dir / "checkpoints",
+            every_n_steps=ckpt.every_n_steps,
+            keep=ckpt.keep,
+            handle_signals=cfg.faults.handle_signals,
+            faults=TestFaults.from_env(),
         ),
     ]
+    if cfg.faults.watchdog:
+        callbacks.append(RankWatchdog(heartbeat_timeout_s=cfg.faults.heartbeat_timeout_s))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
@@ -104,11 +139,33 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate)
     module = Sa2VAModule(model, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+    if checkpoints.stopped_by:
+        signum = checkpoints.stop.signum or 15
+        if trainer.is_global_zero:
+            print(
+                f"\nvseg: stopped by {checkpoints.stopped_by} at step {trainer.global_step}; "
+                f"resumable checkpoint: {checkpoints.last_saved}\n"
+                f"continue with the same command and run_dir={run_dir} (or resume=auto)\n",
+                flush=True,
+            )
+        return RunResult(
+            run_dir=run_dir,
+            global_step=trainer.global_step,
+            metrics={},
+            module=module,
+            stopped_by=checkpoints.stopped_by,
+            exit_code=128 + int(signum),
+            resumed_from=resume,
+        )
     if cfg.checkpoint.save_last and not trainer.interrupted:
         # The step checkpoints fire every N steps; the final state is kept as last.ckpt too (all ranks
-        # take part: under DeepSpeed saving is collective).
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        # take part: under DeepSpeed saving is collective). Atomic: a killed write keeps the old one.
+        save_checkpoint_atomic(trainer, run_dir / "checkpoints" / "last.ckpt")
 
     if trainer.is_global_zero:
         weights = run_dir / "weights"
@@ -117,4 +174,6 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         save_file(state, weights / "trainable.safetensors", metadata={"global_step": str(trainer.global_step)})
         print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    return RunResult(run_dir=run_dir, global_step=trainer.global_step, metrics=metrics, module=module)
+    return RunResult(
+        run_dir=run_dir, global_step=trainer.global_step, metrics=metrics, module=module, resumed_from=resume
+    )

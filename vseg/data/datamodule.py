@@ -9,13 +9,13 @@ It also owns the distributed sampler, so every rank sees a disjoint shard in a s
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from vseg.config import DataConfig
 from vseg.data.check import DatasetProblems, DatasetReport, check_dataset
@@ -37,6 +37,11 @@ class WindowedLoader:
     """Iterates a DataLoader in windows of `accumulate` batches, adding `batch["window"]` counts.
 
     The last window of an epoch may be shorter; its batches carry that shorter window's counts.
+
+    It is resumable (Lightning saves `state_dict()` in checkpoints): a run resumed mid-epoch continues the
+    same epoch's sample order after the batches already trained on, instead of restarting the epoch.
+    `consumed` tells how many batches of the current epoch were trained on (the trainer's count: the
+    loader itself runs ahead by Lightning's prefetch); without it, the batches handed out are counted.
     """
 
     def __init__(self, loader: DataLoader, accumulate: int):
@@ -45,6 +50,21 @@ class WindowedLoader:
         self.loader = loader
         self.accumulate = accumulate
         self.epoch = 0
+        self.consumed: Callable[[], int] | None = None
+        self._handed_out = 0
+        self._skip = 0  # batches of the next epoch iterated that were already trained on
+        generator = getattr(loader, "generator", None)
+        self._generator_seed = generator.initial_seed() if generator is not None else None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch being iterated and how many of its batches were trained on."""
+        batches = self.consumed() if self.consumed is not None else self._handed_out
+        return {"epoch": max(self.epoch - 1, 0), "batches": int(batches) if self.epoch else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
+        if self._skip >= len(self):  # saved on the epoch's last batch: continue with the next epoch
+            self.epoch, self._skip = self.epoch + 1, 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -55,9 +75,20 @@ class WindowedLoader:
             sampler.set_epoch(self.epoch)
         if hasattr(self.loader.dataset, "set_epoch"):  # augmentation draws (workers start fresh each epoch)
             self.loader.dataset.set_epoch(self.epoch)
+        if self._generator_seed is not None:  # worker seeds: a function of the epoch, not of history
+            self.loader.generator.manual_seed(self._generator_seed + self.epoch)
         self.epoch += 1
+        skip, self._skip = self._skip, 0
+        batches: Iterator[dict[str, Any]]
+        if isinstance(sampler, _ResumableSampler):
+            sampler.skip = skip * (self.loader.batch_size or 1)  # skipped by index: never loaded
+            batches = iter(self.loader)
+        else:
+            batches = (b for i, b in enumerate(self.loader) if i >= skip)
+        self._handed_out = skip
         pending: list[dict[str, Any]] = []
-        for batch in self.loader:
+        for batch in batches:
+            self._handed_out += 1
             pending.append(batch)
             if len(pending) == self.accumulate:
                 yield from self._stamp(pending)
@@ -72,6 +103,27 @@ class WindowedLoader:
         for b in batches:
             b["window"] = dict(window)
         return batches
+
+
+class _ResumableSampler(Sampler):
+    """Wraps a sampler so that one iteration can start after its first `skip` indices (mid-epoch resume)."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        for i, index in enumerate(self.sampler):
+            if i >= skip:
+                yield index
 
 
 class _EpochSeededSampler(RandomSampler):
@@ -140,12 +192,22 @@ class VesselDataModule(L.LightningDataModule):
         loader = DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
-            sampler=sampler,
+            sampler=_ResumableSampler(sampler),
+            generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG out of data loading
             collate_fn=self.processor.collate,
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
-        return WindowedLoader(loader, self.accumulate)
+        windowed = WindowedLoader(loader, self.accumulate)
+        windowed.consumed = self._batches_trained
+        return windowed
+
+    def _batches_trained(self) -> int:
+        """Batches of the current epoch the trainer has finished (what a checkpoint must skip on resume)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "setup() first"
