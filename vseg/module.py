@@ -167,7 +167,8 @@ class Sa2VAModule(L.LightningModule):
             gt = batch["masks"][i][0].float().cpu()
             pred = predictions[i][0].float().cpu()
             size = gt.shape
-            pixels = batch["sam_pixel_values"][i].float().cpu() * std + mean
+            raw = batch["sam_pixel_values"][i].cpu()
+            pixels = raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float() * std + mean
             image = torch.nn.functional.interpolate(pixels[None], size=size, mode="bilinear")[0].clamp(0, 1)
             overlay = image.clone()
             overlay[0] = torch.where(pred > 0, 1.0, overlay[0])

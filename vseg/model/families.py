@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from vseg.config import ModelConfig
-from vseg.model.preprocess import internvl_tiles
+from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, internvl_tiles, normalise
 from vseg.model.tokenizer import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
@@ -162,7 +162,8 @@ class InternVLFamily:
         device = embeddings.weight.device if hasattr(embeddings, "weight") else input_ids.device
         pixel_values = inputs["pixel_values"]
         vision = mllm.model.vision_tower
-        pixel_values = pixel_values.to(device=next(vision.parameters()).device, dtype=mllm.model.dtype)
+        pixel_values = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
+        pixel_values = pixel_values.to(mllm.model.dtype)
         out = mllm.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import Sam2Model
 
+from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16, normalise
+
 
 @dataclass
 class SamFeatures:
@@ -44,7 +46,7 @@ class SamGrounding(nn.Module):
         """Frozen part: the Hiera trunk + FPN neck, (B, C, H, W) maps from high to low resolution."""
         encoder = self.sam.vision_encoder
         param = next(encoder.parameters())
-        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+        pixel_values = normalise(pixel_values.to(param.device), SAM_MEAN_BF16, SAM_STD_BF16).to(param.dtype)
         with torch.no_grad():
             out = encoder(pixel_values, return_dict=True)
         return [f.detach() for f in out.fpn_hidden_states]
