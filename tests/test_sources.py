@@ -320,3 +320,29 @@ def test_drive_preset_reads_the_real_dataset():
     assert min(fg) > 0.07 and max(fg) < 0.2  # vessels are 7-17 % of the DRIVE field of view
     sample = load_sample(report.train[0], 256)
     assert sample.image.shape == (256, 256, 3) and sample.masks.shape == (1, 256, 256) and sample.fov.shape == (256, 256)
+
+
+# ---------------------------------------------------------------- training uses the same checks
+
+
+def test_training_refuses_bad_data_before_building_the_model(tmp_path, monkeypatch):
+    from vseg import train
+    from vseg.data.check import DatasetProblems
+
+    from conftest import tiny_cfg
+
+    _broken_polygons(tmp_path)
+    overrides = ["data=polygons", f"data.annotations={tmp_path / 'bad.json'}", "data.image_size=64", f"run_dir={tmp_path / 'run'}"]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model must not be built for bad data")
+
+    monkeypatch.setattr(train, "build_sa2va", no_build)
+    with pytest.raises(DatasetProblems, match="corrupt.png: cannot be read") as err:
+        train.run(tiny_cfg(overrides))
+    assert "data.skip_invalid=true" in str(err.value)
+    monkeypatch.undo()
+    result = train.run(
+        tiny_cfg([*overrides, "data.skip_invalid=true", "data.split.val_fraction=0.5", "data.batch_size=1"])
+    )
+    assert result.global_step == 2

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from vseg.config import ConfigError, TrainConfig, load_config
-from vseg.data.datamodule import VesselDataModule
+from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
 from vseg.model.build import build_sa2va, count_parameters
 from vseg.model.processor import Sa2VAProcessor
@@ -121,10 +121,19 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
     )
 
 
+def _is_rank_zero() -> bool:
+    """Before the Trainer exists: rank 0 of a launched job (torchrun / SLURM / Lightning's own launcher)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     """Trains Sa2VA as configured; returns the run directory and the final logged metrics."""
     cfg = raw_cfg if isinstance(raw_cfg, TrainConfig) else load_config(raw_cfg)
     run_dir = resolve_run_dir(cfg)
+    # The data is read and checked before the model is built: bad data fails in seconds, with the full list.
+    data_report = checked_dataset(cfg.data, progress=_is_rank_zero())
+    if _is_rank_zero():
+        log.info("data:\n%s", data_report.format(limit=20))
     L.seed_everything(cfg.seed, workers=True)
     # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
     model, tokenizer = build_sa2va(cfg.model, cfg.lora)
@@ -137,7 +146,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate)
+    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
     module = Sa2VAModule(model, cfg)
     resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
