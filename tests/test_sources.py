@@ -346,3 +346,28 @@ def test_training_refuses_bad_data_before_building_the_model(tmp_path, monkeypat
         tiny_cfg([*overrides, "data.skip_invalid=true", "data.split.val_fraction=0.5", "data.batch_size=1"])
     )
     assert result.global_step == 2
+
+
+def test_vseg_check_command_exit_codes_and_dump(tmp_path, capsys):
+    from vseg.cli import main
+
+    good = tmp_path / "good"
+    (good / "masks").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(_image(40, 40, ord(name))).save(good / f"{name}.png")
+        Image.fromarray(_disk(40, 40, 20, 20, 8).astype(np.uint8) * 255).save(good / "masks" / f"{name}.png")
+    dump = tmp_path / "dump"
+    code = main(["check", "data=folders", f"data.root={good}", "data.image_size=32", "data.split.val_fraction=0.5", f"dump={dump}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "no problems found" in out and "rescaled to 32x32 (stretch): 2 images" in out
+    assert sorted(p.name for p in dump.iterdir()) == [f"{n}_{k}.png" for n in "ab" for k in ("image", "mask", "overlay")]
+    assert Image.open(dump / "a_mask.png").size == (32, 32)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _broken_polygons(bad)
+    code = main(["check", "data=polygons", f"data.annotations={bad / 'bad.json'}", "data.image_size=64"])
+    out = capsys.readouterr().out
+    assert code == 1 and "6 of 8 images have problems" in out and "missing.png: file not found" in out
+    assert main(["check", "data=folders", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert "data.root=" in capsys.readouterr().err
