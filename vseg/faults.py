@@ -33,6 +33,7 @@ Test-only fault injection. These environment variables exist so that tests can d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -161,7 +163,13 @@ class TestFaults:
     def record(self, step: int, rank: int, ids: list[Any], loss: torch.Tensor) -> None:
         if self.trace is None:
             return
-        line = {"step": step, "rank": rank, "pid": os.getpid(), "ids": [str(i) for i in ids], "loss": float(loss.detach())}
+        line = {
+            "step": step,
+            "rank": rank,
+            "pid": os.getpid(),
+            "ids": [str(i) for i in ids],
+            "loss": float(loss.detach()),
+        }
         with open(self.trace, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -611,29 +619,43 @@ class RankWatchdog(Callback):
         self._thread = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The failing rank: show the error once (with its rank), tell the others, and exit.
+
+        Exiting here (rather than unwinding) keeps the job's output to one traceback: the other ranks
+        leave through their watchdogs with one line each instead of failing in broken collectives.
+        """
         if self._thread is None or isinstance(exception, (KeyboardInterrupt, SystemExit)):
             return
         store = _default_store()
-        if store is None:
-            return
         try:
-            if store.check([FAILED_KEY]):  # another rank failed first: this error is a consequence
+            if store is not None and store.check([FAILED_KEY]):  # another rank failed first: a consequence
                 self._exit(store.get(FAILED_KEY).decode())
-            message = f"rank {self._rank} failed at step {trainer.global_step}: {type(exception).__name__}: {exception}"
-            store.set(FAILED_KEY, message)
-            self._posted = True
-            log.error("%s (stopping every rank)", message)
-            time.sleep(3 * self.poll_s)  # let the other ranks' watchdogs exit before our death breaks collectives
-        except Exception:  # noqa: BLE001 - the store may already be gone; the exception propagates anyway
+        except Exception:  # noqa: BLE001 - the store may already be gone
             pass
+        message = f"rank {self._rank} failed at step {trainer.global_step}: {type(exception).__name__}: {exception}"
+        text = "".join(traceback.format_exception(exception))
+        os.write(2, f"{text}vseg: {message} (stopping every rank)\n".encode())
+        try:
+            if store is not None:
+                store.set(FAILED_KEY, message)
+                self._posted = True
+                self._stop.set()  # our own watchdog is done: the store may vanish with rank 0
+                time.sleep(3 * self.poll_s)  # the other ranks' watchdogs exit before our death breaks collectives
+        except Exception:  # noqa: BLE001
+            pass
+        for logger in trainer.loggers:
+            with contextlib.suppress(Exception):
+                logger.finalize("failed")
+        self._exit(None)
 
-    def _exit(self, reason: str) -> None:
+    def _exit(self, reason: str | None) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:  # noqa: BLE001
             pass
-        os.write(2, f"vseg: rank {self._rank}: stopping because {reason}\n".encode())
+        if reason:
+            os.write(2, f"vseg: rank {self._rank}: stopping because {reason}\n".encode())
         os._exit(1)
 
     def _watch(self, store: Any) -> None:
