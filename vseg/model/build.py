@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft import TrainableTokensConfig
 from peft import get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Sam2Config, Sam2Model
@@ -99,7 +100,8 @@ def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA
         mllm = family.build(cfg, tokenizer)
         model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
         model.requires_grad_(False)
-        model.to(DTYPES[cfg.dtype])
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 shards already have their dtype
+            model.to(DTYPES[cfg.dtype])
     if lora is not None:
         apply_training_setup(model, lora, tokenizer)
     if cfg.gradient_checkpointing:
@@ -112,20 +114,26 @@ def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTo
     """Marks what trains (in float32) and injects the adapters; leaves everything else frozen."""
     family = model.family
     new_ids = [token_id(tokenizer, t) for t in SA2VA_ADDED_TOKENS] if lora.train_new_token_rows else []
-    if lora.enabled or new_ids:
-        targets = "|".join(sorted(set(lora.target_modules))) if lora.enabled else "^$"
+    tied = bool(model.base_mllm.config.tie_word_embeddings)
+    token_modules = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    if lora.enabled:
+        targets = "|".join(sorted(set(lora.target_modules)))
         language = family.language_prefix.replace(".", r"\.")
-        tied = bool(model.base_mllm.config.tie_word_embeddings)
-        token_rows = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
-        peft_config = PeftLoraConfig(
+        peft_config: PeftLoraConfig | TrainableTokensConfig = PeftLoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             # Only the LLM: the vision tower has q_proj/k_proj/... too and stays frozen.
-            target_modules=rf"^{language}.*\.({targets})$" if lora.enabled else [],
-            trainable_token_indices=token_rows if new_ids else None,
+            target_modules=rf"^{language}.*\.({targets})$",
+            trainable_token_indices=dict.fromkeys(token_modules, new_ids) if new_ids else None,
             bias="none",
         )
+        model.mllm = get_peft_model(model.mllm, peft_config)
+    elif new_ids:
+        # No LoRA (lora=heads_only): a LoraConfig without target modules is refused by PEFT
+        # (NoMatchingPeftModuleError), so the token rows get PEFT's own trainable-tokens adapter; it ties the
+        # LM head to the embedding when the model ties them, exactly as LoRA's `trainable_token_indices` does.
+        peft_config = TrainableTokensConfig(target_modules=token_modules, token_indices=new_ids)
         model.mllm = get_peft_model(model.mllm, peft_config)
     base = model.base_mllm
     if lora.train_projector:
@@ -141,5 +149,5 @@ def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTo
                 p.requires_grad_(False)
     model.text_hidden_fcs.requires_grad_(lora.train_text_hidden_fcs)
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not hasattr(p, "ds_id"):  # ZeRO-3: DeepSpeed keeps the fp32 masters itself
             p.data = p.data.float()
