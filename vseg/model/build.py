@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import TrainableTokensConfig
-from peft import get_peft_model
+from peft import TrainableTokensConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Sam2Config, Sam2Model
 
