@@ -1,0 +1,223 @@
+"""The LightningModule: Sa2VA training and validation steps, optimizer, logging, trainable-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from vseg.config import TrainConfig
+from vseg.faults import NonFiniteGuard, TestFaults
+from vseg.losses import LossSums, Window, combine, mask_loss_sums
+from vseg.metrics import SegmentationMetrics, logits_to_mask
+from vseg.model.sa2va import Sa2VA
+
+log = logging.getLogger(__name__)
+
+
+def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters that train, by name: the whole checkpoint of a LoRA run (the frozen base is not saved)."""
+    return {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Sa2VAModule(L.LightningModule):
+    """Trains Sa2VA with window-normalised mask / Dice / LM losses; validates with Dice and IoU.
+
+    Args:
+        model: the built Sa2VA with its training setup applied.
+        cfg: the full training config (loss weights, optimizer, strategy).
+    """
+
+    def __init__(self, model: Sa2VA, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.val_metrics = SegmentationMetrics()
+        # Checkpoints hold only trainable weights; on_load_checkpoint checks they are all there.
+        self.strict_loading = False
+        self.overlays = int(cfg.callbacks.get("val_overlays", 4))
+        # NaN/Inf losses or gradients: the optimizer step is skipped on every rank and counted.
+        self.guard = NonFiniteGuard(cfg.faults.max_bad_steps, cfg.faults.check_grads)
+        self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
+
+    # ---------------------------------------------------------------- steps
+    def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
+        out = self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            batch["sam_pixel_values"],
+            batch["mllm_inputs"],
+        )
+        mode = self.cfg.loss.mask_size
+        if mode == "image":
+            targets = torch.cat([m.float() for m in batch["masks"]]).to(out.mask_logits.device)
+        else:
+            targets = batch["masks_low_res"].to(out.mask_logits.device)
+        if targets.shape[0] != out.mask_logits.shape[0]:
+            raise RuntimeError(
+                f"batch {batch['ids']}: {out.mask_logits.shape[0]} [SEG] tokens but {targets.shape[0]} target masks"
+            )
+        bce, dice = mask_loss_sums(out.mask_logits, targets, mode)
+        sums = LossSums(bce, dice, int(targets.shape[0]), out.llm_loss_sum, int(out.llm_tokens))
+        return out, sums
+
+    def _window(self, batch: dict[str, Any], sums: LossSums) -> Window:
+        info = batch.get("window")
+        if info is None:  # a batch from a plain loader: it is its own window
+            return Window(sums.num_masks, sums.num_tokens, 1.0)
+        counts = torch.tensor([info["masks"], info["tokens"]], dtype=torch.float64, device=self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return Window(float(counts[0]), float(counts[1]), float(accumulate * world))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        step, rank = self.global_step, self.global_rank
+        self.test_faults.maybe_raise(step, rank)
+        _, sums = self._forward(batch)
+        losses = combine(sums, self.cfg.loss, self._window(batch, sums))
+        micro = batch_idx % max(self.trainer.accumulate_grad_batches if self._trainer is not None else 1, 1)
+        loss = self.test_faults.loss(losses["loss"], step, micro)
+        self.guard.observe(loss, batch["ids"])
+        self.test_faults.record(step, rank, batch["ids"], loss)
+        size = len(batch["ids"])
+        logged = self.test_faults.loss(losses["loss_logged"], step, micro)
+        self.log("train/loss", logged, prog_bar=True, batch_size=size)
+        for key in ("loss_mask", "loss_dice", "llm_loss"):
+            self.log(f"train/{key}", losses[key], batch_size=size)
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], batch_size=size)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Applies the optimizer step only if every loss and gradient of it was finite on every rank.
+
+        Runs at the last micro-batch of each accumulation window. A bad step is skipped whole: no
+        optimizer update (no moment update, no weight decay), gradients dropped; the global step and the
+        LR schedule still advance, as with AMP's skipped steps. Under fp16 AMP the GradScaler keeps
+        handling gradient overflow itself (only losses are checked); under DeepSpeed the ZeRO optimizer
+        skips non-finite gradients itself and its overflow flag is counted here.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self.trainer
+        step = self.global_step
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            optimizer.step(closure=optimizer_closure)
+            if not trainer.fit_loop._should_accumulate():
+                overflow = bool(getattr(getattr(trainer.model, "optimizer", None), "overflow", False))
+                overflow &= not str(trainer.precision).startswith("16")  # fp16: loss scaling's routine overflow
+                self.guard.decide(self, torch.tensor(overflow))
+                self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+            return
+        closure_result = optimizer_closure()  # forward + backward of the window's last micro-batch
+        self.test_faults.grads(params, step)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        check = self.guard.check_grads and scaler is None
+        skip = self.guard.decide(self, NonFiniteGuard.grads_bad(params) if check else None)
+        self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step(closure=lambda: closure_result)
+        self.test_faults.weights(params, step)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out, sums = self._forward(batch)
+        losses = combine(sums, self.cfg.loss, Window(sums.num_masks, sums.num_tokens))
+        size = len(batch["ids"])
+        self.log("val/loss", losses["loss_logged"], sync_dist=True, batch_size=size)
+        predictions = []
+        for i, masks in enumerate(batch["masks"]):
+            logits = out.mask_logits[out.seg_sample_index == i]
+            pred = logits_to_mask(logits, tuple(masks.shape[-2:]))
+            fov = batch["fov"][i] if "fov" in batch else None
+            self.val_metrics.update(pred.cpu(), masks.cpu(), fov)
+            predictions.append(pred)
+        if batch_idx == 0 and self.overlays > 0:
+            self._log_overlays(batch, predictions)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_metrics.compute()
+        self.log("val/dice", scores["dice"], prog_bar=True)
+        self.log("val/iou", scores["iou"])
+        self.val_metrics.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            log.info(
+                "step %d  val/dice %.4f  val/iou %.4f", self.global_step, float(scores["dice"]), float(scores["iou"])
+            )
+
+    def _log_overlays(self, batch: dict[str, Any], predictions: list[torch.Tensor]) -> None:
+        """Image | ground truth | prediction rows, from the SAM-branch pixels (un-normalised)."""
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
+            return
+        from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
+
+        mean = torch.tensor(SAM_MEAN_BF16)[:, None, None]
+        std = torch.tensor(SAM_STD_BF16)[:, None, None]
+        rows = []
+        for i in range(min(self.overlays, len(predictions))):
+            gt = batch["masks"][i][0].float().cpu()
+            pred = predictions[i][0].float().cpu()
+            size = gt.shape
+            raw = batch["sam_pixel_values"][i].cpu()
+            pixels = raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float() * std + mean
+            image = torch.nn.functional.interpolate(pixels[None], size=size, mode="bilinear")[0].clamp(0, 1)
+            overlay = image.clone()
+            overlay[0] = torch.where(pred > 0, 1.0, overlay[0])
+            overlay[1] = torch.where(gt > 0, 1.0, overlay[1])
+            rows.append(torch.cat([image, gt.expand(3, *size), pred.expand(3, *size), overlay], dim=2))
+        grid = torch.cat(rows, dim=1).numpy()
+        experiment.add_image("val/overlay", np.clip(grid, 0, 1), self.global_step, dataformats="CHW")
+
+    # ---------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.cfg.strategy.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas))
+        else:
+            # Not fused: Lightning's gradient clipping under AMP refuses optimizers that unscale internally.
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=int(o.warmup_ratio * total),
+            num_training_steps=total,
+            min_lr_rate=o.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(trainable_state_dict(self, prefix=""))
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+        checkpoint["vseg"] = {"trainable_keys": sorted(keep)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        expected = set(trainable_state_dict(self))
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                "checkpoint does not match this model's trainable weights "
+                f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]}); "
+                "was it written with the same model / lora config?"
+            )

@@ -1,0 +1,190 @@
+"""`train.py`'s body: validated config -> run directory -> model, data, trainer -> fit -> trainable weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from vseg.config import ConfigError, TrainConfig, load_config
+from vseg.data.datamodule import VesselDataModule, checked_dataset
+from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
+from vseg.model.build import build_sa2va, count_parameters
+from vseg.model.processor import Sa2VAProcessor
+from vseg.module import Sa2VAModule, trainable_state_dict
+from vseg.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ENV = "VSEG_RUN_DIR"
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its outputs and how far it got."""
+
+    run_dir: Path
+    global_step: int
+    metrics: dict[str, float]
+    module: Sa2VAModule | None = None  # the trained module (for callers in the same process, e.g. tests)
+    stopped_by: str | None = None  # the signal that interrupted the run (a resumable checkpoint was saved)
+    exit_code: int = 0  # what train.py exits with: 128 + signal number when a signal stopped the run
+    resumed_from: Path | None = None  # the checkpoint this run continued from
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """One directory per run, the same on every rank.
+
+    Precedence: `run_dir=`; the directory of a resumed checkpoint (`ckpt_path=RUN/checkpoints/x.ckpt`);
+    the directory chosen by the launching process (passed to Lightning's worker processes through the
+    environment); with `resume=auto`, the newest run of this model under `runs_root` that has a complete
+    checkpoint; a new `runs_root/<timestamp>` (torchrun: named by its run id so all ranks agree).
+    """
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    elif cfg.ckpt_path and Path(cfg.ckpt_path).parent.name == "checkpoints":
+        path = Path(cfg.ckpt_path).parent.parent
+    elif os.environ.get(RUN_DIR_ENV):
+        path = Path(os.environ[RUN_DIR_ENV])
+    elif cfg.resume == "auto" and (found := latest_run(Path(cfg.runs_root), cfg.model.name)) is not None:
+        path = found
+    else:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        name = f"torchrun-{run_id}" if run_id and run_id != "none" else time.strftime("%Y-%m-%d_%H-%M-%S")
+        path = Path(cfg.runs_root) / f"{name}_{cfg.model.name}"
+    path = path.resolve()
+    os.environ[RUN_DIR_ENV] = str(path)
+    return path
+
+
+def latest_run(runs_root: Path, model_name: str) -> Path | None:
+    """The most recently written `runs_root/*_<model_name>` run that has a complete checkpoint."""
+    best: tuple[float, Path] | None = None
+    for run in runs_root.glob(f"*_{model_name}") if runs_root.is_dir() else []:
+        ckpt = newest_checkpoint(run / "checkpoints")
+        if ckpt is not None and (best is None or ckpt.stat().st_mtime > best[0]):
+            best = (ckpt.stat().st_mtime, run)
+    return best[1] if best else None
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from: `ckpt_path=`, else the run directory's newest complete one.
+
+    Re-running a command in the same run directory therefore continues it (every rank picks the same
+    file: the choice is made before any rank can write a new one). `resume=never` refuses a run
+    directory that already has checkpoints rather than mixing two runs in it.
+    """
+    if cfg.ckpt_path:
+        return Path(cfg.ckpt_path)
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    if newest is not None and cfg.resume == "never":
+        raise ConfigError(
+            f"resume=never but {run_dir} already has checkpoints (newest {newest.name}): "
+            "choose another run_dir=, or drop resume=never to continue that run"
+        )
+    return newest
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
+    """Lightning Trainer with TensorBoard logging under the run dir, atomic step checkpoints that
+    survive signals, and (several processes) the rank watchdog."""
+    ckpt = cfg.checkpoint
+    callbacks: list[L.Callback] = [
+        RunCheckpoint(
+            run_dir / "checkpoints",
+            every_n_steps=ckpt.every_n_steps,
+            keep=ckpt.keep,
+            handle_signals=cfg.faults.handle_signals,
+            faults=TestFaults.from_env(),
+        ),
+    ]
+    if cfg.faults.watchdog:
+        callbacks.append(RankWatchdog(heartbeat_timeout_s=cfg.faults.heartbeat_timeout_s))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
+    return L.Trainer(
+        strategy=build_strategy(cfg.strategy),
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,  # VesselDataModule shards the data itself
+        **cfg.trainer,
+    )
+
+
+def _is_rank_zero() -> bool:
+    """Before the Trainer exists: rank 0 of a launched job (torchrun / SLURM / Lightning's own launcher)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
+    """Trains Sa2VA as configured; returns the run directory and the final logged metrics."""
+    cfg = raw_cfg if isinstance(raw_cfg, TrainConfig) else load_config(raw_cfg)
+    run_dir = resolve_run_dir(cfg)
+    # The data is read and checked before the model is built: bad data fails in seconds, with the full list.
+    data_report = checked_dataset(cfg.data, progress=_is_rank_zero())
+    if _is_rank_zero():
+        log.info("data:\n%s", data_report.format(limit=20))
+    L.seed_everything(cfg.seed, workers=True)
+    # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        log.info("run directory: %s", run_dir)
+
+    log.info("parameters: %s", count_parameters(model))
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
+    module = Sa2VAModule(model, cfg)
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+    if checkpoints.stopped_by:
+        signum = checkpoints.stop.signum or 15
+        if trainer.is_global_zero:
+            print(
+                f"\nvseg: stopped by {checkpoints.stopped_by} at step {trainer.global_step}; "
+                f"resumable checkpoint: {checkpoints.last_saved}\n"
+                f"continue with the same command and run_dir={run_dir} (or resume=auto)\n",
+                flush=True,
+            )
+        return RunResult(
+            run_dir=run_dir,
+            global_step=trainer.global_step,
+            metrics={},
+            module=module,
+            stopped_by=checkpoints.stopped_by,
+            # rank 0 reports the signal; the other ranks end cleanly, so that launchers watching them
+            # (Lightning's, torchrun) do not kill rank 0 while it finishes.
+            exit_code=128 + int(signum) if trainer.is_global_zero else 0,
+            resumed_from=resume,
+        )
+    if cfg.checkpoint.save_last and not trainer.interrupted:
+        # The step checkpoints fire every N steps; the final state is kept as last.ckpt too (all ranks
+        # take part: under DeepSpeed saving is collective). Atomic: a killed write keeps the old one.
+        save_checkpoint_atomic(trainer, run_dir / "checkpoints" / "last.ckpt")
+
+    if trainer.is_global_zero:
+        weights = run_dir / "weights"
+        weights.mkdir(exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(module.model).items()}
+        save_file(state, weights / "trainable.safetensors", metadata={"global_step": str(trainer.global_step)})
+        print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return RunResult(
+        run_dir=run_dir, global_step=trainer.global_step, metrics=metrics, module=module, resumed_from=resume
+    )
