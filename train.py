@@ -11,9 +11,10 @@ from vseg.cli import exit_on_config_error
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from vseg.faults import NonFiniteError
+    from vseg.planner import exit_on_oom
     from vseg.train import run
 
-    with exit_on_config_error():
+    with exit_on_config_error(), exit_on_oom():  # an OOM: advice and exit status 4, no stack trace
         try:
             result = run(cfg)
         except NonFiniteError as err:

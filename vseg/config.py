@@ -44,6 +44,8 @@ class ModelConfig:
     max_pixels: int = 1605632  # Qwen-VL image processor: most pixels per image (Sa2VA: 2048 * 28 * 28)
     sam2: dict[str, Any] = field(default_factory=dict)  # Sam2Config fields (vision_config, ...)
     gradient_checkpointing: bool = False  # recompute LLM layers in backward to save activation memory
+    init_device: str = "cpu"  # where a non-ZeRO-3 model is built: cpu | cuda (each rank's own GPU: fast start;
+    # a random-init base then comes from the CUDA RNG, so predict/export, which rebuild on the CPU, differ)
 
 
 @dataclass
@@ -122,7 +124,9 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     repeats: int = 1  # each training image is seen `repeats` times per epoch
-    batch_size: int = 2  # per-device micro-batch
+    batch_size: int = 2  # per-device micro-batch (with global_batch_size: the largest micro-batch allowed)
+    global_batch_size: int | None = None  # samples per optimizer step over all devices; splits into
+    # batch_size x trainer.accumulate_grad_batches per device for any device count (vseg/planner)
     val_batch_size: int = 4
     num_workers: int = 0  # DataLoader workers (decoding and resizing happen there)
     max_length: int = 512  # token budget per sample; longer samples are an error, not truncated
@@ -177,6 +181,7 @@ class StrategyConfig:
     pin_memory: bool = True  # DeepSpeed offload: pinned host buffers
     find_unused_parameters: bool = False  # DDP
     timeout_minutes: int = 30  # collective timeout
+    bucket_size: float = 5e7  # DeepSpeed reduce/allgather/prefetch bucket (elements); overlap_comm keeps ~4.5x in bf16
 
 
 @dataclass
@@ -200,6 +205,14 @@ class FaultsConfig:
 
 
 @dataclass
+class PlanConfig:
+    """Memory planning (vseg/planner): what `strategy=auto`, the start-up report and OOM advice assume."""
+
+    gpu_memory: str | None = None  # per-GPU memory to plan for, e.g. 24GB; None = the GPUs' free memory
+    cpu_memory: str | None = None  # host RAM for offloading, e.g. 256GB; None = not checked
+
+
+@dataclass
 class TrainConfig:
     """Everything `train.py` needs."""
 
@@ -211,6 +224,7 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
     logger: dict[str, Any] = field(default_factory=dict)  # TensorBoard logger options
     callbacks: dict[str, Any] = field(default_factory=dict)  # progress bar, overlays
@@ -325,7 +339,12 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     unknown = set(t) - _trainer_arguments()
     need(not unknown, f"trainer: unknown lightning.Trainer arguments {sorted(unknown)}")
     need("strategy" not in t, "trainer.strategy: choose the strategy with `strategy=<name>`, not trainer.strategy")
-    need(cfg.strategy.name in STRATEGIES, f"strategy.name={cfg.strategy.name!r}: expected one of {STRATEGIES}")
+    need(
+        cfg.strategy.name in (*STRATEGIES, "auto"),
+        f"strategy.name={cfg.strategy.name!r}: expected one of {STRATEGIES} or auto",
+    )
+    gbs = cfg.data.global_batch_size
+    need(gbs is None or gbs >= 1, f"data.global_batch_size={gbs}: must be >= 1 (or null)")
     need(cfg.model.family in MODEL_FAMILIES, f"model.family={cfg.model.family!r}: expected one of {MODEL_FAMILIES}")
     need(
         0 < cfg.model.min_pixels <= cfg.model.max_pixels and cfg.model.image_factor > 0,
@@ -337,6 +356,7 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
         f"model.dtype={cfg.model.dtype!r}: float32|bfloat16|float16",
     )
+    need(cfg.model.init_device in ("cpu", "cuda"), f"model.init_device={cfg.model.init_device!r}: cpu|cuda")
     need(cfg.model.max_tiles >= 1, f"model.max_tiles={cfg.model.max_tiles}: must be >= 1")
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")

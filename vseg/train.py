@@ -20,6 +20,7 @@ from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoi
 from vseg.model.build import build_sa2va, count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
+from vseg.planner import OOMGuard, prepare_run
 from vseg.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
     survive signals, and (several processes) the rank watchdog."""
     ckpt = cfg.checkpoint
     callbacks: list[L.Callback] = [
+        OOMGuard(),  # first: records phase, step and GPU memory before the others react to an OOM
         RunCheckpoint(
             run_dir / "checkpoints",
             every_n_steps=ckpt.every_n_steps,
@@ -129,6 +131,7 @@ def _is_rank_zero() -> bool:
 def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     """Trains Sa2VA as configured; returns the run directory and the final logged metrics."""
     cfg = raw_cfg if isinstance(raw_cfg, TrainConfig) else load_config(raw_cfg)
+    cfg = prepare_run(cfg)  # data.global_batch_size split, strategy=auto resolved, GPU report (vseg/planner)
     run_dir = resolve_run_dir(cfg)
     # The data is read and checked before the model is built: bad data fails in seconds, with the full list.
     data_report = checked_dataset(cfg.data, progress=_is_rank_zero())

@@ -1,0 +1,447 @@
+"""Per-GPU memory estimate of one training (or prediction) setting, from a meta-device build of the model.
+
+The model is built on the meta device (shapes only, seconds even at 26B), so the parameter counts are
+exact: frozen and trainable, per dtype, the largest layer, the decoder width and depth, every LoRA
+adapter. One dummy sample goes through the real processor, so the sequence length (image tokens per
+tile x tiles + text) is the one training will see. On top of those facts, the estimate is arithmetic:
+
+- Weights, gradients, optimizer states per strategy (bytes per parameter, ZeRO sharding over the GPU count;
+  DESIGN.md "Memory facts"). Lightning bf16-mixed keeps trainable parameters in fp32 (AdamW: fp32 grad,
+  m, v); DeepSpeed casts every parameter to bf16 and keeps fp32 master + m + v in the optimizer (ZeRO-2
+  shards those and the fp32 gradient partition; ZeRO-3 also the weights; offload moves them to host RAM).
+- LLM activations from what autograd saves per token per decoder layer (fp32 RMSNorm inputs, q/k/v and
+  the attention output for SDPA, the SwiGLU inputs, every LoRA adapter's dropout output, mask and rank-r
+  intermediate; frozen linears save nothing). Gradient checkpointing keeps one hidden state per layer plus
+  one layer's working set during recompute.
+- The frozen vision tower and SAM-2 image encoder run without autograd: only their transient working set
+  counts (SAM-2's first Hiera stage at 1024 px dominates), the trainable projector and mask decoder save
+  their inputs.
+- Buffers: CUDA context (+ NCCL), DDP gradient buckets, DeepSpeed reduce buckets (double with overlap_comm),
+  ZeRO-3 gathered layers and prefetch, allocator fragmentation.
+
+Every constant is named below with the reason for it; `calibration.json` holds measured peaks and
+tests/test_plan.py checks the estimate against each within +-15 %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from vseg.config import StrategyConfig, TrainConfig
+
+GB = 1024**3  # the planner's "GB" is GiB, as nvidia-smi's MiB / 1024
+STRATEGY_DIR = Path(__file__).resolve().parents[2] / "conf" / "strategy"
+PLANNED = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
+
+CUDA_CONTEXT = 0.5 * GB  # CUDA context + cuBLAS/cuDNN workspaces: outside the torch allocator, inside nvidia-smi
+NCCL_OVERHEAD = 0.3 * GB  # NCCL communicator buffers, several processes only
+FRAGMENTATION = 0.10  # caching-allocator slack on what changes size every step (activations, grads, buckets)
+ZERO3_PERSISTENCE_DEFAULT = 1e5  # DeepSpeed default: smaller tensors stay whole on every GPU
+HIERA_BLOCK_FACTOR = 12  # live tensors of one Hiera block (x, norm, qkv, attn, mlp 4x, residual) / its input
+VISION_BLOCK_FACTOR = 6  # same for a ViT block in units of hidden (plus 2x the MLP width)
+
+
+@dataclass
+class LoraSite:
+    """One adapted linear layer of a decoder block."""
+
+    leaf: str  # q_proj, o_proj, down_proj, ...
+    in_features: int
+    r: int
+    dropout: bool
+
+
+@dataclass
+class ModelFacts:
+    """What the estimate needs to know about one model + training setup, read off a meta build."""
+
+    name: str
+    frozen_params: int
+    frozen_bytes: int  # as built (model.dtype)
+    trainable_params: int
+    trainable_bytes: int  # as built (float32)
+    small_params: int  # parameters in tensors below the ZeRO-3 persistence threshold
+    largest_layer: tuple[str, int]  # (module, parameters held directly) e.g. the embedding or lm_head
+    largest_block: tuple[str, int]  # (module, parameters) the biggest repeated block, e.g. a decoder layer
+    llm_layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    heads: int
+    lora_sites: list[LoraSite]  # adapters of one decoder layer
+    grad_through_llm: bool  # something before or inside the LLM trains: backward runs through every layer
+    vision_layers: int
+    vision_hidden: int
+    vision_intermediate: int
+    projector_in: int  # width of the projector input (InternVL: 4 x vision hidden after pixel shuffle)
+    sam_image: int
+    sam_dim0: int  # Hiera stage-0 width
+    sam_fpn: int  # FPN / mask decoder width
+    weight_bytes: int  # bytes per frozen parameter as built
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class SequenceFacts:
+    """Tokens of one training sample as the processor builds it."""
+
+    image_tokens: int  # LLM placeholder tokens for the image (tokens per tile x tiles)
+    tiles: int  # InternVL tiles (thumbnail included); Qwen-VL: 1
+    text_tokens: int  # everything else: template, question, answer
+    vision_tokens: int  # tokens through the vision tower (patches (+ class token) of every tile)
+    image_side: int | None  # the square image side it was measured at (None: the worst case of max_tiles)
+
+    @property
+    def length(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+
+@dataclass
+class Setting:
+    """One way to run: strategy, GPU count, micro-batch, accumulation, checkpointing, precision."""
+
+    strategy: str
+    devices: int
+    micro_batch: int
+    accumulate: int = 1
+    grad_ckpt: bool = True
+    precision: str = "bf16-mixed"
+
+    @property
+    def effective_batch(self) -> int:
+        return self.devices * self.micro_batch * self.accumulate
+
+
+@dataclass
+class Estimate:
+    """Per-GPU bytes of one setting, by component, and host RAM."""
+
+    setting: Setting
+    frozen: float
+    trainable: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float  # DeepSpeed / DDP buckets, ZeRO-3 gathered layers, fragmentation
+    context: float  # CUDA context (+ NCCL): not in torch's allocator
+    host: float  # host RAM of the whole machine while training (offloaded states, all ranks)
+    host_setup: float  # host RAM at start-up: every rank builds the model on CPU before moving it
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated would report."""
+        return self.frozen + self.trainable + self.grads + self.optimizer + self.activations + self.buffers_alloc
+
+    @property
+    def buffers_alloc(self) -> float:
+        return self.buffers - self.detail.get("fragmentation", 0.0)
+
+    @property
+    def reserved(self) -> float:
+        """What torch.cuda.max_memory_reserved would report."""
+        return self.allocated + self.detail.get("fragmentation", 0.0)
+
+    @property
+    def total(self) -> float:
+        """What nvidia-smi would show for the process: reserved + CUDA context."""
+        return self.reserved + self.context
+
+    def split(self) -> dict[str, float]:
+        """Components in GB (buffers include the context), for tables."""
+        return {
+            "frozen": self.frozen / GB,
+            "trainable": self.trainable / GB,
+            "grads": self.grads / GB,
+            "optimizer": self.optimizer / GB,
+            "activations": self.activations / GB,
+            "buffers": (self.buffers + self.context) / GB,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def strategy_config(name: str) -> StrategyConfig:
+    """The StrategyConfig of `conf/strategy/<name>.yaml`."""
+    path = STRATEGY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"strategy {name!r}: no {path}")
+    merged = OmegaConf.merge(OmegaConf.structured(StrategyConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _sub(config: Any, *names: str, default: int = 0) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value[0] if isinstance(value, list | tuple) else value)
+    return default
+
+
+def model_facts(cfg: TrainConfig) -> tuple[ModelFacts, Any, Any]:
+    """Builds `cfg.model` with `cfg.lora` on the meta device and reads its facts; also returns model, tokenizer."""
+    from peft.tuners.lora import LoraLayer
+
+    from vseg.model.sizes import build_on_meta
+
+    model_cfg = cfg.model
+    if model_cfg.path is not None:  # the architecture is the preset's (checked against the folder at load)
+        from dataclasses import replace
+
+        model_cfg = replace(model_cfg, path=None, tokenizer_path=None)
+    model, tokenizer = build_on_meta(model_cfg, cfg.lora)
+    frozen = frozen_b = trainable = trainable_b = small = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n, nbytes = p.numel(), p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable, trainable_b = trainable + n, trainable_b + nbytes
+        else:
+            frozen, frozen_b = frozen + n, frozen_b + nbytes
+        if n < ZERO3_PERSISTENCE_DEFAULT:
+            small += n
+    largest_layer = ("", 0)
+    largest_block = ("", 0)
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own > largest_layer[1]:
+            largest_layer = (name, own)
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                n = sum(p.numel() for p in child.parameters())
+                if n > largest_block[1]:
+                    largest_block = (f"{name}.{i}", n)
+    mllm_config = model.base_mllm.config
+    text = mllm_config.get_text_config()
+    vision = mllm_config.vision_config
+    heads = _sub(text, "num_attention_heads")
+    hidden = _sub(text, "hidden_size")
+    head_dim = _sub(text, "head_dim", default=hidden // max(heads, 1))
+    language = model.family.language_prefix
+    sites: list[LoraSite] = []
+    first_layer = None
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and language in name and ".layers." in name:
+            layer = name.split(".layers.")[1].split(".")[0]
+            first_layer = first_layer or layer
+            if layer != first_layer:
+                continue
+            r = int(next(iter(module.r.values()), 0)) if module.r else 0
+            drop = next(iter(module.lora_dropout.values()), None) if len(module.lora_dropout) else None
+            sites.append(LoraSite(name.rsplit(".", 1)[-1], int(module.in_features), r, isinstance(drop, nn.Dropout)))
+    base = model.base_mllm
+    before_llm = any(
+        p.requires_grad for n, p in base.named_parameters() if not n.startswith(language) and "lm_head" not in n
+    )
+    in_llm = any(p.requires_grad for n, p in base.named_parameters() if n.startswith(language))
+    sam_cfg = model.grounding.sam.config
+    backbone = sam_cfg.vision_config.backbone_config
+    vision_hidden = _sub(vision, "hidden_size", "embed_dim")
+    facts = ModelFacts(
+        name=cfg.model.name,
+        frozen_params=frozen,
+        frozen_bytes=frozen_b,
+        trainable_params=trainable,
+        trainable_bytes=trainable_b,
+        small_params=small,
+        largest_layer=largest_layer,
+        largest_block=largest_block,
+        llm_layers=_sub(text, "num_hidden_layers"),
+        hidden=hidden,
+        intermediate=_sub(text, "intermediate_size"),
+        kv_dim=_sub(text, "num_key_value_heads", default=heads) * head_dim,
+        heads=heads,
+        lora_sites=sites,
+        grad_through_llm=before_llm or in_llm,
+        vision_layers=_sub(vision, "num_hidden_layers", "depth"),
+        vision_hidden=vision_hidden,
+        vision_intermediate=_sub(vision, "intermediate_size", default=4 * vision_hidden),
+        projector_in=vision_hidden * 4,
+        sam_image=int(sam_cfg.prompt_encoder_config.image_size),
+        sam_dim0=_sub(backbone, "embed_dim_per_stage", "hidden_size"),
+        sam_fpn=int(sam_cfg.vision_config.fpn_hidden_size),
+        weight_bytes=frozen_b // max(frozen, 1),
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    return facts, model, tokenizer
+
+
+def sequence_facts(cfg: TrainConfig, model: Any, tokenizer: Any) -> SequenceFacts:
+    """Token counts of one training sample, from the real processor on a blank square image.
+
+    The image side is `data.image_size`; when images keep their own sizes (`data.image_size=null`) the
+    worst case is planned: a grid of `model.max_tiles` tiles (+ thumbnail), or Qwen-VL's `max_pixels`.
+    """
+    import numpy as np
+
+    from vseg.model.processor import Sa2VAProcessor
+
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, max_length=10**9)
+    mllm_config = model.base_mllm.config
+    side = cfg.data.image_size
+    if side is None:
+        if model.family.name == "internvl":
+            tile = _sub(mllm_config.vision_config, "image_size")
+            cols = max(c for c in range(1, cfg.model.max_tiles + 1) if c * c <= cfg.model.max_tiles)
+            side = tile * cols  # a square image at the largest square grid
+        else:
+            side = int(math.sqrt(cfg.model.max_pixels))
+    image = np.zeros((side, side, 3), dtype=np.uint8)
+    question = max(cfg.data.prompts + [p.format(phrase="vessel") for p in cfg.data.object_prompts], key=len)
+    features = processor.encode(image, question, cfg.data.answer)
+    inputs = features["mllm_inputs"]
+    image_token = model.base_mllm.config.image_token_id
+    ids = features["input_ids"]
+    image_tokens = int((ids == image_token).sum())
+    if "image_grid_thw" in inputs:
+        tiles, vision_tokens = 1, int(inputs["image_grid_thw"].prod())
+    else:
+        tiles = int(inputs["pixel_values"].shape[0])
+        vision_config = mllm_config.vision_config
+        per_tile = (_sub(vision_config, "image_size") // _sub(vision_config, "patch_size")) ** 2 + 1
+        vision_tokens = tiles * per_tile
+    return SequenceFacts(image_tokens, tiles, int(ids.numel()) - image_tokens, vision_tokens, cfg.data.image_size)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def _activation_bytes(precision: str) -> int:
+    return 2 if "16" in str(precision) else 4
+
+
+def llm_layer_bytes_per_token(f: ModelFacts, a: int) -> float:
+    """Bytes autograd saves per token in one decoder layer (frozen linears save nothing)."""
+    h, i, kv = f.hidden, f.intermediate, f.kv_dim
+    saved = 2 * 4 * h  # two RMSNorms keep their fp32 input
+    saved += a * (h + 2 * kv + h)  # SDPA keeps q, k, v and its output
+    saved += a * 3 * i  # SwiGLU: gate, silu(gate), up
+    shared = {"attn": h, "o": h, "mlp": h, "down": i}
+    group = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp", "up_proj": "mlp"}
+    group["down_proj"] = "down"
+    used: set[str] = set()
+    for site in f.lora_sites:
+        saved += a * site.r  # lora_A output, kept by lora_B
+        if site.dropout:
+            saved += (a + 1) * site.in_features  # dropout output + its mask: lora_A's own input
+        else:
+            key = group.get(site.leaf, site.leaf)
+            if key not in used:  # lora_A keeps the (shared) input of the frozen linear
+                used.add(key)
+                saved += a * shared.get(key, site.in_features)
+    return saved
+
+
+def activations(f: ModelFacts, seq: SequenceFacts, s: Setting, inference: bool = False) -> dict[str, float]:
+    """Peak activation bytes per GPU of one micro-batch, by part."""
+    a = _activation_bytes(s.precision)
+    b = s.micro_batch
+    tokens = b * seq.length
+    out: dict[str, float] = {}
+    layer = llm_layer_bytes_per_token(f, a)
+    if inference or not f.grad_through_llm:
+        # No graph through the LLM: one layer's working set at a time.
+        llm = tokens * (a * (4 * f.hidden + 2 * f.kv_dim + 3 * f.intermediate) + a * f.hidden)
+    elif s.grad_ckpt:
+        # One hidden state per layer; recompute + gradient of one layer at a time.
+        llm = tokens * (f.llm_layers * a * f.hidden + 2 * layer)
+    else:
+        llm = tokens * (f.llm_layers * layer + layer)  # every layer's saved tensors + one layer's gradients
+    if f.attn_implementation == "eager":  # attention probabilities are materialised (and kept)
+        kept = 1 if inference or s.grad_ckpt else f.llm_layers
+        llm += kept * b * f.heads * seq.length**2 * a * 2
+    llm += tokens * (a + 4) * f.hidden  # final norm + hidden states handed to the heads
+    out["llm"] = llm
+    # Frozen vision tower: no autograd, one block's working set over all tiles of the micro-batch.
+    out["vision_transient"] = b * seq.vision_tokens * a * (VISION_BLOCK_FACTOR * f.vision_hidden + 2 * f.vision_intermediate)
+    # Trainable projector: LayerNorm (fp32), two linears and GELU keep their inputs.
+    out["projector"] = 0.0 if inference else b * seq.image_tokens * ((4 + a) * f.projector_in + 2 * a * f.hidden)
+    # SAM-2 image encoder (frozen, no autograd): Hiera stage 0 at S/4 resolution is the largest working set.
+    stage0 = (f.sam_image // 4) ** 2 * f.sam_dim0
+    out["sam_transient"] = b * HIERA_BLOCK_FACTOR * stage0 * a
+    # Mask decoder (trainable): high-res projections keep their inputs; two-way transformer at S/16, upscaling.
+    s4, s8, s16 = (f.sam_image // 4) ** 2, (f.sam_image // 8) ** 2, (f.sam_image // 16) ** 2
+    decoder = f.sam_fpn * (s4 + s8) + f.sam_fpn * s16 * 12 + s4 * (f.sam_fpn // 8) * 6 + s8 * (f.sam_fpn // 4) * 6
+    out["sam_decoder"] = b * a * (decoder if not inference else f.sam_fpn * s16 * 4)
+    # Peak: the vision tower runs first (nothing else alive yet); SAM-2 encodes after the LLM's forward,
+    # while its saved activations are alive.
+    out["peak"] = max(out["vision_transient"], out["llm"] + out["sam_transient"]) + out["projector"] + out["sam_decoder"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+def _devices_for(s: Setting) -> int:
+    return 1 if s.strategy == "single" else max(s.devices, 1)
+
+
+def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyConfig | None = None) -> Estimate:
+    """Per-GPU memory of training `f` under setting `s` (strategy read from conf/strategy unless given)."""
+    from vseg.strategy import deepspeed_config
+
+    sc = strategy or strategy_config(s.strategy)
+    n = _devices_for(s)
+    pt, pf = f.trainable_params, f.frozen_params
+    deepspeed = sc.stage in (1, 2, 3)
+    mixed = "16" in str(s.precision)
+    detail: dict[str, float] = {}
+    buffers = 0.0
+    if not deepspeed:
+        frozen = float(f.frozen_bytes)
+        trainable = float(f.trainable_bytes)  # fp32 under Lightning mixed precision
+        grads = 4.0 * pt
+        optimizer = 8.0 * pt  # AdamW m, v (fp32); the fp32 weights are their own master copy
+        if s.strategy == "ddp" and n > 1:
+            detail["ddp_buckets"] = 4.0 * pt  # gradient buckets (gradient_as_bucket_view is off)
+        host = 0.0
+    else:
+        zero = deepspeed_config(sc)["zero_optimization"]
+        wb = 2 if mixed else 4  # DeepSpeed casts every parameter to bf16 under bf16-mixed
+        rbs = float(zero.get("reduce_bucket_size", 5e8))
+        state = 12.0 * pt  # fp32 master + m + v
+        grad32 = 4.0 * pt  # fp32 gradient partition
+        offload_opt, offload_par = sc.offload_optimizer, sc.offload_parameters
+        if sc.stage == 3:
+            frozen = 0.0 if offload_par else wb * pf / n
+            trainable = 0.0 if offload_par else wb * pt / n
+            persistent = float(zero.get("stage3_param_persistence_threshold", ZERO3_PERSISTENCE_DEFAULT))
+            detail["zero3_persistent"] = wb * f.small_params * (1 - 1 / n) if persistent else 0.0
+            detail["zero3_gathered"] = wb * (f.largest_layer[1] + f.largest_block[1])
+            detail["zero3_prefetch"] = wb * float(zero.get("stage3_prefetch_bucket_size", 5e7))
+            detail["reduce_bucket"] = wb * rbs
+        else:
+            frozen = float(wb * pf)
+            trainable = float(wb * pt)
+            detail["reduce_bucket"] = wb * rbs * (2 if zero.get("overlap_comm") else 1)
+        grads = 0.0 if offload_opt else grad32 / n
+        optimizer = 0.0 if offload_opt else state / n
+        host = (state + grad32) if offload_opt else 0.0  # all ranks together
+        if offload_par:
+            host += wb * (pf + pt)
+    act = activations(f, seq, s)
+    detail.update({f"act_{k}": v for k, v in act.items()})
+    buffers = sum(v for k, v in detail.items() if not k.startswith("act_"))
+    detail["fragmentation"] = FRAGMENTATION * (act["peak"] + grads + buffers)
+    buffers += detail["fragmentation"]
+    context = CUDA_CONTEXT + (NCCL_OVERHEAD if n > 1 else 0.0)
+    ranks = n if s.strategy != "single" else 1
+    host_setup = ranks * (f.frozen_bytes + f.trainable_bytes)
+    return Estimate(s, frozen, trainable, grads, optimizer, act["peak"], buffers, context, host, host_setup, detail)
+
+
+def estimate_inference(f: ModelFacts, seq: SequenceFacts, batch: int, precision: str = "bf16-mixed") -> Estimate:
+    """One GPU predicting batches of `batch` images: all weights as built plus one forward's working set."""
+    s = Setting("single", 1, batch, 1, False, precision)
+    act = activations(f, seq, s, inference=True)
+    peak = max(act["vision_transient"], act["llm"] + act["sam_transient"]) + act["sam_decoder"]
+    weights = float(f.frozen_bytes + f.trainable_bytes)
+    frag = FRAGMENTATION * peak
+    detail = {f"act_{k}": v for k, v in act.items()} | {"fragmentation": frag}
+    return Estimate(s, float(f.frozen_bytes), float(f.trainable_bytes), 0.0, 0.0, peak, frag, CUDA_CONTEXT, 0.0,
+                    weights, detail)
