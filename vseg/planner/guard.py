@@ -108,7 +108,9 @@ def training_advice(cfg: TrainConfig, capacity: float | None, limit: int = 5) ->
     plan = make_plan(cfg, devices, capacity)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
     precision = str(cfg.trainer.get("precision", "bf16-mixed"))
-    current = Setting(cfg.strategy.name, devices, cfg.data.batch_size, accumulate, cfg.model.gradient_checkpointing, precision)
+    current = Setting(
+        cfg.strategy.name, devices, cfg.data.batch_size, accumulate, cfg.model.gradient_checkpointing, precision
+    )
     now = estimate(plan.facts, plan.seq, current)
     cap = f"{capacity / GB:.1f} GB" if capacity is not None else "an unknown amount"
     lines = [f"the plan estimates {now.total / GB:.1f} GB/GPU for this setting; the GPU has {cap}"]
@@ -155,11 +157,15 @@ def prediction_advice(cfg: TrainConfig, batch_size: int, capacity: float | None)
             options.append(f"batch_size={b}: est. {e.total / GB:.1f} GB")
         b //= 2
     if not options:
-        options.append(f"even batch_size=1 needs est. {estimate_inference(f, seq, 1).total / GB:.1f} GB: use a bigger GPU")
+        options.append(
+            f"even batch_size=1 needs est. {estimate_inference(f, seq, 1).total / GB:.1f} GB: use a bigger GPU"
+        )
     return lines + [f"  {i}. {text}" for i, text in enumerate(options, 1)]
 
 
-def explain(err: BaseException, phase: str | None = None, step: int | None = None, advice: list[str] | None = None) -> str:
+def explain(
+    err: BaseException, phase: str | None = None, step: int | None = None, advice: list[str] | None = None
+) -> str:
     """The whole message for an OOM: where, memory at failure, estimate, ranked advice, checkpoint note."""
     phase = phase or STATE.phase
     step = STATE.step if step is None else step
@@ -175,8 +181,10 @@ def explain(err: BaseException, phase: str | None = None, step: int | None = Non
         lines.append("what to do, fastest setting that fits first:" if phase != "prediction" else "what to do:")
         lines += [f"  {a}" if not a.startswith("  ") else a for a in advice]
     if STATE.cfg is not None and phase != "prediction":
-        lines.append("nothing was saved after the failure: the last good checkpoint is untouched "
-                     "(re-run the same command with a new setting; it resumes from there)")
+        lines.append(
+            "nothing was saved after the failure: the last good checkpoint is untouched "
+            "(re-run the same command with a new setting; it resumes from there)"
+        )
     return "\n".join(lines)
 
 
@@ -265,7 +273,9 @@ class OOMGuard(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         STATE.phase = "training"
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         STATE.phase, STATE.step = "training", trainer.global_step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:

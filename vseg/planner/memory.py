@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -44,6 +43,10 @@ CUDA_CONTEXT = 0.5 * GB  # CUDA context + cuBLAS/cuDNN workspaces: outside the t
 NCCL_OVERHEAD = 0.3 * GB  # NCCL communicator buffers, several processes only
 FRAGMENTATION = 0.10  # caching-allocator slack on what changes size every step (activations, grads, buckets)
 ZERO3_PERSISTENCE_DEFAULT = 1e5  # DeepSpeed default: smaller tensors stay whole on every GPU
+# DeepSpeed keeps about 4.5 buckets of bf16 with overlap_comm (double-buffered reduce + gather / staging
+# copies; the figure vseg/strategy.py documents for its bucket_size), about half of that without.
+BUCKET_COPIES_OVERLAP = 4.5
+BUCKET_COPIES = 2.25
 HIERA_BLOCK_FACTOR = 12  # live tensors of one Hiera block (x, norm, qkv, attn, mlp 4x, residual) / its input
 VISION_BLOCK_FACTOR = 6  # same for a ViT block in units of hidden (plus 2x the MLP width)
 
@@ -360,7 +363,9 @@ def activations(f: ModelFacts, seq: SequenceFacts, s: Setting, inference: bool =
     llm += tokens * (a + 4) * f.hidden  # final norm + hidden states handed to the heads
     out["llm"] = llm
     # Frozen vision tower: no autograd, one block's working set over all tiles of the micro-batch.
-    out["vision_transient"] = b * seq.vision_tokens * a * (VISION_BLOCK_FACTOR * f.vision_hidden + 2 * f.vision_intermediate)
+    out["vision_transient"] = (
+        b * seq.vision_tokens * a * (VISION_BLOCK_FACTOR * f.vision_hidden + 2 * f.vision_intermediate)
+    )
     # Trainable projector: LayerNorm (fp32), two linears and GELU keep their inputs.
     out["projector"] = 0.0 if inference else b * seq.image_tokens * ((4 + a) * f.projector_in + 2 * a * f.hidden)
     # SAM-2 image encoder (frozen, no autograd): Hiera stage 0 at S/4 resolution is the largest working set.
@@ -372,11 +377,21 @@ def activations(f: ModelFacts, seq: SequenceFacts, s: Setting, inference: bool =
     out["sam_decoder"] = b * a * (decoder if not inference else f.sam_fpn * s16 * 4)
     # Peak: the vision tower runs first (nothing else alive yet); SAM-2 encodes after the LLM's forward,
     # while its saved activations are alive.
-    out["peak"] = max(out["vision_transient"], out["llm"] + out["sam_transient"]) + out["projector"] + out["sam_decoder"]
+    out["peak"] = (
+        max(out["vision_transient"], out["llm"] + out["sam_transient"]) + out["projector"] + out["sam_decoder"]
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- estimate
+def _grads_are_bucket_views(sc: StrategyConfig) -> bool:
+    """Whether vseg's DDP strategy lets gradients live in its communication buckets (one copy, not two)."""
+    from vseg.strategy import build_strategy
+
+    strategy = build_strategy(sc)
+    return bool(getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view", False))
+
+
 def _devices_for(s: Setting) -> int:
     return 1 if s.strategy == "single" else max(s.devices, 1)
 
@@ -397,8 +412,8 @@ def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyCo
         trainable = float(f.trainable_bytes)  # fp32 under Lightning mixed precision
         grads = 4.0 * pt
         optimizer = 8.0 * pt  # AdamW m, v (fp32); the fp32 weights are their own master copy
-        if s.strategy == "ddp" and n > 1:
-            detail["ddp_buckets"] = 4.0 * pt  # gradient buckets (gradient_as_bucket_view is off)
+        if s.strategy == "ddp" and n > 1 and not _grads_are_bucket_views(sc):
+            detail["ddp_buckets"] = 4.0 * pt  # gradient buckets are a second copy of the gradients
         host = 0.0
     else:
         zero = deepspeed_config(sc)["zero_optimization"]
@@ -414,11 +429,11 @@ def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyCo
             detail["zero3_persistent"] = wb * f.small_params * (1 - 1 / n) if persistent else 0.0
             detail["zero3_gathered"] = wb * (f.largest_layer[1] + f.largest_block[1])
             detail["zero3_prefetch"] = wb * float(zero.get("stage3_prefetch_bucket_size", 5e7))
-            detail["reduce_bucket"] = wb * rbs
+            detail["reduce_bucket"] = wb * rbs * (BUCKET_COPIES_OVERLAP if zero.get("overlap_comm") else BUCKET_COPIES)
         else:
             frozen = float(wb * pf)
             trainable = float(wb * pt)
-            detail["reduce_bucket"] = wb * rbs * (2 if zero.get("overlap_comm") else 1)
+            detail["reduce_bucket"] = wb * rbs * (BUCKET_COPIES_OVERLAP if zero.get("overlap_comm") else BUCKET_COPIES)
         grads = 0.0 if offload_opt else grad32 / n
         optimizer = 0.0 if offload_opt else state / n
         host = (state + grad32) if offload_opt else 0.0  # all ranks together
@@ -443,5 +458,6 @@ def estimate_inference(f: ModelFacts, seq: SequenceFacts, batch: int, precision:
     weights = float(f.frozen_bytes + f.trainable_bytes)
     frag = FRAGMENTATION * peak
     detail = {f"act_{k}": v for k, v in act.items()} | {"fragmentation": frag}
-    return Estimate(s, float(f.frozen_bytes), float(f.trainable_bytes), 0.0, 0.0, peak, frag, CUDA_CONTEXT, 0.0,
-                    weights, detail)
+    return Estimate(
+        s, float(f.frozen_bytes), float(f.trainable_bytes), 0.0, 0.0, peak, frag, CUDA_CONTEXT, 0.0, weights, detail
+    )

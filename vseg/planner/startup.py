@@ -56,7 +56,11 @@ def resolve_global_batch(cfg: TrainConfig, world: int) -> TrainConfig:
     if _rank_zero():
         log.info(
             "data.global_batch_size=%d over %d device(s): micro-batch %d x accumulation %d per device%s",
-            wanted, world, micro, accumulate, note,
+            wanted,
+            world,
+            micro,
+            accumulate,
+            note,
         )
     trainer = dict(cfg.trainer)
     trainer["accumulate_grad_batches"] = accumulate
@@ -81,14 +85,18 @@ def resolve_auto(
     if rec is None or rec.best is None:
         raise ConfigError("strategy=auto: nothing fits these GPUs\n" + render(plan))
     s = rec.best.setting
-    faster = [r.strategy for r in plan.rows if r.strategy != rec.strategy and r.status == "no"]
-    faster = [n for n in faster if plan.rows.index(plan.row(n)) < plan.rows.index(rec)]
+    faster = [r for r in plan.rows[: plan.rows.index(rec)] if r.status != "n/a"]
     cap = f"{capacity / GB:.1f} GB" if capacity is not None else "unknown memory"
+    notes = [
+        f"{r.strategy} does not fit ({r.requested.total / GB:.1f} GB)"
+        if r.best is None
+        else f"{r.strategy} only at micro-batch {r.best.setting.micro_batch}"
+        for r in faster
+    ]
     why = (
-        f"strategy=auto -> {rec.strategy}, micro-batch {s.micro_batch} x accumulation {s.accumulate} on {devices} GPU(s): "
-        f"the fastest that fits {cap} per GPU ({describe(rec.best)})"
-        + (f"; faster ones do not fit: " + ", ".join(
-            f"{n} {plan.row(n).requested.total / GB:.1f} GB" for n in faster) if faster else "")
+        f"strategy=auto -> {rec.strategy}, micro-batch {s.micro_batch} x accumulation {s.accumulate} on {devices} "
+        f"GPU(s): the fastest that fits {cap} per GPU, {describe(rec.best)}"
+        + (f"; {'; '.join(notes)}" if notes else "")
     )
     return with_setting(cfg, rec.strategy, s.micro_batch, s.accumulate), why
 
@@ -115,7 +123,9 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     from vseg.planner.guard import register
 
     auto = cfg.strategy.name == "auto"
-    gpus = gpu_inventory() if (auto or cfg.strategy.gpu_only or cfg.trainer.get("accelerator") in ("gpu", "cuda")) else []
+    gpus = (
+        gpu_inventory() if (auto or cfg.strategy.gpu_only or cfg.trainer.get("accelerator") in ("gpu", "cuda")) else []
+    )
     cuda = _uses_cuda(cfg, gpus)
     devices = world_size(cfg, len(gpus))
     cfg = resolve_global_batch(cfg, devices)
@@ -149,8 +159,12 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
             f, model, tokenizer = model_facts(cfg)
             seq = sequence_facts(cfg, model, tokenizer)
             setting = Setting(
-                cfg.strategy.name, devices, cfg.data.batch_size, int(cfg.trainer.get("accumulate_grad_batches", 1)),
-                cfg.model.gradient_checkpointing, str(cfg.trainer.get("precision", "bf16-mixed")),
+                cfg.strategy.name,
+                devices,
+                cfg.data.batch_size,
+                int(cfg.trainer.get("accumulate_grad_batches", 1)),
+                cfg.model.gradient_checkpointing,
+                str(cfg.trainer.get("precision", "bf16-mixed")),
             )
             chosen = estimate(f, seq, setting)
         s = chosen.setting
