@@ -214,6 +214,7 @@ def test_oom_inside_a_training_step_ends_with_advice_and_a_clean_exit(tmp_path):
     assert checkpoint_step(run_dir / "checkpoints" / "step0000001.ckpt") == 1
 
 
+@pytest.mark.slow  # a short in-process training run up to its first validation
 def test_oom_in_validation_names_the_phase(tmp_path, monkeypatch, capsys):
     from vseg.train import run
 
