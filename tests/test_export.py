@@ -123,3 +123,51 @@ def test_export_rejects_bad_arguments(run_dir, tmp_path, capsys):
     assert _export(tmp_path / "nope", tmp_path / "y", "native") == 2
     assert _export(run_dir, run_dir / "inside", "native") == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model=tiny_qwen2_5vl"], ["model=tiny_qwen3vl", "model.tie_word_embeddings=false"]],
+    ids=["qwen2_5_vl", "qwen3_vl"],
+)
+def test_qwen_run_from_a_released_folder_exports_official_and_loads_back(tmp_path, overrides):
+    """A LoRA run started from a (tiny) released Qwen-VL folder -> `vseg export format=official` -> the released
+    layout again (the release's config.json and processor files kept), loading back bit-exactly."""
+    from vseg.model.checkpoint import write_official_folder
+
+    base_cfg = tiny_cfg(overrides).model
+    torch.manual_seed(0)
+    base_model, base_tokenizer = build_sa2va(base_cfg, None)
+    release = tmp_path / "release"
+    release.mkdir()
+    write_official_folder(base_model, base_cfg, base_tokenizer, release, "float32", max_shard_bytes=300_000)
+
+    cfg = tiny_cfg([*overrides, f"model.path={release}", "lora.r=4", "lora.alpha=8"])
+    model, _ = build_sa2va(cfg.model, cfg.lora)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml")
+    trainable = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    save_file(trainable, str(run / "weights" / "trainable.safetensors"))
+
+    out = tmp_path / "official"
+    assert _export(run, out, "official", "max_shard_size_mb=0.2") == 0
+    config, released = json.loads((out / "config.json").read_text()), json.loads((release / "config.json").read_text())
+    assert config == released  # same vocabulary and dtype: the release's config.json unchanged
+    assert (out / "preprocessor_config.json").read_bytes() == (release / "preprocessor_config.json").read_bytes()
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(json.loads((release / "model.safetensors.index.json").read_text())["weight_map"])
+
+    run_cfg, unmerged, tokenizer = rebuild_run(run)
+    reference = model_outputs(unmerged, tokenizer, run_cfg.model)
+    merged = merge_adapters(unmerged)
+    loaded, loaded_tokenizer = build_sa2va(dataclasses.replace(run_cfg.model, path=str(out)), None)
+    mine, theirs = merged.state_dict(), loaded.state_dict()
+    assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
+    for a, b in zip(reference, model_outputs(loaded, loaded_tokenizer, run_cfg.model), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

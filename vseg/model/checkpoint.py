@@ -4,7 +4,8 @@ Loading (`model.path=DIR`, used by `build_sa2va`):
 
 1. `read_folder` reads `config.json` and the safetensors headers (every shard named by the index must exist,
    and must hold the keys the index says). The kind comes from config.json: a released Sa2VA
-   (`model_type: sa2va_chat`), a plain InternVL base MLLM (`internvl_chat`, no [SEG] / SAM-2 yet), or a
+   (`model_type: sa2va_chat`; InternVL family with `llm_config`, or Qwen2.5-VL / Qwen3-VL with `text_config`),
+   a plain InternVL base MLLM (`internvl_chat`, no [SEG] / SAM-2 yet), or a
    vseg-native export (`vseg_format: native`).
 2. **The architecture comes from the folder.** Its config.json is turned into `ModelConfig` fields and checked
    against the chosen `conf/model` preset: every field both define must agree (an error lists each mismatch
@@ -41,7 +42,7 @@ from torch import nn
 
 from vseg.config import ConfigError, ModelConfig
 from vseg.model import official
-from vseg.model.official import InternVLLayout, Piece
+from vseg.model.official import InternVLLayout, Piece, QwenVLLayout
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ def folder_kind(config: dict[str, Any], where: Path) -> str:
         return "native"
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    if model_type in official.SA2VA_MODEL_TYPES or "Sa2VAChatModel" in architectures:
+    if model_type in official.SA2VA_MODEL_TYPES or {"Sa2VAChatModel", official.QWEN_ARCHITECTURE} & set(architectures):
         return "sa2va"
     if model_type in official.INTERNVL_BASE_MODEL_TYPES or "InternVLChatModel" in architectures:
         return "internvl_base"
     raise CheckpointError(
         f"{where}/config.json: model_type={model_type!r}, architectures={architectures} is not a checkpoint vseg "
-        "can load (expected a released Sa2VA InternVL-family folder (sa2va_chat), a plain InternVL base "
-        "(internvl_chat) or a `vseg export format=native` folder)"
+        "can load (expected a released Sa2VA folder (sa2va_chat: InternVL, Qwen2.5-VL or Qwen3-VL family), a plain "
+        "InternVL base (internvl_chat) or a `vseg export format=native` folder)"
     )
 
 
@@ -149,8 +150,10 @@ def folder_architecture(folder: Folder) -> dict[str, Any]:
         arch.update({k: dict(model.get(k) or {}) for k in ("vision", "text", "sam2")})
         return arch
     try:
+        if folder.kind == "sa2va" and official.qwen_family(folder.config) is not None:
+            return official.qwen_architecture_from_config(folder.config)
         return official.architecture_from_config(folder.config)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{folder.path}/config.json: {err}") from None
 
 
@@ -395,6 +398,9 @@ def layout_for(folder: Folder, cfg: ModelConfig, arch: dict[str, Any]) -> tuple[
     """How keys of `folder` become native keys, and which of them are deliberately left out."""
     if folder.kind == "native":
         return (lambda key, tensor: [Piece(key, tensor)]), (lambda key: False)
+    if arch.get("family") in official.QWEN_MODEL_TYPES.values():
+        qwen = QwenVLLayout(with_grounding=folder.kind == "sa2va")
+        return qwen.to_native, qwen.is_dropped
     heads = int(cfg.text["num_attention_heads"])
     layout = InternVLLayout(
         arch["llm_architecture"],
@@ -593,10 +599,12 @@ def _full_architecture(model: nn.Module, cfg: ModelConfig) -> tuple[dict[str, An
     return vision, text
 
 
-def official_layout(cfg: ModelConfig) -> tuple[InternVLLayout, str]:
-    """The official key layout (and LLM architecture name) for a vseg InternVL-family ModelConfig."""
+def official_layout(cfg: ModelConfig) -> tuple[InternVLLayout | QwenVLLayout, str | None]:
+    """The official key layout (and, for the InternVL family, the LLM architecture name) of a ModelConfig."""
+    if cfg.family in official.QWEN_MODEL_TYPES.values():
+        return QwenVLLayout(), None
     if cfg.family != "internvl":
-        raise ValueError(f"model.family={cfg.family!r}: the official writer covers the InternVL family only")
+        raise ValueError(f"model.family={cfg.family!r} has no official Sa2VA layout")
     model_type = cfg.text.get("model_type", "qwen2")
     # Sa2VA's Llama-layout LLMs are InternLM2 (8B, 26B): the released names are InternLM2's.
     arch = {"qwen2": "Qwen2ForCausalLM", "llama": "InternLM2ForCausalLM"}.get(model_type)
@@ -615,7 +623,8 @@ def write_official_folder(
     max_shard_bytes: int,
     base: Folder | None = None,
 ) -> None:
-    """The released layout: official key names, `Sa2VAChatConfig` config.json, tokenizer files.
+    """The released layout: official key names, `Sa2VAChatConfig` (Qwen-VL: `Sa2VAChatConfigQwen`) config.json,
+    tokenizer files (Qwen-VL: and the image processor config).
 
     With `base` (the released folder the run started from), its config.json is kept (vocabulary and dtype
     updated), the SAM-2 video-memory tensors vseg does not use are copied over unchanged, and the authors'
@@ -639,10 +648,18 @@ def write_official_folder(
     vocab = int(tensors[official.LANGUAGE + "embed_tokens.weight"].shape[0])
     if base is not None and base.kind == "sa2va":
         config = json.loads(json.dumps(base.config))
-        config["llm_config"].update(vocab_size=vocab, torch_dtype=dtype)
+        if arch is None:  # Qwen-VL: nested text_config (or, saved by older transformers, top-level text fields)
+            text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+            text["vocab_size"] = vocab
+            text["torch_dtype"] = dtype
+        else:
+            config["llm_config"].update(vocab_size=vocab, torch_dtype=dtype)
         config["torch_dtype"] = dtype
         for source in sorted(base.path.glob("*.py")):
             (folder / source.name).write_bytes(source.read_bytes())
+    elif arch is None:
+        mllm = model.base_mllm if hasattr(model, "base_mllm") else model.mllm
+        config = official.qwen_config_from_mllm(mllm.config, template=cfg.template, dtype=dtype)
     else:
         vision, text = _full_architecture(model, cfg)
         config = official.config_from_architecture(
@@ -658,3 +675,29 @@ def write_official_folder(
         )
     write_json(folder / "config.json", config)
     tokenizer.save_pretrained(str(folder))
+    if arch is None:
+        _write_qwen_processor_files(model, cfg, folder, base)
+
+
+#: Qwen-VL releases ship their processor too (the authors' `predict_forward` takes it)
+QWEN_PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def _write_qwen_processor_files(model: nn.Module, cfg: ModelConfig, folder: Path, base: Folder | None) -> None:
+    """The base release's processor files, or (no base) the image processor config vseg uses."""
+    copied = False
+    if base is not None:
+        for name in QWEN_PROCESSOR_FILES:
+            if (base.path / name).is_file() and not (folder / name).exists():
+                (folder / name).write_bytes((base.path / name).read_bytes())
+                copied = copied or name == "preprocessor_config.json"
+    if not copied:
+        mllm = model.base_mllm if hasattr(model, "base_mllm") else model.mllm
+        family = model.family
+        family.image_processor(mllm.config, cfg).save_pretrained(str(folder))

@@ -13,6 +13,12 @@ Two things are mapped, in both directions, by the same tables:
   (`DROPPED_SAM2_PREFIXES`; the loader logs what it dropped).
 * **config.json.** `Sa2VAChatConfig` (`vision_config` InternViT fields, `llm_config` with its architecture,
   `downsample_ratio`, `template`) <-> the architecture fields of `ModelConfig`.
+* **Qwen-VL releases** (`Sa2VAChatModelQwen`, Qwen2.5-VL / Qwen3-VL): the wrapper keeps transformers' own
+  `Qwen*VLForConditionalGeneration` as `model`, so `model.model.visual.*`, `model.model.language_model.*` and
+  `model.lm_head.*` map onto vseg's MLLM by prefix (`QwenVLLayout`; the pre-4.52 `model.visual.*` /
+  `model.model.*` names are read too); SAM-2 and `text_hidden_fcs` as above. Its config.json is the
+  transformers Qwen-VL config with model_type `sa2va_chat` and a `template` (`qwen_architecture_from_config`,
+  `qwen_config_from_mllm`).
 
 Conversions are pure tensor functions, so they also run on meta tensors: the loader checks every key and
 shape of a folder before it reads a byte of weights.
@@ -20,6 +26,7 @@ shape of a folder before it reads a byte of weights.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -226,47 +233,31 @@ def fuse_internlm2_wqkv(
     return torch.cat(parts, dim=1).reshape(-1, *tail)
 
 
-class InternVLLayout:
-    """Key mapping of the InternVL-family release (InternVL2.5 / InternVL3; Qwen2, Llama or InternLM2 LLM).
+class _Layout:
+    """What every released layout shares: SAM-2 (`grounding_encoder.sam2_model.*`) and `text_hidden_fcs.*`.
 
-    Args:
-        llm_architecture: `llm_config.architectures[0]` of the release (a key of `LLM_ARCHITECTURES`).
-        num_heads, num_kv_heads: of the LLM (InternLM2's `wqkv` split needs them).
-        with_grounding: False for a plain InternVL base MLLM (no SAM-2, no `text_hidden_fcs`).
+    Subclasses set `rules` (their rename table, SAM-2's appended) and may handle shape-changing keys of their
+    own in `_own_to_native` / `_own_to_official`.
     """
 
-    def __init__(self, llm_architecture: str, num_heads: int, num_kv_heads: int, with_grounding: bool = True):
-        if llm_architecture not in LLM_ARCHITECTURES:
-            raise ValueError(
-                f"LLM architecture {llm_architecture!r} is not supported; known: {sorted(LLM_ARCHITECTURES)}"
-            )
-        self.llm_architecture = llm_architecture
-        self.internlm2 = llm_architecture == "InternLM2ForCausalLM"
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.with_grounding = with_grounding
-        llm = _INTERNLM2_RULES if self.internlm2 else _HF_LLM_RULES
-        rules = _VISION_RULES + llm + (_SAM2_RULES if with_grounding else [])
-        if not with_grounding:
-            rules = [(o, n) for o, n in rules if not o.startswith("text_hidden_fcs")]
-        self.rules = [_Rule(o, n) for o, n in rules]
+    rules: list[_Rule]
+    with_grounding: bool = True
+    #: official key of the LM head when the model ties it to the embedding (the remote code lists it anyway)
+    tied_head_key: str = ""
 
     # ---- official -> native -------------------------------------------------------------------------------
     def is_dropped(self, key: str) -> bool:
         """True for official tensors vseg does not use (SAM-2 video memory)."""
         return self.with_grounding and key.startswith(DROPPED_SAM2_PREFIXES)
 
+    def _own_to_native(self, key: str, tensor: torch.Tensor) -> list[Piece] | None:
+        return None
+
     def to_native(self, key: str, tensor: torch.Tensor) -> list[Piece] | None:
         """The native pieces of one official tensor; None for a key this layout does not know."""
-        if m := _VISION_QKV.fullmatch(key):
-            layer, kind = m.groups()
-            q, k, v = tensor.chunk(3, dim=0)
-            prefix = f"{VISION}encoder.layer.{layer}.attention."
-            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", (q, k, v), strict=True)]
-        if self.internlm2 and (m := _WQKV.fullmatch(key)):
-            layer, kind = m.groups()
-            parts = split_internlm2_wqkv(tensor, self.num_heads, self.num_kv_heads)
-            prefix = f"{LANGUAGE}layers.{layer}.self_attn."
-            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", parts, strict=True)]
+        pieces = self._own_to_native(key, tensor)
+        if pieces is not None:
+            return pieces
         if self.with_grounding:
             if m := _POINT.fullmatch(key):
                 return [Piece(_NATIVE_POINT, tensor.reshape(-1), row=int(m.group(1)))]
@@ -279,6 +270,12 @@ class InternVLLayout:
         return None
 
     # ---- native -> official -------------------------------------------------------------------------------
+    def _own_to_official(
+        self, key: str, native: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Official pairs for a native key this layout treats specially (empty: part of another key's pair)."""
+        return None
+
     def to_official(self, native: Mapping[str, torch.Tensor], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """Official (key, tensor) pairs for a complete native state dict (unwrapped `Sa2VA` names).
 
@@ -286,20 +283,9 @@ class InternVLLayout:
             KeyError: naming a native key that has no official counterpart.
         """
         for key, tensor in native.items():
-            if m := _NATIVE_VISION_Q.fullmatch(key):
-                layer, which, kind = m.groups()
-                if which == "q":
-                    stem = f"{VISION}encoder.layer.{layer}.attention."
-                    qkv = [native[f"{stem}{n}_proj.{kind}"] for n in "qkv"]
-                    yield f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}", torch.cat(qkv, dim=0)
-                continue
-            if self.internlm2 and (m := _NATIVE_LLM_QKV.fullmatch(key)):
-                layer, which, kind = m.groups()
-                if which == "q":
-                    stem = f"{LANGUAGE}layers.{layer}.self_attn."
-                    q, k, v = (native[f"{stem}{n}_proj.{kind}"] for n in "qkv")
-                    fused = fuse_internlm2_wqkv(q, k, v, self.num_heads, self.num_kv_heads)
-                    yield f"language_model.model.layers.{layer}.attention.wqkv.{kind}", fused
+            own = self._own_to_official(key, native)
+            if own is not None:
+                yield from own
                 continue
             if key == _NATIVE_POINT:
                 for row in range(tensor.shape[0]):
@@ -319,8 +305,92 @@ class InternVLLayout:
                 raise KeyError(f"native key {key!r} has no official Sa2VA counterpart")
         if tied and LM_HEAD + "weight" not in native:
             # The remote code unties nothing: its state dict lists the LM head even when it is tied.
-            embed = native[LANGUAGE + "embed_tokens.weight"]
-            yield ("language_model.output.weight" if self.internlm2 else "language_model.lm_head.weight"), embed
+            yield self.tied_head_key, native[LANGUAGE + "embed_tokens.weight"]
+
+
+class InternVLLayout(_Layout):
+    """Key mapping of the InternVL-family release (InternVL2.5 / InternVL3; Qwen2, Llama or InternLM2 LLM).
+
+    Args:
+        llm_architecture: `llm_config.architectures[0]` of the release (a key of `LLM_ARCHITECTURES`).
+        num_heads, num_kv_heads: of the LLM (InternLM2's `wqkv` split needs them).
+        with_grounding: False for a plain InternVL base MLLM (no SAM-2, no `text_hidden_fcs`).
+    """
+
+    def __init__(self, llm_architecture: str, num_heads: int, num_kv_heads: int, with_grounding: bool = True):
+        if llm_architecture not in LLM_ARCHITECTURES:
+            raise ValueError(
+                f"LLM architecture {llm_architecture!r} is not supported; known: {sorted(LLM_ARCHITECTURES)}"
+            )
+        self.llm_architecture = llm_architecture
+        self.internlm2 = llm_architecture == "InternLM2ForCausalLM"
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.with_grounding = with_grounding
+        self.tied_head_key = "language_model.output.weight" if self.internlm2 else "language_model.lm_head.weight"
+        llm = _INTERNLM2_RULES if self.internlm2 else _HF_LLM_RULES
+        rules = _VISION_RULES + llm + (_SAM2_RULES if with_grounding else [])
+        if not with_grounding:
+            rules = [(o, n) for o, n in rules if not o.startswith("text_hidden_fcs")]
+        self.rules = [_Rule(o, n) for o, n in rules]
+
+    def _own_to_native(self, key: str, tensor: torch.Tensor) -> list[Piece] | None:
+        if m := _VISION_QKV.fullmatch(key):
+            layer, kind = m.groups()
+            q, k, v = tensor.chunk(3, dim=0)
+            prefix = f"{VISION}encoder.layer.{layer}.attention."
+            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", (q, k, v), strict=True)]
+        if self.internlm2 and (m := _WQKV.fullmatch(key)):
+            layer, kind = m.groups()
+            parts = split_internlm2_wqkv(tensor, self.num_heads, self.num_kv_heads)
+            prefix = f"{LANGUAGE}layers.{layer}.self_attn."
+            return [Piece(f"{prefix}{n}_proj.{kind}", t) for n, t in zip("qkv", parts, strict=True)]
+        return None
+
+    def _own_to_official(
+        self, key: str, native: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]] | None:
+        if m := _NATIVE_VISION_Q.fullmatch(key):
+            layer, which, kind = m.groups()
+            if which != "q":
+                return iter(())
+            stem = f"{VISION}encoder.layer.{layer}.attention."
+            qkv = torch.cat([native[f"{stem}{n}_proj.{kind}"] for n in "qkv"], dim=0)
+            return iter([(f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}", qkv)])
+        if self.internlm2 and (m := _NATIVE_LLM_QKV.fullmatch(key)):
+            layer, which, kind = m.groups()
+            if which != "q":
+                return iter(())
+            stem = f"{LANGUAGE}layers.{layer}.self_attn."
+            q, k, v = (native[f"{stem}{n}_proj.{kind}"] for n in "qkv")
+            fused = fuse_internlm2_wqkv(q, k, v, self.num_heads, self.num_kv_heads)
+            return iter([(f"language_model.model.layers.{layer}.attention.wqkv.{kind}", fused)])
+        return None
+
+
+# Qwen-VL releases (`Sa2VAChatModelQwen`): `self.model` is transformers' Qwen2_5_VL / Qwen3VL
+# ForConditionalGeneration, saved under the post-4.52 transformers names, so the MLLM maps one to one.
+_QWEN_RULES = [
+    ("model.model.visual.{rest}", "mllm.model.visual.{rest}"),
+    ("model.model.language_model.{rest}", LANGUAGE + "{rest}"),
+    ("model.lm_head.{rest}", LM_HEAD + "{rest}"),
+    # Read only (the first pair above wins when writing): a wrapper saved with transformers < 4.52, whose
+    # Qwen2.5-VL put the vision tower at `visual` and the decoder at `model`.
+    ("model.visual.{rest}", "mllm.model.visual.{rest}"),
+    ("model.model.{rest}", LANGUAGE + "{rest}"),
+    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
+]
+
+
+class QwenVLLayout(_Layout):
+    """Key mapping of the Qwen2.5-VL / Qwen3-VL releases: `model.*` (the transformers MLLM, renamed by prefix
+    only), `grounding_encoder.sam2_model.*` and `text_hidden_fcs.*` as in the InternVL releases."""
+
+    tied_head_key = "model.lm_head.weight"
+
+    def __init__(self, with_grounding: bool = True):
+        self.with_grounding = with_grounding
+        rules = _QWEN_RULES + (_SAM2_RULES if with_grounding else [])
+        self.rules = [_Rule(o, n) for o, n in rules]
 
 
 # ---- config.json <-> ModelConfig fields ----------------------------------------------------------------------
@@ -508,3 +578,130 @@ def config_from_architecture(
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
     }
+
+
+# ---- Qwen-VL releases: config.json <-> ModelConfig fields ------------------------------------------------------
+
+#: `Sa2VAChatConfigQwen` subclasses the transformers Qwen-VL config: its config.json is that config's dict with
+#: model_type `sa2va_chat`, this architecture, `template` and the remote-code auto_map.
+QWEN_ARCHITECTURE = "Sa2VAChatModelQwen"
+QWEN_AUTO_MAP = {
+    "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+    "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+    "AutoModelForCausalLM": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+}
+#: sub-config model_type prefix -> vseg family
+QWEN_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
+_QWEN_TEXT_FIELDS = (*TEXT_FIELDS, "head_dim", "attention_bias", "rope_parameters")
+# Bookkeeping keys of every transformers config: never architecture.
+_CONFIG_NOISE = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "auto_map",
+        "chunk_size_feed_forward",
+        "dtype",
+        "id2label",
+        "initializer_range",
+        "is_encoder_decoder",
+        "label2id",
+        "model_type",
+        "output_attentions",
+        "output_hidden_states",
+        "problem_type",
+        "return_dict",
+        "torch_dtype",
+        "transformers_version",
+    }
+)
+
+
+def qwen_family(config: Mapping[str, Any]) -> str | None:
+    """`qwen2_5_vl` / `qwen3_vl` for a Qwen-VL (Sa2VA) config.json, None for anything else."""
+    for part in ("vision_config", "text_config"):
+        model_type = str((config.get(part) or {}).get("model_type") or "")
+        for prefix, family in QWEN_MODEL_TYPES.items():
+            if model_type.startswith(prefix):
+                return family
+    model_type = str(config.get("model_type") or "")
+    return QWEN_MODEL_TYPES.get(model_type)
+
+
+def _qwen_config_class(family: str) -> Any:
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    return {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}[family]
+
+
+def _plain_rope(rope: Mapping[str, Any]) -> dict[str, Any]:
+    """`rope_parameters` without the legacy `type` alias that transformers keeps next to `rope_type`."""
+    out = dict(rope)
+    if "rope_type" in out:
+        out.pop("type", None)
+    return out
+
+
+def qwen_architecture_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` architecture fields of a Qwen-VL Sa2VA `config.json` (nested or pre-5 flat text fields).
+
+    The dict goes through the transformers config class first, so old spellings (`rope_theta` +
+    `rope_scaling`, text fields at the top level) come out as the fields vseg's presets use.
+    """
+    family = qwen_family(config)
+    if family is None:
+        raise ValueError("config.json is not a Qwen2.5-VL / Qwen3-VL config (no qwen2_5_vl / qwen3_vl model_type)")
+    cls = _qwen_config_class(family)
+    raw = {k: v for k, v in config.items() if k not in _CONFIG_NOISE and k != "template"}
+    hf = cls(**raw)
+    text: dict[str, Any] = {}
+    for name in _QWEN_TEXT_FIELDS:
+        value = getattr(hf.text_config, name, None)
+        if value is not None:
+            text[name] = _plain_rope(value) if name == "rope_parameters" else value
+    defaults = cls().vision_config.to_dict()
+    vision = {
+        k: v
+        for k, v in hf.vision_config.to_dict().items()
+        if k in defaults and k not in _CONFIG_NOISE and v is not None and k != "rope_parameters"
+    }
+    tied = config.get("tie_word_embeddings")
+    if tied is None:
+        tied = (config.get("text_config") or {}).get("tie_word_embeddings", hf.tie_word_embeddings)
+    template = config.get("template")
+    return {
+        "family": family,
+        "template": template.replace("-", "_") if isinstance(template, str) else None,
+        "tie_word_embeddings": bool(tied),
+        "vision": vision,
+        "text": text,
+    }
+
+
+def qwen_config_from_mllm(mllm_config: Any, *, template: str, dtype: str) -> dict[str, Any]:
+    """An official `Sa2VAChatConfigQwen` dict for a built transformers Qwen-VL config.
+
+    The text config also carries `rope_theta` / `rope_scaling` (the spelling of transformers 4.5x, which the
+    authors' code runs on) next to transformers 5's `rope_parameters`.
+    """
+    data = json.loads(mllm_config.to_json_string(use_diff=False))
+    text = data["text_config"]
+    rope = _plain_rope(text.get("rope_parameters") or {})
+    if rope:
+        text["rope_theta"] = rope.get("rope_theta")
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling.setdefault("rope_type", "default")
+        text["rope_scaling"] = {"type": scaling["rope_type"], **scaling}
+    tied = bool(data.get("tie_word_embeddings", False))
+    text["tie_word_embeddings"] = tied
+    for part in (data, text, data["vision_config"]):
+        part.pop("_name_or_path", None)
+        part["torch_dtype"] = dtype
+        part["dtype"] = dtype
+    data.update(
+        architectures=[QWEN_ARCHITECTURE],
+        model_type="sa2va_chat",
+        auto_map=dict(QWEN_AUTO_MAP),
+        template=template,
+        tie_word_embeddings=tied,
+    )
+    return data
