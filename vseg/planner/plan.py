@@ -357,6 +357,8 @@ def render(plan: Plan) -> str:
         assert best is not None
         s = best.setting
         word = "yes" if rec.status == "yes" else "only just (tight)"
+        if plan.capacity is None:
+            word = "unknown (no GPU visible: pass gpu_memory=24GB to judge fits); without a limit"
         lines.append(
             f"answer: {word} - {f.name} fits {plan.devices} x {cap} with strategy={rec.strategy}, micro-batch "
             f"{s.micro_batch} x accumulation {s.accumulate} (effective {s.effective_batch}): est. "
