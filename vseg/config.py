@@ -31,6 +31,10 @@ class ModelConfig:
     path: str | None = None  # local folder of a released Sa2VA checkpoint; None = random init
     tokenizer_path: str | None = None  # local tokenizer folder; None = `path`, or the tiny built-in one
     template: str = "qwen_chat"  # chat template of the base MLLM
+    # train: Sa2VA's training prompt, image markers + "\n" + question (every family; what vseg trains on);
+    # chat: its released predict_forward, image markers directly followed by the question (Qwen-VL: the folder's
+    # own chat template when the tokenizer has one). See vseg.model.processor.
+    prompt_style: str = "train"
     dtype: str = "float32"  # weight dtype of the frozen parts: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     vision: dict[str, Any] = field(default_factory=dict)  # InternVLVisionConfig fields
@@ -352,6 +356,7 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         f"image_factor={cfg.model.image_factor}: need 0 < min_pixels <= max_pixels and image_factor > 0",
     )
     need(cfg.model.template in TEMPLATES, f"model.template={cfg.model.template!r}: expected one of {sorted(TEMPLATES)}")
+    need(cfg.model.prompt_style in ("train", "chat"), f"model.prompt_style={cfg.model.prompt_style!r}: train|chat")
     need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
         f"model.dtype={cfg.model.dtype!r}: float32|bfloat16|float16",

@@ -1,8 +1,19 @@
 """Sample -> model inputs, and samples -> batch. Training, validation and prediction all go through here.
 
 One sample is an RGB image, a question, an optional answer (with one [SEG] per target mask) and optional
-target masks. The prompt is the family's image placeholder text, a newline and the question, wrapped in
-the chat template; labels supervise the answer and the template's closing suffix only.
+target masks. Labels supervise the answer and the template's closing suffix only. The prompt follows the
+authors' code exactly, in one of two styles (`model.prompt_style`):
+
+* `train` — Sa2VA's training data (`projects/sa2va/datasets`: the question is `"<image>\n" + question`, the
+  `<image>` replaced by the family's markers, wrapped in the xtuner template of `model.template`): image
+  markers, a newline, the question. The same for every family (the Qwen-VL ones train on the xtuner template
+  too). vseg fine-tunes with this.
+* `chat` — the released models' `predict_forward` with the README's `"<image>" + question`: InternVL puts
+  `<img>...</img>` in place of `<image>` (the newline it appends is stripped), so the question follows
+  `</img>` directly; Qwen-VL drops `<image>` and renders the processor's chat template with an image and a
+  text part, whose markers are directly followed by the question too. When the tokenizer carries that chat
+  template (a released Qwen folder does; Qwen2.5-VL's adds a default system turn) it is rendered as is;
+  without one, the xtuner template of `model.template` stands in.
 """
 
 from __future__ import annotations
@@ -19,7 +30,17 @@ from vseg.config import ModelConfig
 from vseg.model.families import MLLMFamily
 from vseg.model.preprocess import resize_mask, sam_pixels, to_pil
 from vseg.model.sa2va import IGNORE_INDEX
-from vseg.model.tokenizer import SEG_TOKEN, get_template
+from vseg.model.tokenizer import (
+    QWEN_IMAGE_PAD_TOKEN,
+    QWEN_VISION_END_TOKEN,
+    QWEN_VISION_START_TOKEN,
+    SEG_TOKEN,
+    get_template,
+)
+
+PROMPT_STYLES = ("train", "chat")
+#: what a Qwen-VL chat template renders for one `{"type": "image"}` part
+_QWEN_IMAGE_PART = f"{QWEN_VISION_START_TOKEN}{QWEN_IMAGE_PAD_TOKEN}{QWEN_VISION_END_TOKEN}"
 
 
 class SampleError(ValueError):
@@ -64,6 +85,25 @@ class Sa2VAProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def prompt(self, image_text: str, question: str) -> str:
+        """The full prompt text (up to where the answer starts) for `model.prompt_style`; see the module doc."""
+        template = get_template(self.model_cfg.template)
+        style = getattr(self.model_cfg, "prompt_style", "train")
+        if style == "train":
+            return template.bos + template.instruction.format(input=f"{image_text}\n{question}")
+        if style != "chat":
+            raise ValueError(f"model.prompt_style={style!r}: expected one of {PROMPT_STYLES}")
+        if QWEN_IMAGE_PAD_TOKEN in image_text and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if rendered.count(_QWEN_IMAGE_PART) != 1:
+                raise ValueError(
+                    f"the tokenizer's chat template renders an image as something other than {_QWEN_IMAGE_PART!r}; "
+                    "use model.prompt_style=train or a Qwen-VL tokenizer folder"
+                )
+            return rendered.replace(_QWEN_IMAGE_PART, image_text)
+        return template.bos + template.instruction.format(input=f"{image_text}{question}")
+
     def encode(
         self,
         image: np.ndarray | Image.Image,
@@ -84,8 +124,7 @@ class Sa2VAProcessor:
         pil = to_pil(image)
         template = get_template(self.model_cfg.template)
         image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
-        prompt = template.bos + template.instruction.format(input=f"{image_text}\n{question}")
-        prompt_ids = self._ids(prompt)
+        prompt_ids = self._ids(self.prompt(image_text, question))
         answer_ids = self._ids(answer + template.suffix) if answer is not None else []
         input_ids = prompt_ids + answer_ids
         if len(input_ids) > self.max_length:
