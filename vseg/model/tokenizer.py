@@ -8,11 +8,13 @@ so `model=tiny` runs with no network and no shipped files.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, SentencePieceBackend
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +121,119 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
+class InternLM2Tokenizer(SentencePieceBackend):
+    """InternLM2's tokenizer (Sa2VA-8B / 26B) without the remote `tokenization_internlm2.py`.
+
+    Same behaviour as the authors' slow class: the text is split at added / special tokens, every other
+    piece goes through the folder's sentencepiece model as it is (`encode(text, out_type=str)`, its own
+    normaliser and dummy prefix included: `legacy` mode), ids are the model's pieces, added tokens keep the
+    ids of tokenizer_config.json; `<s>` is prepended when special tokens are added, nothing appended.
+    """
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str,
+        unk_token: str = "<unk>",
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str = "</s>",
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+        **kwargs: Any,
+    ):
+        try:
+            import sentencepiece  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "an InternLM2 tokenizer (tokenizer.model) needs the sentencepiece package: pip install sentencepiece"
+            ) from None
+        self._bos_on, self._eos_on = bool(add_bos_token), bool(add_eos_token)
+        for key in ("legacy", "decode_with_prefix_space", "tokenizer_class"):
+            kwargs.pop(key, None)
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            legacy=True,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
+        out = ([self.bos_token_id] if self._bos_on else []) + list(token_ids_0)
+        if token_ids_1 is not None:
+            out += list(token_ids_1)
+        return out + ([self.eos_token_id] if self._eos_on else [])
+
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
+        if already_has_special_tokens:
+            special = set(self.all_special_ids)
+            return [int(i in special) for i in token_ids_0 + (token_ids_1 or [])]
+        body = [0] * (len(token_ids_0) + len(token_ids_1 or []))
+        return [1] * self._bos_on + body + [1] * self._eos_on
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        # Runs of ordinary pieces are decoded by sentencepiece (byte fallback, "▁" -> space); special
+        # tokens are kept as they are.
+        out, run = [], []
+        special = set(self.all_special_tokens)
+        for token in tokens:
+            if token in special:
+                out.append(self.sp_model.decode(run))
+                out.append(token)
+                run = []
+            else:
+                run.append(token)
+        out.append(self.sp_model.decode(run))
+        return "".join(out)
+
+
+#: `tokenizer_class` values in tokenizer_config.json that name InternLM2's remote-code tokenizer
+INTERNLM2_TOKENIZER_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
+
+
+def _tokenizer_class_name(folder: Path) -> str | None:
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    name = config.get("tokenizer_class")
+    auto = (config.get("auto_map") or {}).get("AutoTokenizer") or []
+    if name is None and any(isinstance(a, str) and "tokenization_internlm2" in a for a in auto):
+        name = "InternLM2Tokenizer"
+    return name
+
+
 def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
     """Loads the tokenizer of a local model folder, or the tiny built-in one when `path` is None.
 
-    Never runs remote code and never reaches a hub: `path` must be an existing local directory.
+    Never runs remote code and never reaches a hub: `path` must be an existing local directory. InternLM2
+    folders (Sa2VA-8B / 26B: `tokenizer.model` + the authors' `tokenization_internlm2*.py`) load into vseg's
+    own `InternLM2Tokenizer`, which encodes exactly as the authors' class does.
     """
     if path is None:
         return build_tiny_tokenizer()
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist (model.path / model.tokenizer_path)")
+    if _tokenizer_class_name(folder) in INTERNLM2_TOKENIZER_CLASSES:
+        if not (folder / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{folder}: an InternLM2 tokenizer needs tokenizer.model, which is missing")
+        return InternLM2Tokenizer.from_pretrained(str(folder), local_files_only=True)
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
 
 
