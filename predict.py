@@ -1,4 +1,10 @@
-"""Predict vessel masks with a trained run: `python predict.py ckpt=RUN_DIR [out=DIR]` (see conf/predict.yaml)."""
+"""Predict vessel masks: `python predict.py ckpt=... [input=...|data=...] [output=DIR]` (see conf/predict.yaml).
+
+Exit status: 0 when every input was predicted, 1 when some input failed (listed in summary.json), 2 on a
+configuration error.
+"""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -11,7 +17,9 @@ def main(cfg: DictConfig) -> None:
     from vseg.predict import run
 
     with exit_on_config_error():
-        run(cfg)
+        summary = run(cfg)
+    if summary.get("failed") or summary.get("missing"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

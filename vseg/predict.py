@@ -1,39 +1,60 @@
-"""`predict.py`'s body: a run directory -> the same model -> masks, per-image metrics and a summary.
+"""`predict.py`'s body: any checkpoint form + any input form -> masks, overlays, metrics, on any placement.
 
-The model is rebuilt from the run's own `config.yaml` (a random-init base is reproduced from the run's seed;
-a released checkpoint base comes from `model.path`) and its trainable weights are loaded from
-`weights/trainable.safetensors`, every key checked. Samples go through the same processor as in training,
-with the answer teacher-forced ("It is [SEG].") so one batched forward yields every mask.
+    python predict.py ckpt=RUN_DIR                                   # the run's own validation split
+    python predict.py ckpt=RUN_DIR input=scans/ output=pred/         # a folder (or image, glob, list file)
+    python predict.py ckpt=RUN_DIR data=drive output=pred/           # a dataset config, with its ground truth
+    python predict.py ckpt=/models/Sa2VA-4B input=x.png output=p/    # a released folder, zero-shot
+    python predict.py ckpt=RUN_DIR input=scans/ devices=4            # data-parallel over 4 GPUs
+    python predict.py ckpt=... input=... device_map=balanced max_memory='{0: 12GB, 1: 12GB}'   # model-parallel
+
+The checkpoint forms are `vseg.inference.sources`, the input forms `vseg.inference.inputs`, the output
+folder `vseg.inference.outputs`. The model is prepared once for inference: LoRA and trained token rows are
+merged into the base (`merge_lora`), everything is cast to `dtype` (bf16 on GPUs by default) with SDPA
+attention. `run` returns the summary; predict.py exits 1 when any input failed, 2 on a configuration error.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from vseg.config import ConfigError, TrainConfig
-from vseg.data.datamodule import VesselDataModule
-from vseg.metrics import dice_iou_per_image, logits_to_mask
-from vseg.model.build import build_sa2va
+from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from vseg.inference.engine import MODES, Engine
+from vseg.inference.inputs import DEFAULT_PROMPT, PredictDataset, PredictItem, collate, dataset_items, file_items
+from vseg.inference.outputs import OutputStore
+from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, to_device, write_batch, write_plan
+from vseg.inference.placement import (
+    DEVICE_MAPS,
+    build_meta,
+    dispatch,
+    materialize_random,
+    parse_max_memory,
+    plan_device_map,
+    resolve_device,
+)
+from vseg.inference.sources import ModelSource, apply_trainable, resolve_source
+from vseg.model.build import DTYPES, build_sa2va
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------------------------ shared with export
 def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     """The run's typed config and trainable weights; a ConfigError says what is missing."""
     config_file, weights_file = run_dir / "config.yaml", run_dir / "weights" / "trainable.safetensors"
@@ -52,95 +73,322 @@ def rebuild_run(run_dir: Path) -> tuple[TrainConfig, Sa2VA, PreTrainedTokenizerB
     cfg, weights = load_run(run_dir)
     L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
     model, tokenizer = build_sa2va(cfg.model, cfg.lora)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ConfigError(
-            f"{run_dir}/weights/trainable.safetensors does not match the model of its config.yaml "
-            f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
-        )
-    model.load_state_dict(weights, strict=False)
+    apply_trainable(model, weights, run_dir / "weights" / "trainable.safetensors")
     return cfg, model, tokenizer
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------ options
+@dataclass
+class Options:
+    """predict.yaml, checked (see conf/predict.yaml for each key's meaning)."""
+
+    ckpt: str
+    input: str | None
+    split: str | None
+    output: Path | None
+    prompt: str | None
+    answer: str
+    answer_text: str | None
+    max_new_tokens: int
+    batch_size: int
+    num_workers: int
+    devices: int
+    accelerator: str
+    device: str
+    device_map: str | None
+    max_memory: dict[int | str, int | str] | None
+    dtype: str
+    threshold: float
+    overwrite: bool
+    overlays: bool
+    merge_lora: bool
+    limit: int | None
+    writer_threads: int
 
 
-def run(pcfg: DictConfig) -> dict[str, Any]:
-    """Predicts the chosen split of a run's data; returns the summary that is also written to summary.json."""
-    run_dir = Path(pcfg.ckpt).resolve()
-    if not run_dir.is_dir():
-        raise ConfigError(f"ckpt={pcfg.ckpt}: not a directory; pass a training run directory")
-    if pcfg.split not in ("val", "train"):
-        raise ConfigError(f"split={pcfg.split!r}: expected val or train")
-    out = Path(pcfg.out).resolve() if pcfg.out else run_dir / "predictions"
-    if out.exists() and any(out.iterdir()) and not pcfg.overwrite:
-        raise ConfigError(f"out={out} is not empty; pass overwrite=true or another out=")
-    cfg, model, tokenizer = rebuild_run(run_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
-    data = VesselDataModule(cfg.data, processor)
-    data.setup("predict")
-    dataset = data.val_set if pcfg.split == "val" else data.train_set
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    records, start = [], time.perf_counter()
-    with _AtomicLines(out / "results.jsonl") as results, torch.inference_mode():
-        for begin in tqdm(range(0, len(dataset), pcfg.batch_size), desc="predict", unit="batch"):
-            batch = processor.collate([dataset[i] for i in range(begin, min(begin + pcfg.batch_size, len(dataset)))])
-            o = model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                batch["sam_pixel_values"],
-                batch["mllm_inputs"],
-            )
-            for i, sample_id in enumerate(batch["ids"]):
-                truth = batch["masks"][i]
-                logits = o.mask_logits[o.seg_sample_index.to(o.mask_logits.device) == i]
-                pred = logits_to_mask(logits, tuple(truth.shape[-2:]), pcfg.threshold).cpu()
-                dice, iou = dice_iou_per_image(pred, truth)
-                mask_path = out / "masks" / f"{sample_id}.png"
-                image = Image.fromarray(pred[0].numpy().astype(np.uint8) * 255)
-                _atomic_write(mask_path, lambda p, im=image: im.save(p, format="PNG"))
-                record = {
-                    "id": sample_id,
-                    "mask": str(mask_path.relative_to(out)),
-                    "dice": float(dice[0]),
-                    "iou": float(iou[0]),
-                    "foreground": float(pred.float().mean()),
-                    "mean_logit": float(logits.float().mean()),
-                }
-                results.write(json.dumps(record) + "\n")
-                records.append(record)
-    seconds = time.perf_counter() - start
-    summary = {
-        "run_dir": str(run_dir),
-        "split": pcfg.split,
-        "images": len(records),
-        "dice": float(np.mean([r["dice"] for r in records])) if records else None,
-        "iou": float(np.mean([r["iou"] for r in records])) if records else None,
-        "seconds": seconds,
-        "images_per_second": len(records) / seconds if seconds > 0 else None,
+def options(pcfg: DictConfig) -> Options:
+    """Reads and checks predict.yaml's keys; every problem is listed in one ConfigError."""
+    g = pcfg.get
+    errors: list[str] = []
+    if g("out") is not None and g("output") is not None and g("out") != g("output"):
+        errors.append("out= and output= both given; use output=")
+    output = g("output") or g("out")
+    devices = g("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() or 1
+    try:
+        devices = int(devices)
+    except (TypeError, ValueError):
+        errors.append(f"devices={devices!r}: expected a number of devices (or auto)")
+        devices = 1
+    opts = Options(
+        ckpt=str(g("ckpt")),
+        input=str(g("input")) if g("input") is not None else None,
+        split=g("split"),
+        output=Path(output).expanduser().resolve() if output else None,
+        prompt=g("prompt"),
+        answer=str(g("answer", "teacher_forced")),
+        answer_text=g("answer_text"),
+        max_new_tokens=int(g("max_new_tokens", 32)),
+        batch_size=int(g("batch_size", 8)),
+        num_workers=int(g("num_workers", 2)),
+        devices=devices,
+        accelerator=str(g("accelerator", "auto")),
+        device=str(g("device", "auto")),
+        device_map=g("device_map"),
+        max_memory=None,
+        dtype=str(g("dtype", "auto")),
+        threshold=float(g("threshold", 0.5)),
+        overwrite=bool(g("overwrite", False)),
+        overlays=bool(g("overlays", True)),
+        merge_lora=bool(g("merge_lora", True)),
+        limit=g("limit"),
+        writer_threads=int(g("writer_threads", 4)),
+    )
+    try:
+        raw = g("max_memory")
+        opts.max_memory = parse_max_memory(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
+    except ConfigError as err:
+        errors.append(str(err))
+    if opts.answer not in MODES:
+        errors.append(f"answer={opts.answer!r}: expected one of {MODES}")
+    if opts.split not in (None, "val", "train", "all"):
+        errors.append(f"split={opts.split!r}: expected val, train, all or null")
+    if opts.device_map is not None and opts.device_map not in DEVICE_MAPS:
+        errors.append(f"device_map={opts.device_map!r}: expected one of {DEVICE_MAPS} or null")
+    if opts.device_map is not None and opts.devices > 1:
+        errors.append("device_map (one model split over GPUs) and devices>1 (one model per GPU) exclude each other")
+    if opts.max_memory is not None and opts.device_map is None:
+        errors.append("max_memory is only used with device_map=auto|balanced|sequential")
+    if opts.dtype != "auto" and opts.dtype not in DTYPES:
+        errors.append(f"dtype={opts.dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    if not 0.0 < opts.threshold < 1.0:
+        errors.append(f"threshold={opts.threshold}: must be in (0, 1)")
+    if opts.batch_size < 1 or opts.num_workers < 0 or opts.max_new_tokens < 1 or opts.devices < 1:
+        errors.append("batch_size, max_new_tokens and devices must be >= 1, num_workers >= 0")
+    if opts.answer_text is not None and opts.answer_text.count("[SEG]") < 1:
+        errors.append(f"answer_text={opts.answer_text!r}: the teacher-forced answer needs a [SEG] token")
+    if opts.ckpt in ("None", "???"):
+        errors.append("ckpt is required: a run directory, checkpoint, exported or released model folder, or random")
+    if errors:
+        raise ConfigError("invalid predict options:\n  - " + "\n  - ".join(errors))
+    return opts
+
+
+def _model_override(pcfg: DictConfig) -> ModelConfig | None:
+    node = pcfg.get("model")
+    if node is None or not isinstance(node, DictConfig) or "name" not in node:
+        return None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[return-value]
+
+
+def _data_override(pcfg: DictConfig) -> DataConfig | None:
+    from vseg.config import _validate_data
+
+    node = pcfg.get("data")
+    if node is None or not isinstance(node, DictConfig) or "source" not in node:
+        return None
+    data: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))  # type: ignore[assignment]
+    errors: list[str] = []
+    _validate_data(data, lambda ok, message: errors.append(message) if not ok else None)
+    if errors:
+        raise ConfigError("invalid data config:\n  - " + "\n  - ".join(errors))
+    return data
+
+
+def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple[list[PredictItem], DataConfig | None]:
+    """The inputs in order (and the dataset config they come from, if any)."""
+    data = _data_override(pcfg)
+    if data is not None and opts.input is not None:
+        raise ConfigError("give either input= (files) or data= (a dataset config), not both")
+    if opts.input is not None:
+        items = file_items(opts.input, opts.prompt or DEFAULT_PROMPT, exclude=opts.output)
+    elif data is not None:
+        items = dataset_items(data, opts.split or "all", opts.prompt)
+    elif source.train_cfg is not None:
+        data = source.train_cfg.data
+        items = dataset_items(data, opts.split or "val", opts.prompt)
+    else:
+        raise ConfigError(
+            f"ckpt={opts.ckpt} carries no dataset of its own: pass input=IMAGE|FOLDER|GLOB|LIST or data=<source>"
+        )
+    if opts.limit is not None:
+        items = items[: int(opts.limit)]
+    return items, data
+
+
+# ------------------------------------------------------------------------------------ model
+def inference_dtype(opts: Options, source: ModelSource, device: torch.device) -> str:
+    """`dtype=auto`: bfloat16 on GPUs, the checkpoint's own dtype on CPU."""
+    if opts.dtype != "auto":
+        return opts.dtype
+    return "bfloat16" if device.type == "cuda" else source.model_cfg.dtype
+
+
+def prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
+    """Frozen, eval mode, adapters folded into the base (one matmul per layer instead of three), in `dtype`."""
+    if merge_lora and hasattr(model.mllm, "merge_and_unload"):
+        from vseg.export import merge_adapters
+
+        merge_adapters(model)
+    model.requires_grad_(False)
+    return model.to(dtype).eval()
+
+
+def load_model(source: ModelSource, opts: Options, device: torch.device, out: Path | None = None) -> tuple[Any, Any, Any]:
+    """(model ready for inference, tokenizer, processor) on `device`, or split by `opts.device_map`."""
+    dtype_name = inference_dtype(opts, source, device)
+    dtype = DTYPES[dtype_name]
+    cfg = dataclasses.replace(source.model_cfg, dtype=dtype_name)
+    if source.form == "random":
+        model, tokenizer = build_meta(cfg)
+        if opts.device_map is None:
+            materialize_random(model, {"": str(device)}, dtype)
+        else:
+            device_map = plan_device_map(model, opts.device_map, opts.max_memory, dtype)
+            materialize_random(model, device_map, dtype)
+            model = dispatch(model, device_map)
+        model.eval()
+    else:
+        model, tokenizer = source.build("cpu")
+        model = prepare(model, opts.merge_lora, dtype)
+        if opts.device_map is None:
+            model.to(device)
+        else:
+            model = dispatch(model, plan_device_map(model, opts.device_map, opts.max_memory, dtype))
+    max_length = source.train_cfg.data.max_length if source.train_cfg is not None else 4096
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, max_length)
+    return model, tokenizer, processor
+
+
+def engine_args(opts: Options, source: ModelSource) -> dict[str, Any]:
+    answer = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg is not None else "It is [SEG].")
+    return {
+        "template": source.template,
+        "mode": opts.answer,
+        "answer": answer,
+        "max_new_tokens": opts.max_new_tokens,
+        "threshold": opts.threshold,
     }
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-    print(f"\n{len(records)} masks in {out}  dice {summary['dice']:.4f}  iou {summary['iou']:.4f}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ run
+def run(pcfg: DictConfig) -> dict[str, Any]:
+    """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
+    begin = time.perf_counter()
+    opts = options(pcfg)
+    source = resolve_source(opts.ckpt, _model_override(pcfg))
+    items, data = resolve_items(pcfg, opts, source)
+    out = opts.output
+    if out is None:
+        if source.form != "run" or source.path is None:
+            raise ConfigError("output= is required (only a run directory has a default: <run>/predictions)")
+        out = source.path / "predictions"
+    parallel = opts.devices > 1
+    accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(opts.device) if not parallel else torch.device("cuda" if accelerator == "gpu" else "cpu")
+    if opts.device_map is not None and not torch.cuda.is_available() and not (opts.max_memory or {}).keys() <= {"cpu", "disk"}:
+        raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
+    args = engine_args(opts, source)
+    fingerprint = {
+        "ckpt": source.describe(),
+        "answer": opts.answer,
+        "answer_text": args["answer"] if opts.answer == "teacher_forced" else None,
+        "max_new_tokens": opts.max_new_tokens if opts.answer == "generate" else None,
+        "prompt": opts.prompt,
+        "threshold": opts.threshold,
+        "dtype": inference_dtype(opts, source, device),
+    }
+    plan_file = os.environ.get(PLAN_ENV)
+    child = parallel and plan_file is not None
+    store = OutputStore(out, 0, opts.overlays, opts.writer_threads)
+    if child:  # a rank launched by Lightning: the launching process fixed the plan
+        todo_index = set(read_plan(Path(plan_file)))
+        todo = [it for it in items if it.index in todo_index]
+    else:
+        OutputStore.prepare(out, fingerprint, opts.overwrite)
+        done = store.done()
+        todo = [it for it in items if it.id not in done]
+        if done:
+            log.info("resuming: %d of %d inputs already done in %s", len(items) - len(todo), len(items), out)
+    load_seconds = predict_seconds = 0.0
+    if todo and parallel:
+        if not child:
+            plan = out / "progress" / "plan.json"
+            write_plan(plan, [it.index for it in todo])
+            os.environ[PLAN_ENV] = str(plan)
+        try:
+            rank, predict_seconds = predict_data_parallel(
+                load=lambda dev: load_model(source, opts, dev, out),
+                items=todo,
+                engine_args=args,
+                root=out,
+                accelerator=accelerator,
+                devices=opts.devices,
+                batch_size=opts.batch_size,
+                num_workers=opts.num_workers,
+                overlays=opts.overlays,
+                mode=opts.answer,
+                data=data,
+            )
+        finally:
+            if not child:
+                os.environ.pop(PLAN_ENV, None)
+        if rank != 0:
+            return {"rank": rank}
+        load_seconds = time.perf_counter() - begin - predict_seconds
+    elif todo:
+        started = time.perf_counter()
+        model, tokenizer, processor = load_model(source, opts, device, out)
+        load_seconds = time.perf_counter() - started
+        engine = Engine(model, tokenizer, **args)
+        dataset = PredictDataset(todo, processor, args["answer"] if opts.answer == "teacher_forced" else None, data)
+        loader = DataLoader(
+            dataset,
+            batch_size=opts.batch_size,
+            num_workers=opts.num_workers,
+            collate_fn=partial(collate, processor),
+            pin_memory=device.type == "cuda",
+        )
+        store.open()
+        started = time.perf_counter()
+        try:
+            with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
+                for batch in loader:
+                    if opts.device_map is None:
+                        batch = to_device(batch, device)
+                    write_batch(store, batch, engine(batch), opts.answer)
+                    bar.update(len(batch["items"]) + len(batch["failed"]))
+        finally:
+            store.close()
+        predict_seconds = time.perf_counter() - started
+    total = time.perf_counter() - begin
+    timing = {
+        "predicted_now": len(todo),
+        "skipped_done": len(items) - len(todo),
+        "seconds_total": total,
+        "seconds_load": load_seconds,
+        "seconds_predict": predict_seconds,
+        "images_per_second": len(todo) / predict_seconds if predict_seconds > 0 else None,
+        "images_per_second_end_to_end": len(todo) / total if total > 0 and todo else None,
+    }
+    placement = (
+        f"data-parallel x{opts.devices} ({accelerator})" if parallel
+        else f"model-parallel device_map={opts.device_map}" if opts.device_map else str(device)
+    )
+    extra = {"ckpt": source.describe(), "output": str(out), "placement": placement, "batch_size": opts.batch_size,
+             "dtype": fingerprint["dtype"], "answer_mode": opts.answer}
+    summary = store.finish(items, timing, extra)
+    _report(summary, out)
     return summary
 
 
-class _AtomicLines:
-    """Writes results.jsonl through a temporary file that replaces the target only when complete."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.handle = self.tmp.open("w")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
+def _report(summary: dict[str, Any], out: Path) -> None:
+    scores = "  ".join(f"{k} {summary[k]:.4f}" for k in ("dice", "iou", "cldice") if summary.get(k) is not None)
+    speed = summary.get("images_per_second")
+    line = f"\n{summary['ok']}/{summary['images']} masks in {out}"
+    line += f"  {scores}" if scores else ""
+    line += f"  ({speed:.1f} images/s)" if speed else ""
+    if summary["failed"] or summary["missing"]:
+        line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
+    print(line, flush=True)

@@ -1,0 +1,222 @@
+"""Prediction throughput (images/s) for 512x512 inputs with the real Sa2VA shapes and random weights.
+
+Parts (each writes its numbers into --out as JSON; BENCHMARKS.md "## Prediction" holds the table):
+
+* `forward`  the model alone on one GPU: one pre-encoded batch of `--batch` images through the fast path
+             (teacher-forced [SEG], SAM-2 encoder + mask decoder, masks upsampled to 512x512 and copied to the
+             host), timed over `--iters` batches after a warm-up. Comparable with the DESIGN anchor (plain
+             batched forward, batch 32: 1B 62, 4B 41, 8B 30 images/s on one H200).
+* `single`   the whole of `predict.py` in one process on one GPU over a folder of PNGs: loader workers, model,
+             mask/overlay PNGs, results.jsonl (`images_per_second` = the prediction loop; end to end includes
+             building the model).
+* `dp`       `python predict.py ... devices=N` as a subprocess (Lightning DDP, one process per GPU); wall clock
+             of the whole command (start-up and model build included) and the loop's images/s.
+* `mp`       `device_map=balanced max_memory={0: 12GB, 1: 12GB}` (model-parallel) vs one GPU on the same inputs
+             and weights: speed, peak memory per GPU, and mask agreement.
+
+    python bench/predict.py --parts forward single dp mp --shapes 1b 4b 8b --gpus 4 --out bench/results/predict.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"1b": "sa2va_1b", "4b": "sa2va_4b", "8b": "sa2va_8b"}
+
+
+def write_inputs(folder: Path, count: int, distinct: int = 32) -> None:
+    """`count` 512x512 angiogram-like PNGs (`distinct` generated ones, copied round-robin)."""
+    from vseg.data.synthetic import generate_vessels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(distinct, count)):
+        image, _ = generate_vessels(seed=i, size=512, style="angiogram")
+        Image.fromarray(image).save(folder / f"img_{i:05d}.png")
+    for i in range(distinct, count):
+        shutil.copyfile(folder / f"img_{i % distinct:05d}.png", folder / f"img_{i:05d}.png")
+
+
+def predict_cfg(**values):
+    from omegaconf import OmegaConf
+
+    from vseg.cli import compose
+
+    overrides = [f"model={values.pop('model')}"] if "model" in values else []
+    cfg = compose("predict", overrides)
+    return OmegaConf.merge(cfg, values)
+
+
+def bench_forward(shape: str, batch: int, iters: int) -> dict:
+    import torch
+
+    from vseg.inference.engine import Engine
+    from vseg.inference.inputs import PredictDataset, collate, file_items
+    from vseg.inference.sources import ModelSource, preset
+    from vseg.predict import Options, engine_args, load_model, options
+
+    tmp = Path(tempfile.mkdtemp())
+    write_inputs(tmp / "in", batch, distinct=min(batch, 8))
+    opts: Options = options(predict_cfg(ckpt="random", model=SHAPES[shape], output=str(tmp / "out")))
+    source = ModelSource("random", None, preset(SHAPES[shape]))
+    device = torch.device("cuda:0")
+    t0 = time.perf_counter()
+    model, tokenizer, processor = load_model(source, opts, device)
+    torch.cuda.synchronize()
+    build = time.perf_counter() - t0
+    engine = Engine(model, tokenizer, **engine_args(opts, source))
+    items = file_items(str(tmp / "in"), "Please segment the blood vessels in this image.")
+    data = PredictDataset(items, processor, "It is [SEG].")
+    b = collate(processor, [data[i] for i in range(batch)])
+    tokens = int(b["attention_mask"].sum(1).float().mean())
+    for key in ("input_ids", "attention_mask", "sam_pixel_values"):
+        b[key] = b[key].to(device)
+    b["mllm_inputs"] = {k: v.to(device) for k, v in b["mllm_inputs"].items()}
+    for _ in range(2):
+        engine(b)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine(b)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    result = {
+        "shape": shape,
+        "batch": batch,
+        "tokens_per_image": tokens,
+        "images_per_second": batch * iters / seconds,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "build_seconds": build,
+    }
+    del model, engine
+    torch.cuda.empty_cache()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def bench_single(shape: str, batch: int, images: Path, workers: int) -> dict:
+    from vseg.predict import run
+
+    out = Path(tempfile.mkdtemp()) / "out"
+    t0 = time.perf_counter()
+    s = run(predict_cfg(ckpt="random", model=SHAPES[shape], input=str(images), output=str(out), batch_size=batch,
+                        num_workers=workers))
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return {"shape": shape, "batch": batch, "images": s["images"], "images_per_second": s["images_per_second"],
+            "end_to_end_seconds": wall, "load_seconds": s["seconds_load"]}
+
+
+def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> dict:
+    out = Path(tempfile.mkdtemp()) / "out"
+    command = [sys.executable, str(ROOT / "predict.py"), "ckpt=random", f"model={SHAPES[shape]}", f"input={images}",
+               f"output={out}", f"devices={gpus}", f"batch_size={batch}", f"num_workers={workers}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"shape": shape, "error": proc.stderr[-3000:]}
+    s = json.loads((out / "summary.json").read_text())
+    lines = (out / "results.jsonl").read_text().splitlines()
+    ids = [json.loads(x)["id"] for x in lines]
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return {"shape": shape, "gpus": gpus, "batch": batch, "images": s["images"], "ok": s["ok"],
+            "in_input_order": ids == sorted(ids), "images_per_second": s["images_per_second"],
+            "end_to_end_seconds": wall, "command": " ".join(command[1:])}
+
+
+def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
+    import torch
+
+    from vseg.predict import run
+
+    tmp = Path(tempfile.mkdtemp())
+    results = {}
+    for name, extra in (("single", {}), ("split", {"device_map": "balanced", "max_memory": {0: budget, 1: budget}})):
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+        t0 = time.perf_counter()
+        s = run(predict_cfg(ckpt="random", model=SHAPES[shape], input=str(images), output=str(tmp / name),
+                            batch_size=batch, num_workers=4, **extra))
+        results[name] = {
+            "images_per_second": s["images_per_second"],
+            "end_to_end_seconds": time.perf_counter() - t0,
+            "peak_gb_per_gpu": [round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())],
+        }
+        torch.cuda.empty_cache()
+    agree, dice = [], []
+    for path in sorted((tmp / "single" / "masks").glob("*.png")):
+        a = np.asarray(Image.open(path)) > 0
+        b = np.asarray(Image.open(tmp / "split" / "masks" / path.name)) > 0
+        agree.append(float((a == b).mean()))
+        dice.append(1.0 if not (a.any() or b.any()) else 2 * float((a & b).sum()) / float(a.sum() + b.sum()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"shape": shape, "max_memory_per_gpu": budget, **results,
+            "mask_pixel_agreement_min": min(agree), "mask_dice_single_vs_split_mean": float(np.mean(dice))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["forward", "single", "dp", "mp"])
+    parser.add_argument("--shapes", nargs="+", default=["1b", "4b", "8b"])
+    parser.add_argument("--dp-shapes", nargs="+", default=None)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--images", type=int, default=1220)
+    parser.add_argument("--single-images", type=int, default=512)
+    parser.add_argument("--mp-images", type=int, default=64)
+    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.json")
+    args = parser.parse_args()
+    import torch
+
+    report = {"device": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "parts": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part: str, row: dict) -> None:
+        report["parts"].setdefault(part, []).append(row)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(part, json.dumps(row), flush=True)
+
+    tmp = Path(tempfile.mkdtemp())
+    folder = tmp / "inputs"
+    write_inputs(folder, args.images)
+    small = tmp / "small"
+    small.mkdir()
+    for i in range(args.single_images):
+        os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
+    for shape in args.shapes:
+        if "forward" in args.parts:
+            save("forward", bench_forward(shape, args.batch, args.iters))
+        if "single" in args.parts:
+            save("single", bench_single(shape, args.batch, small, args.workers))
+    for shape in args.dp_shapes or args.shapes:
+        if "dp" in args.parts:
+            save("dp", bench_dp(shape, args.batch, folder, args.gpus, args.workers))
+    if "mp" in args.parts:
+        mp = tmp / "mp"
+        mp.mkdir()
+        for i in range(args.mp_images):
+            os.link(folder / f"img_{i:05d}.png", mp / f"img_{i:05d}.png")
+        save("mp", bench_mp("8b", 8, mp, "12GB"))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The prediction pass: a batch of encoded inputs -> one mask per input at the input's own size, and the answer.
+
+Fast path (`answer=teacher_forced`): the prompt is followed by the answer "It is [SEG]" (the run's
+`data.answer`, cut after its last [SEG]); one batched forward gives the last-layer state at every [SEG]
+input position, exactly the state a model that generated that answer would have (attention is causal), so
+no token-by-token generation runs. `answer=generate`: greedy generation (KV cache, up to `max_new_tokens`,
+one prompt at a time) gives free text; the prompt plus the generated tokens then go through the same
+batched pass, so the masks equal the fast path's whenever the generated tokens equal the teacher-forced
+ones. Several [SEG] in one answer: their masks are merged (union); none: an empty mask.
+
+Every tensor is moved to the device of the part that uses it (`Sa2VA` and `SamGrounding` do that, and
+accelerate's hooks do it inside split models), so the same code serves one device and a `device_map`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise
+from vseg.model.sa2va import Sa2VA
+from vseg.model.tokenizer import SEG_TOKEN, get_template, token_id
+
+MODES = ("teacher_forced", "generate")
+
+
+@dataclass
+class ItemPrediction:
+    """What the model said about one input."""
+
+    mask: np.ndarray  # HxW bool at the input's own size
+    answer: str  # the teacher-forced answer, or the generated text
+    seg_tokens: int  # [SEG] tokens in the answer (masks merged)
+    mean_logit: float  # mean of the low-res logits (nan without [SEG]); a cheap fingerprint of the pass
+
+
+class Engine:
+    """Runs the model on batches from `vseg.inference.inputs.collate`.
+
+    Args:
+        model: the Sa2VA to run (eval mode; on one device or dispatched over several).
+        tokenizer: its tokenizer.
+        template: its chat template name (stop words for generation).
+        mode: teacher_forced | generate.
+        answer: the teacher-forced answer text (reported as the answer in that mode).
+        max_new_tokens: generation budget.
+        threshold: sigmoid threshold of the mask.
+    """
+
+    def __init__(
+        self,
+        model: Sa2VA,
+        tokenizer: Any,
+        template: str,
+        mode: str = "teacher_forced",
+        answer: str = "It is [SEG].",
+        max_new_tokens: int = 32,
+        threshold: float = 0.5,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"answer={mode!r}: expected one of {MODES}")
+        self.model, self.tokenizer, self.mode = model, tokenizer, mode
+        self.answer, self.max_new_tokens, self.threshold = answer, max_new_tokens, threshold
+        self.seg_id = token_id(tokenizer, SEG_TOKEN)
+        stops = [tokenizer.convert_tokens_to_ids(w) for w in get_template(template).stop_words]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.stop_ids = sorted({int(i) for i in [*stops, *eos] if i is not None and i != tokenizer.unk_token_id})
+        self.stop_words = get_template(template).stop_words
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, Any]) -> list[ItemPrediction]:
+        items = batch["items"]
+        if not items:
+            return []
+        sizes = [tuple(s) for s in batch["image_sizes"]]
+        if self.mode == "teacher_forced":
+            logits = self.seg_logits(batch["input_ids"], batch["attention_mask"], batch)
+            answers = [self.answer] * len(items)
+        else:
+            answers, logits = self.generate(batch)
+        return [self.finish(lg, size, text) for lg, size, text in zip(logits, sizes, answers, strict=True)]
+
+    def finish(self, logits: torch.Tensor, size: tuple[int, int], answer: str) -> ItemPrediction:
+        """Low-res logits (K, h, w) of one input -> its mask at `size` (union over the K [SEG] masks)."""
+        k = int(logits.shape[0])
+        if k == 0:
+            return ItemPrediction(np.zeros(size, dtype=bool), answer, 0, float("nan"))
+        up = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        mask = (up.sigmoid() > self.threshold).any(dim=0)
+        return ItemPrediction(mask.cpu().numpy(), answer, k, float(logits.float().mean()))
+
+    def seg_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any], rows: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Per sample (K, h, w) low-res logits of its [SEG] tokens; `rows` picks samples of `batch` for the images."""
+        model = self.model
+        mllm_inputs = batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
+        sam_pixels = batch["sam_pixel_values"] if rows is None else batch["sam_pixel_values"][rows]
+        hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
+        prompts, sample_index = model.seg_embeddings(hidden, input_ids)
+        features = model.grounding.encode(sam_pixels)
+        logits = model.grounding.decode(features, prompts, sample_index)
+        sample_index = sample_index.to(logits.device)
+        return [logits[sample_index == i] for i in range(input_ids.shape[0])]
+
+    # ---------------------------------------------------------------- generation
+    def _generate_kwargs(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The MLLM's `generate` inputs for one prompt (its family's image inputs, placed and typed)."""
+        mllm = self.model.base_mllm
+        device = mllm.get_input_embeddings().weight.device
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+        if self.model.family.name == "internvl":
+            vision = next(mllm.model.vision_tower.parameters())
+            pixels = normalise(inputs["pixel_values"].to(vision.device), IMAGENET_MEAN, IMAGENET_STD)
+            kwargs["pixel_values"] = pixels.to(vision.dtype)
+        else:
+            vision = next(mllm.model.visual.parameters())
+            kwargs["pixel_values"] = inputs["pixel_values"].to(device=vision.device, dtype=vision.dtype)
+            kwargs["image_grid_thw"] = inputs["image_grid_thw"].to(vision.device)
+            if "mm_token_type_ids" in inspect.signature(mllm.model.forward).parameters:
+                kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == mllm.config.image_token_id).int()
+        return kwargs
+
+    def generate(self, batch: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
+        """Greedy answers, then the masks of their [SEG] tokens from one batched pass over prompt + answer."""
+        mllm = self.model.base_mllm
+        pad = self.tokenizer.pad_token_id
+        sequences, answers = [], []
+        for i, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            prompt = batch["input_ids"][i, : int(length)][None]
+            out = mllm.generate(
+                **self._generate_kwargs(prompt, batch["mllm_single"][i]),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=pad,
+            )
+            new = out[0, prompt.shape[1] :].cpu()
+            stop = [j for j, t in enumerate(new.tolist()) if t in self.stop_ids]
+            new = new[: stop[0]] if stop else new
+            answers.append(self.tokenizer.decode(new, skip_special_tokens=False).strip())
+            seg = (new == self.seg_id).nonzero()
+            # Tokens after the last [SEG] cannot change its state (causal attention): cut them.
+            keep = new[: int(seg.max()) + 1] if len(seg) else new[:0]
+            sequences.append(torch.cat([prompt[0].cpu(), keep]) if len(seg) else None)
+        logits: list[torch.Tensor | None] = [None] * len(sequences)
+        rows = [i for i, s in enumerate(sequences) if s is not None]
+        if rows:
+            length = max(int(sequences[r].shape[0]) for r in rows)
+            ids = torch.full((len(rows), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : sequences[r].shape[0]] = sequences[r]
+                mask[j, : sequences[r].shape[0]] = 1
+            for j, lg in enumerate(self.seg_logits(ids, mask, batch, rows)):
+                logits[rows[j]] = lg
+        size = self.model.grounding.low_res_size
+        empty = torch.zeros((0, size, size))
+        return answers, [lg if lg is not None else empty for lg in logits]

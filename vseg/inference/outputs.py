@@ -1,0 +1,263 @@
+"""The output folder: masks, overlays, results.jsonl, summary.json — atomic, resumable, shared by ranks.
+
+Layout of `output=DIR`:
+
+    run.json               what produced the folder (checkpoint, prompt/answer settings, threshold, dtype)
+    masks/<id>.png         0/255 mask at the input's own size
+    overlays/<id>.png      the input with the prediction in red (and, with ground truth, missed vessels in blue)
+    progress/rank<r>.jsonl journal: one line per finished input, appended after its files are in place
+    results.jsonl          one record per input, in input order (written at the end)
+    summary.json           means, counts and speed (written at the end)
+
+Every file is written under a temporary name and renamed into place, so a killed run never leaves a
+half-written PNG under a final name. An input counts as done when its journal line parses, says `ok`, and
+its mask and overlay exist: a re-run skips those (`overwrite=true` starts over), redoes failed and unfinished
+ones, and a torn last journal line (a kill during the append) is ignored. A folder written with other
+settings (`run.json` differs) is refused unless `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vseg.config import ConfigError
+from vseg.inference.engine import ItemPrediction
+from vseg.inference.inputs import PredictItem
+from vseg.inference.scoring import SCORES, score_masks
+
+log = logging.getLogger(__name__)
+
+OWNED = ("run.json", "masks", "overlays", "progress", "results.jsonl", "summary.json")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Calls `write(tmp_path)` and renames the result onto `path` (never a partial file under `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """The image with the prediction blended in red and (with truth) missed foreground in blue."""
+    out = image.astype(np.float32)
+    red = np.array([255.0, 0.0, 0.0], np.float32)
+    blue = np.array([0.0, 96.0, 255.0], np.float32)
+    out[pred] = 0.45 * out[pred] + 0.55 * red
+    if truth is not None:
+        missed = truth & ~pred
+        out[missed] = 0.45 * out[missed] + 0.55 * blue
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _png(array: np.ndarray) -> Any:
+    image = Image.fromarray(array)
+    return lambda p: image.save(p, format="PNG", compress_level=1)
+
+
+class OutputStore:
+    """One output folder. `prepare` (once, before any rank writes) then `open` on every rank.
+
+    Args:
+        root: the output folder.
+        rank: this process's rank (its journal file).
+        overlays: also write overlay PNGs.
+        workers: threads that encode and write PNGs while the model works on the next batch.
+    """
+
+    def __init__(self, root: Path, rank: int = 0, overlays: bool = True, workers: int = 4):
+        self.root, self.rank, self.overlays = root, rank, overlays
+        self.journal_path = root / "progress" / f"rank{rank}.jsonl"
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="vseg-write")
+        self._pending: list[Future] = []
+        self._journal = None
+        self.written = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------ preparing the folder
+    @staticmethod
+    def prepare(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
+        """Checks (or clears, with `overwrite`) what is in `root`, then records `fingerprint` in run.json."""
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"output={root} exists and is not a folder")
+        root.mkdir(parents=True, exist_ok=True)
+        run_file = root / "run.json"
+        if overwrite:
+            for name in OWNED:
+                target = root / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        elif run_file.is_file():
+            try:
+                previous = json.loads(run_file.read_text())
+            except json.JSONDecodeError:
+                previous = None
+            if previous != fingerprint:
+                changed = sorted(
+                    k for k in set(fingerprint) | set(previous or {}) if (previous or {}).get(k) != fingerprint.get(k)
+                )
+                raise ConfigError(
+                    f"output={root} holds predictions made with other settings ({', '.join(changed)} differ; see "
+                    f"{run_file}): pass overwrite=true to replace them, or choose another output="
+                )
+        elif any(p.name not in OWNED for p in root.iterdir()):
+            raise ConfigError(
+                f"output={root} is a non-empty folder that vseg did not write; choose an empty or new folder"
+            )
+        atomic_text(run_file, json.dumps(fingerprint, indent=2) + "\n")
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Records of finished inputs (by id), read from every rank's journal; unfinished ones are left out."""
+        records: dict[str, dict[str, Any]] = {}
+        for journal in sorted((self.root / "progress").glob("rank*.jsonl")):
+            for line in journal.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill during the append
+                if isinstance(record, dict) and "id" in record:
+                    records[record["id"]] = record
+        return {k: r for k, r in records.items() if r.get("status") == "ok" and self._files_exist(r)}
+
+    def _files_exist(self, record: dict[str, Any]) -> bool:
+        paths = [record.get("mask")] + ([record.get("overlay")] if self.overlays else [])
+        return all(p and (self.root / p).is_file() for p in paths)
+
+    # ------------------------------------------------------------ writing
+    def open(self) -> OutputStore:
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        self._journal = self.journal_path.open("a")
+        return self
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            assert self._journal is not None, "open() first"
+            self._journal.write(json.dumps(record) + "\n")
+            self._journal.flush()
+
+    def fail(self, item: PredictItem, error: str) -> None:
+        log.warning("input %s failed: %s", item.source, error)
+        self.failed += 1
+        self._append({"index": item.index, "id": item.id, "path": item.source, "prompt": item.prompt,
+                      "status": "failed", "error": error})
+
+    def submit(
+        self,
+        item: PredictItem,
+        prediction: ItemPrediction,
+        image: np.ndarray,
+        truth: np.ndarray | None,
+        fov: np.ndarray | None,
+        mode: str,
+    ) -> None:
+        """Writes one input's files and journal line on a worker thread."""
+        self._pending.append(self._pool.submit(self._write, item, prediction, image, truth, fov, mode))
+        if len(self._pending) > 256:
+            self._drain(keep=64)
+
+    def _write(self, item, prediction, image, truth, fov, mode) -> None:
+        mask_rel = f"masks/{item.id}.png"
+        atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255))
+        record: dict[str, Any] = {
+            "index": item.index,
+            "id": item.id,
+            "path": item.source,
+            "prompt": item.prompt,
+            "answer": prediction.answer,
+            "answer_mode": mode,
+            "seg_tokens": prediction.seg_tokens,
+            "mask": mask_rel,
+            "size": [int(prediction.mask.shape[0]), int(prediction.mask.shape[1])],
+            "foreground": float(prediction.mask.mean()),
+            "mean_logit": None if math.isnan(prediction.mean_logit) else prediction.mean_logit,
+            "status": "ok",
+        }
+        if self.overlays:
+            overlay_rel = f"overlays/{item.id}.png"
+            atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)))
+            record["overlay"] = overlay_rel
+        if truth is not None:
+            record.update(score_masks(prediction.mask, truth, fov))
+            record["fov"] = fov is not None
+        self._append(record)
+        with self._lock:
+            self.written += 1
+
+    def _drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            self._pending.pop(0).result()  # re-raises a writer error here
+
+    def close(self) -> None:
+        self._drain()
+        self._pool.shutdown(wait=True)
+        if self._journal is not None:
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+            self._journal = None
+
+    # ------------------------------------------------------------ merging
+    def collect(self, items: list[PredictItem]) -> list[dict[str, Any]]:
+        """The newest record of every input, in input order (inputs never reached are `missing`)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for journal in sorted((self.root / "progress").glob("rank*.jsonl")):
+            for line in journal.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "id" in record:
+                    previous = latest.get(record["id"])
+                    if previous is None or previous.get("status") != "ok" or record.get("status") == "ok":
+                        latest[record["id"]] = record
+        out = []
+        for item in items:
+            record = latest.get(item.id)
+            if record is None or (record.get("status") == "ok" and not self._files_exist(record)):
+                record = {"id": item.id, "path": item.source, "prompt": item.prompt, "status": "missing"}
+            out.append({**record, "index": item.index})
+        return out
+
+    def finish(self, items: list[PredictItem], timing: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """Writes results.jsonl (input order) and summary.json; returns the summary."""
+        records = self.collect(items)
+        atomic_text(self.root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        ok = [r for r in records if r["status"] == "ok"]
+        scored = [r for r in ok if "dice" in r]
+        summary: dict[str, Any] = {
+            **extra,
+            "images": len(records),
+            "ok": len(ok),
+            "failed": sum(r["status"] == "failed" for r in records),
+            "missing": sum(r["status"] == "missing" for r in records),
+            "with_ground_truth": len(scored),
+            "foreground": float(np.mean([r["foreground"] for r in ok])) if ok else None,
+        }
+        for key in SCORES:
+            summary[key] = float(np.mean([r[key] for r in scored])) if scored else None
+        summary.update(timing)
+        summary["failures"] = [{"path": r["path"], "error": r.get("error", "not predicted")}
+                               for r in records if r["status"] != "ok"][:50]
+        atomic_text(self.root / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,197 @@
+"""Data-parallel prediction on Lightning's own machinery: `Trainer.predict` + a prediction-writer callback.
+
+One process per device (Lightning's DDP launcher re-runs the command with LOCAL_RANK set). Every process
+builds the model itself in `configure_model` (directly on its GPU for `ckpt=random`), takes every
+world-size-th input of the plan (`ShardSampler`: a partition, no input twice, none padded in), and the
+`ResultWriter` callback writes each finished batch (masks, overlays, its rank's journal) while the next
+batch runs. Rank 0 merges the journals into results.jsonl in input order once every rank is done.
+
+The plan (which inputs still need predicting) is fixed by the launching process before any rank starts and
+handed to the others in a file, so a resumed run shards exactly the same list on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Sampler
+
+from vseg.inference.engine import Engine
+from vseg.inference.inputs import PredictDataset, PredictItem, collate
+from vseg.inference.outputs import OutputStore
+
+PLAN_ENV = "VSEG_PREDICT_PLAN"
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, rank + 2·world, ...: disjoint shards that together cover every index once."""
+
+    def __init__(self, length: int, rank: int, world: int):
+        self.length, self.rank, self.world = length, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its model tensors on `device` (non-blocking from pinned memory)."""
+    if not batch.get("items"):
+        return batch
+    moved = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels", "sam_pixel_values"):
+        if key in moved:
+            moved[key] = moved[key].to(device, non_blocking=True)
+    moved["mllm_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["mllm_inputs"].items()}
+    return moved
+
+
+def write_plan(path: Path, indices: list[int]) -> None:
+    from vseg.inference.outputs import atomic_text
+
+    atomic_text(path, json.dumps({"todo": indices}))
+
+
+def read_plan(path: Path) -> list[int]:
+    return [int(i) for i in json.loads(path.read_text())["todo"]]
+
+
+class PredictModule(L.LightningModule):
+    """Builds the model in `configure_model` (inside each launched process) and predicts batches.
+
+    Args:
+        load: device -> (ready model, tokenizer, processor); the same loader as single-device prediction.
+        items: the inputs still to predict, in input order.
+        engine_args: keyword arguments of `Engine` (mode, answer, threshold, ...) besides model/tokenizer.
+        batch_size, num_workers: per process.
+        data: dataset config for dataset inputs.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[torch.device], tuple[Any, Any, Any]],
+        items: list[PredictItem],
+        engine_args: dict[str, Any],
+        batch_size: int,
+        num_workers: int,
+        data: Any = None,
+    ):
+        super().__init__()
+        self.load, self.items, self.engine_args = load, items, engine_args
+        self.batch_size, self.num_workers, self.data = batch_size, num_workers, data
+        self.model: torch.nn.Module | None = None
+        self.engine: Engine | None = None
+        self.processor = None
+        self.started = self.ended = 0.0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device
+        # Random init of a run's base must match single-device prediction: build where the loader says
+        # (on CPU, seeded), not under Lightning's default-device context.
+        with torch.device("cpu"):
+            model, tokenizer, self.processor = self.load(device)
+        self.model = model
+        self.engine = Engine(model, tokenizer, **self.engine_args)
+
+    def predict_dataloader(self) -> DataLoader:
+        answer = self.engine_args["answer"] if self.engine_args["mode"] == "teacher_forced" else None
+        dataset = PredictDataset(self.items, self.processor, answer, self.data)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=ShardSampler(len(dataset), self.global_rank, self.trainer.world_size),
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, self.processor),
+            pin_memory=self.trainer.strategy.root_device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        """Only the model's tensors travel; items, host images and truths stay where the writer needs them."""
+        return to_device(batch, device)
+
+    def on_predict_start(self) -> None:
+        self.trainer.strategy.barrier("vseg_predict_start")
+        self.started = time.perf_counter()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Any]:
+        assert self.engine is not None
+        return self.engine(batch)
+
+    def on_predict_end(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ResultWriter):
+                callback.store.close()
+        self.trainer.strategy.barrier("vseg_predict_end")
+        self.ended = time.perf_counter()
+
+
+class ResultWriter(BasePredictionWriter):
+    """Writes each batch's masks, overlays and journal lines on this rank (PNG encoding on threads)."""
+
+    def __init__(self, root: Path, overlays: bool, mode: str, workers: int = 4):
+        super().__init__(write_interval="batch")
+        self.root, self.overlays, self.mode, self.workers = root, overlays, mode, workers
+        self.store: OutputStore | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.store = OutputStore(self.root, trainer.global_rank, self.overlays, self.workers).open()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        write_batch(self.store, batch, prediction, self.mode)
+
+
+def write_batch(store: OutputStore, batch: dict[str, Any], predictions: list[Any], mode: str) -> None:
+    """Hands one batch's results to the store: failures recorded, predictions written."""
+    for item, error in batch["failed"]:
+        store.fail(item, error)
+    for item, pred, image, truth, fov in zip(
+        batch["items"], predictions, batch["images"], batch["truths"], batch["fov_masks"], strict=True
+    ):
+        store.submit(item, pred, image, truth, fov, mode)
+
+
+def predict_data_parallel(
+    *,
+    load: Callable[[torch.device], tuple[Any, Any, Any]],
+    items: list[PredictItem],
+    engine_args: dict[str, Any],
+    root: Path,
+    accelerator: str,
+    devices: int,
+    batch_size: int,
+    num_workers: int,
+    overlays: bool,
+    mode: str,
+    data: Any = None,
+    progress: bool = True,
+) -> tuple[int, float]:
+    """Runs Trainer.predict over `devices` processes; returns (this process's rank, predict seconds)."""
+    module = PredictModule(load, items, engine_args, batch_size, num_workers, data)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp",
+        precision="32-true",  # the model is already in its inference dtype; no autocast, no casting
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        use_distributed_sampler=False,  # ShardSampler partitions the plan itself
+        callbacks=[ResultWriter(root, overlays, mode)],
+        inference_mode=True,
+    )
+    trainer.predict(module, return_predictions=False)
+    return trainer.global_rank, module.ended - module.started

@@ -1,0 +1,182 @@
+"""Where the model runs: one device, or split over several GPUs with accelerate (`device_map`).
+
+Model-parallel: `device_map=sequential` fills the GPUs in order up to `max_memory` each; `balanced` (and
+`auto`, as in transformers) first evens the budget out over the GPUs. Blocks are never split: a decoder
+layer, a vision layer, a SAM-2 Hiera block, the SAM-2 prompt encoder / mask decoder and `text_hidden_fcs` each
+stay on one device (`no_split_classes`). accelerate's hooks move activations between blocks, and Sa2VA's own
+code moves every tensor it indexes or combines to the device of the part that uses it (the [SEG] mask, the
+image index, the SAM-2 features), which is what the users' split runs lacked ("indices should be either on
+cpu or on the same device as the indexed tensor").
+
+Memory-planner hook: `plan_device_map` is the one place that decides the split; a planner (issue 6) can
+pass its own `max_memory` or replace the map before `dispatch`, and `PlacementError` carries the advice shown
+when a model does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from vseg.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+# Leaf blocks that must stay whole: attention + MLP with their residuals, SAM-2 heads, the [SEG] projection.
+_NO_SPLIT_SUFFIXES = ("DecoderLayer", "VisionLayer", "VisionBlock", "MultiScaleBlock", "EncoderLayer")
+_NO_SPLIT_NAMES = ("Sam2MaskDecoder", "Sam2PromptEncoder", "Sam2VisionNeck", "Sequential", "InternVLMultiModalProjector")
+
+
+class PlacementError(ConfigError):
+    """The model cannot be placed as asked (e.g. it does not fit in `max_memory`); the message says what to do."""
+
+
+def no_split_classes(model: nn.Module) -> list[str]:
+    """Class names of the model's blocks that must not be split across devices."""
+    names = {type(m).__name__ for m in model.modules()}
+    return sorted(n for n in names if n.endswith(_NO_SPLIT_SUFFIXES) or n in _NO_SPLIT_NAMES)
+
+
+def parse_max_memory(value: Any) -> dict[int | str, int | str] | None:
+    """`{0: 12GB, 1: 12GB}` (Hydra dict or string) -> accelerate's max_memory (int GPU indices, cpu/disk)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import yaml
+
+        value = yaml.safe_load(value)
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"max_memory={value!r}: expected a mapping like {{0: 12GB, 1: 12GB}}")
+    out: dict[int | str, int | str] = {}
+    for key, size in dict(value).items():
+        k = str(key).strip()
+        if k.isdigit():
+            out[int(k)] = str(size) if not isinstance(size, int) else size
+        elif k.startswith("cuda:") and k[5:].isdigit():
+            out[int(k[5:])] = str(size) if not isinstance(size, int) else size
+        elif k in ("cpu", "disk", "mps"):
+            out[k] = str(size) if not isinstance(size, int) else size
+        else:
+            raise ConfigError(f"max_memory key {key!r}: expected a GPU index (0, 1, ...), cpu or disk")
+    return out
+
+
+def plan_device_map(
+    model: nn.Module, mode: str, max_memory: dict[int | str, int | str] | None, dtype: torch.dtype
+) -> dict[str, int | str]:
+    """The module -> device map for `mode` (auto | balanced | sequential) within `max_memory`."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if mode not in DEVICE_MAPS:
+        raise ConfigError(f"device_map={mode!r}: expected one of {DEVICE_MAPS} (or null for one device)")
+    no_split = no_split_classes(model)
+    if mode in ("auto", "balanced"):
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    offloaded = sorted(k for k, v in device_map.items() if v in ("cpu", "disk"))
+    gpus = [v for v in device_map.values() if v not in ("cpu", "disk")]
+    if offloaded and gpus:
+        raise PlacementError(
+            f"the model does not fit in max_memory={max_memory}: {len(offloaded)} blocks would be offloaded to "
+            f"CPU/disk (e.g. {offloaded[:3]}); raise max_memory, use more GPUs, or a smaller dtype"
+        )
+    log.info("device_map=%s: %s", mode, dict(Counter(str(v) for v in device_map.values())))
+    return device_map
+
+
+def dispatch(model: nn.Module, device_map: dict[str, int | str], offload_dir: str | None = None) -> nn.Module:
+    """Places the (real or meta-built, materialised) model by `device_map` and adds accelerate's hooks."""
+    from accelerate import dispatch_model
+
+    devices = [v for v in device_map.values() if v not in ("cpu", "disk")]
+    main = torch.device("cuda", devices[0]) if devices and isinstance(devices[0], int) else None
+    return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir)
+
+
+def devices_of(model: nn.Module) -> dict[str, int]:
+    """How many parameter tensors live on each device (a split check)."""
+    return dict(Counter(str(p.device) for p in model.parameters()))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> the first CUDA GPU if any, else CPU; anything else as torch parses it (checked)."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA GPU is visible; use device=cpu or run on a GPU machine")
+    return device
+
+
+# ------------------------------------------------------------------------------------------- random weights
+def _fill(param: torch.Tensor, name: str, generator: torch.Generator) -> None:
+    if param.ndim >= 2:
+        param.normal_(0.0, 0.02, generator=generator)
+    elif name.endswith("weight") or name.endswith("scale") or name.endswith("lambda1"):
+        param.fill_(1.0)
+    else:
+        param.normal_(0.0, 0.02, generator=generator)
+
+
+def build_meta(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+    """The architecture of `cfg` with its parameters on the meta device (buffers real), and its tokenizer."""
+    from vseg.model.build import build_sa2va
+    from vseg.model.checkpoint import parameters_on_meta
+
+    with parameters_on_meta():
+        return build_sa2va(cfg, None)
+
+
+def materialize_random(model: nn.Module, device_map: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Allocates every meta parameter on its `device_map` device and fills it there (random weights).
+
+    N(0, 0.02) for matrices and biases, 1 for norm scales; tied parameters stay one tensor. Nothing is
+    created on the host, so an 8B model is ready in seconds on the GPUs that will run it.
+    """
+    from vseg.model.checkpoint import _alias_groups, _set_tensor
+
+    aliases = _alias_groups(model)
+    done: set[str] = set()
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+        canonical = aliases[name][0]
+        if canonical in done:
+            continue
+        device = _device_for(name, device_map)
+        # Seeded per parameter name: the same weights whatever the placement (single GPU == device_map).
+        gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(canonical.encode()))
+        value = torch.empty(model.get_parameter(name).shape, dtype=dtype, device=device)
+        _fill(value, name, gen)
+        tensor = nn.Parameter(value, requires_grad=False)
+        for alias in aliases[name]:
+            _set_tensor(model, alias, tensor)
+        done.add(canonical)
+    for name, buffer in list(model.named_buffers()):
+        _set_tensor(model, name, buffer.to(_device_for(name, device_map)))
+    return model
+
+
+def build_random(cfg: ModelConfig, device_map: dict[str, Any], seed: int = 0) -> tuple[nn.Module, Any]:
+    """`cfg`'s architecture with random weights created directly where `device_map` puts them (`ckpt=random`)."""
+    from vseg.model.build import DTYPES
+
+    model, tokenizer = build_meta(cfg)
+    return materialize_random(model, device_map, DTYPES[cfg.dtype], seed), tokenizer
+
+
+def _device_for(name: str, device_map: dict[str, Any]) -> torch.device:
+    best = None
+    for prefix, device in device_map.items():
+        covers = prefix == "" or name == prefix or name.startswith(prefix + ".")
+        if covers and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, device)
+    if best is None:
+        raise KeyError(f"{name} is not covered by the device map")
+    device = best[1]
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)

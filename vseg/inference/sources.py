@@ -1,0 +1,334 @@
+"""What `ckpt=` names, and how to rebuild its model.
+
+| form | recognised by | model from |
+|---|---|---|
+| run directory | `config.yaml` (+ `weights/trainable.safetensors`, else its newest complete checkpoint) | the run's config: seeded base (or its `model.path`) + trained weights |
+| Lightning checkpoint | a `.ckpt` file | the run's `config.yaml` (next to `checkpoints/`) + the checkpoint's trainable `state_dict` |
+| DeepSpeed checkpoint | a directory with `<tag>/mp_rank_00_model_states.pt` (what Lightning's DeepSpeedStrategy writes, frozen parameters excluded) | the run's `config.yaml` + the module weights saved there (ZeRO-1/2) |
+| native / official export | `config.json` with `vseg_format: native` / `model_type: sa2va_chat` | the folder (`model.path`) |
+| adapter export | `config.json` with `vseg_format: adapter` | `vseg.export.load_adapter_folder` |
+| released Sa2VA folder | `config.json` `model_type: sa2va_chat` | the folder, zero-shot; `model=<preset>` or the preset whose architecture it matches |
+| `random` | the word | random weights of `model=<preset>` (benchmarks, smoke tests) |
+
+Checkpoint files are read with `torch.load(weights_only=True)` or safetensors only. Every weight set is
+checked key by key against the model its config builds; a checkpoint of another model (family, size or
+adapter setup) is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from vseg.config import ConfigError, ModelConfig, TrainConfig
+from vseg.model.checkpoint import CheckpointError, folder_architecture, merge_architecture, read_folder
+
+log = logging.getLogger(__name__)
+
+CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
+FORMS = ("run", "lightning", "deepspeed", "native", "official", "adapter", "random")
+
+
+@dataclass
+class ModelSource:
+    """A resolved `ckpt=`: its form, paths and the configs needed to build it."""
+
+    form: str
+    path: Path | None
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig | None = None  # run forms: seed, lora, data of the run
+    weights_file: Path | None = None  # run/lightning/deepspeed: where the trained weights are
+
+    @property
+    def template(self) -> str:
+        return self.model_cfg.template
+
+    def describe(self) -> str:
+        return f"{self.form}:{self.path}" if self.path else self.form
+
+    def build(self, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+        """(model, tokenizer) with every weight loaded, frozen, on `device` (random: materialised there)."""
+        from vseg.model.build import build_sa2va
+
+        if self.form == "random":
+            from vseg.inference.placement import build_random
+
+            return build_random(self.model_cfg, {"": str(device)})
+        if self.form == "adapter":
+            from vseg.export import load_adapter_folder
+
+            _, model, tokenizer = load_adapter_folder(self.path)  # type: ignore[arg-type]
+        elif self.form in ("native", "official"):
+            model, tokenizer = build_sa2va(self.model_cfg, None)
+        else:
+            cfg = self.train_cfg
+            assert cfg is not None and self.weights_file is not None
+            weights = read_trainable(self.form, self.weights_file)
+            L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
+            model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+            apply_trainable(model, weights, self.weights_file)
+        model.requires_grad_(False)
+        return model.to(device), tokenizer
+
+
+# ------------------------------------------------------------------------------------------- trained weights
+def apply_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Loads a trainable-only state dict, refusing any key or shape that does not fit the model."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    # DeepSpeed saves the module's persistent buffers next to the trainable weights; they are rebuilt, not loaded.
+    buffers = {n for n, _ in model.named_buffers()}
+    weights = {k: v for k, v in weights.items() if k not in buffers or k in expected}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(params[k].shape)}" for k in sorted(set(weights) & expected)
+              if tuple(weights[k].shape) != tuple(params[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{where} does not match the model its run config builds (a checkpoint of another model family, size or "
+            f"adapter setup?): missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}, "
+            f"mismatched shapes {shapes[:5]}"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
+def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+class _Opaque:
+    """Stands in for any non-tensor object of a checkpoint's metadata; absorbs whatever unpickling gives it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuilding and container globals; every other global becomes `_Opaque`.
+
+    No function or class of the checkpoint's choosing is ever called, so this is as safe as
+    `weights_only=True`, but tolerates metadata objects (DeepSpeed / Lightning config classes) it does not know.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module
+        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module == "torch" and name in _TORCH_OK):
+            return getattr(importlib.import_module(module), name)
+        if (module, name) in _SAFE:
+            return getattr(importlib.import_module(module), name)
+        return _Opaque
+
+
+_TORCH_OK = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "device"}
+_SAFE = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+         ("builtins", "complex"), ("collections", "defaultdict")}
+
+
+class _RestrictedPickle:
+    """A `pickle_module` for torch.load whose Unpickler is `_RestrictedUnpickler`."""
+
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "vseg_restricted_pickle"
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        log.info("%s holds metadata objects weights_only rejects; reading it with a restricted unpickler", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_RestrictedPickle)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - unpickling errors, truncated zips, ...
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); is it complete, and a vseg training checkpoint?"
+        ) from None
+
+
+def deepspeed_model_states(directory: Path) -> Path | None:
+    """The `mp_rank_00_model_states.pt` of a DeepSpeed checkpoint directory (tag from `latest`), or None."""
+    tags = []
+    latest = directory / "latest"
+    if latest.is_file():
+        tags.append(latest.read_text().strip())
+    tags += sorted(p.name for p in directory.iterdir() if p.is_dir())
+    for tag in tags:
+        candidate = directory / tag / "mp_rank_00_model_states.pt"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights (Sa2VA parameter names) stored at `path` by a run, Lightning or DeepSpeed."""
+    if form == "run":
+        return load_file(str(path))
+    if form == "lightning":
+        ckpt = _torch_load(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CheckpointError(f"{path}: a .ckpt without a state_dict; not a Lightning checkpoint")
+        if "vseg" not in ckpt:
+            log.warning("%s was not written by vseg's trainer; trying its state_dict anyway", path)
+        return _strip(ckpt["state_dict"], ("model.",))
+    states = _torch_load(path)
+    module = states.get("module") if isinstance(states, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{path}: no `module` weights in this DeepSpeed checkpoint")
+    empty = [k for k, v in module.items() if v.numel() == 0]
+    if empty:
+        raise CheckpointError(
+            f"{path}: the module weights are ZeRO-3 partitions ({len(empty)} empty tensors, e.g. {empty[:3]}); "
+            "predict from the run directory once training wrote weights/trainable.safetensors, or convert the "
+            "checkpoint with DeepSpeed's zero_to_fp32.py"
+        )
+    return {k: v.float() if v.is_floating_point() else v for k, v in _strip(module, ("_forward_module.", "model.")).items()}
+
+
+# ------------------------------------------------------------------------------------------- resolving ckpt=
+def _train_config(config_file: Path) -> TrainConfig:
+    raw = OmegaConf.load(config_file)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))  # type: ignore[return-value]
+
+
+def _run_config_near(ckpt: Path) -> Path:
+    """config.yaml of the run a checkpoint belongs to: RUN/checkpoints/<ckpt> -> RUN/config.yaml."""
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigError(
+        f"ckpt={ckpt}: a training checkpoint holds only the trained weights, and its run's config.yaml was not "
+        f"found in {ckpt.parent} or {ckpt.parent.parent}; pass the run directory (ckpt=RUN_DIR) instead"
+    )
+
+
+def preset(name: str) -> ModelConfig:
+    """The ModelConfig of conf/model/<name>.yaml."""
+    path = CONF_MODEL / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_MODEL.glob("*.yaml"))
+        raise ConfigError(f"model={name}: no such preset; known: {known}")
+    node = OmegaConf.load(path).get("model")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[return-value]
+
+
+def matching_presets(folder_path: Path) -> list[str]:
+    """Presets whose architecture agrees with the checkpoint folder's config.json."""
+    folder = read_folder(folder_path)
+    arch = folder_architecture(folder)
+    names = []
+    for path in sorted(CONF_MODEL.glob("*.yaml")):
+        try:
+            merge_architecture(preset(path.stem), folder, arch)
+        except (CheckpointError, ConfigError, TypeError, ValueError):
+            continue
+        names.append(path.stem)
+    return names
+
+
+def resolve_source(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
+    """Recognises the form of `ckpt` (see the module docstring); reads configs only, no weights.
+
+    Args:
+        ckpt: the `ckpt=` value.
+        model: the `model=<preset>` given on the command line, if any (needed for `random`, optional for
+            released folders, an override of the dtype / attention otherwise ignored).
+    """
+    if ckpt == "random":
+        if model is None:
+            raise ConfigError("ckpt=random needs model=<preset> (the architecture to build with random weights)")
+        return ModelSource("random", None, model)
+    path = Path(ckpt).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"ckpt={ckpt}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".ckpt":
+            cfg = _train_config(_run_config_near(path))
+            return ModelSource("lightning", path, cfg.model, cfg, path)
+        raise ConfigError(
+            f"ckpt={ckpt}: a {path.suffix or 'suffix-less'} file is not a checkpoint form vseg reads; pass a run "
+            "directory, a Lightning .ckpt, a DeepSpeed checkpoint directory or an exported / released model folder"
+        )
+    if (path / "config.yaml").is_file():
+        cfg = _train_config(path / "config.yaml")
+        weights = path / "weights" / "trainable.safetensors"
+        if weights.is_file():
+            return ModelSource("run", path, cfg.model, cfg, weights)
+        from vseg.faults import newest_checkpoint
+
+        newest = newest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise ConfigError(
+                f"ckpt={ckpt}: weights/trainable.safetensors not found at {weights} and no complete checkpoint in "
+                f"{path / 'checkpoints'}; pass a training run directory that has trained weights"
+            )
+        log.info("run %s has no final weights yet: using its newest checkpoint %s", path, newest.name)
+        return resolve_source(str(newest), model)
+    states = deepspeed_model_states(path)
+    if states is not None:
+        cfg = _train_config(_run_config_near(path))
+        return ModelSource("deepspeed", path, cfg.model, cfg, states)
+    if (path / "config.json").is_file():
+        try:
+            if json.loads((path / "config.json").read_text()).get("vseg_format") == "adapter":
+                raw = json.loads((path / "config.json").read_text())["train"]
+                cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
+                return ModelSource("adapter", path, cfg.model, None)  # type: ignore[union-attr]
+        except (json.JSONDecodeError, AttributeError):
+            pass  # read_folder names the problem
+        folder = read_folder(path)  # raises, naming the model_type, for anything that is not a Sa2VA folder
+        config = folder.config
+        if folder.kind == "native":
+            data = dict(config["model"])
+            base = model or ModelConfig()
+            cfg = dataclasses.replace(
+                OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data)),  # type: ignore[arg-type]
+                path=str(path),
+                attn_implementation=base.attn_implementation,
+            )
+            return ModelSource("native", path, cfg)
+        if model is None:
+            names = matching_presets(path)
+            if not names:
+                raise ConfigError(
+                    f"ckpt={ckpt}: no conf/model preset matches this folder's architecture; pass model=<preset>"
+                )
+            if len(names) > 1:
+                log.info("presets %s all match %s; using %s (pass model= to choose)", names, path, names[0])
+            model = preset(names[0])
+        return ModelSource("official", path, dataclasses.replace(model, path=str(path)))
+    raise ConfigError(
+        f"ckpt={ckpt}: not a checkpoint form vseg knows (no config.yaml, no config.json, no DeepSpeed "
+        f"mp_rank_00_model_states.pt); expected one of: run directory, Lightning .ckpt, DeepSpeed checkpoint "
+        "directory, native/official/adapter export, released Sa2VA folder, or `random` with model=<preset>"
+    )
