@@ -3,7 +3,8 @@
 Faults are injected for real: subprocesses running `train.py` are sent SIGTERM or SIGKILL, NaNs come
 from the test-only VSEG_TEST_* hooks (vseg/faults.py), a rank raises in a 2-process gloo run. Resumed
 runs are compared with an uninterrupted run of the same seed through the per-micro-batch trace
-(VSEG_TEST_TRACE: step, sample ids, loss): on CPU the continuation is bit-identical, and is asserted so.
+(VSEG_TEST_TRACE: step, sample ids, loss): the same samples in the same order, and the same losses up
+to CPU float noise (usually bit-identical; see `assert_continues`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ def read_trace(path: Path) -> dict[tuple[int, int, int], tuple[list[str], float]
         for i, item in enumerate(passes[-1]):
             out[(step, rank, i)] = item
     return out
+
+
+def assert_continues(got: dict, reference: dict) -> None:
+    """Same steps, same samples in the same order, and the same losses up to CPU float noise.
+
+    Mostly bit-identical; but the uninterrupted run itself was seen to vary in the 7th digit between
+    repeated runs on a busy 2-core machine, so losses are compared with a relative tolerance of 1e-5.
+    """
+    assert sorted(got) == sorted(reference)
+    assert [got[k][0] for k in sorted(got)] == [reference[k][0] for k in sorted(reference)]  # sample ids
+    losses = torch.tensor([got[k][1] for k in sorted(got)], dtype=torch.float64)
+    expected = torch.tensor([reference[k][1] for k in sorted(reference)], dtype=torch.float64)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0.0)
 
 
 def steps_in(path: Path) -> int:
@@ -181,7 +195,7 @@ def test_signals_stop_mid_epoch_and_at_epoch_end_and_resume_matches_the_uninterr
     monkeypatch.delenv("VSEG_TEST_SIGNAL_AT")
     third = run(tiny_cfg(cfg))
     assert third.resumed_from.name == "step0000004.ckpt" and third.global_step == 8 and third.stopped_by is None
-    assert read_trace(trace) == reference  # same samples, same order, identical losses (bit for bit)
+    assert_continues(read_trace(trace), reference)  # same samples, same order, same losses
 
 
 # ---------------------------------------------------------------------------------------------- bad numbers
@@ -285,7 +299,7 @@ def test_kill9_during_a_checkpoint_write_and_during_training_then_resume(tmp_pat
     proc = _train(run_dir, args, {"VSEG_TEST_TRACE": str(trace)})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert read_trace(trace) == reference
+    assert_continues(read_trace(trace), reference)
     assert killed_at_1 >= 3  # steps 2 and 3 had run: they were lost and redone (work since the checkpoint)
 
 
@@ -310,7 +324,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference, monke
     monkeypatch.setenv("VSEG_TEST_TRACE", str(trace))
     result = run(tiny_cfg([f"run_dir={run_dir}", "trainer.max_steps=8", "checkpoint.every_n_steps=100", *FAST]))
     assert result.resumed_from == saved and result.global_step == 8
-    assert read_trace(trace) == reference  # nothing lost: not even the step in flight when SIGTERM came
+    assert_continues(read_trace(trace), reference)  # nothing lost: not even the step in flight at SIGTERM
 
 
 def _alive(pid: int) -> bool:
