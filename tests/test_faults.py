@@ -199,7 +199,8 @@ def test_signals_stop_mid_epoch_and_at_epoch_end_and_resume_matches_the_uninterr
 
 
 # ---------------------------------------------------------------------------------------------- bad numbers
-def test_injected_nan_steps_are_skipped_counted_and_named(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_injected_nan_steps_are_skipped_counted_and_named(tmp_path, monkeypatch, caplog, precision):
     # Accumulation 2: a NaN in one micro-batch (step 1, micro-batch 1) must skip the whole step; step 2 gets
     # a NaN gradient with a finite loss.
     monkeypatch.setenv("VSEG_TEST_NAN_LOSS_STEPS", "1:1")
@@ -209,6 +210,7 @@ def test_injected_nan_steps_are_skipped_counted_and_named(tmp_path, monkeypatch,
             f"run_dir={tmp_path}",
             "trainer.max_steps=4",
             "trainer.accumulate_grad_batches=2",
+            f"trainer.precision={precision}",  # bf16 autocast (on CPU here; the GPU recipe's precision)
             "checkpoint.every_n_steps=1",
             "data.num_samples=16",
             *FAST,
