@@ -421,7 +421,7 @@ def test_deepspeed_sigterm_and_kill9_resume(tmp_path, strategy):
     _wait_until(lambda: any(p.name.endswith(".tmp") for p in ckpts.iterdir()), proc, timeout=600)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(5)  # the other rank is stopped by the watchdog (store gone)
+    time.sleep(15)  # the other rank is stopped by its watchdog (the store died with rank 0) within 10 s
     assert newest_checkpoint(ckpts) is not None and not newest_checkpoint(ckpts).name.endswith(".tmp")
 
     proc = _train(run_dir, [*args, "checkpoint.every_n_steps=2"], {"VSEG_TEST_TRACE": str(trace)})
