@@ -139,7 +139,7 @@ def test_every_input_form(trained, tmp_path):
         fov = np.zeros((96, 96), np.uint8)
         fov[8:88, 8:88] = 255
         Image.fromarray(fov).save(root / "fov" / f"s{i}.png")
-    data = predict(_cfg(f"ckpt={run_dir}", "data=folders", f"data.root={root}", "data.fov_pattern=fov/{id}.png",
+    data = predict(_cfg(f"ckpt={run_dir}", "data=folders", f"data.root={root}", "data.fov_pattern='fov/{id}.png'",
                         output=str(tmp_path / "data")))
     rows = _results(tmp_path / "data")
     assert data["images"] == 3 and all(r["fov"] is True and "cldice" in r for r in rows)
