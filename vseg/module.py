@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -32,9 +33,13 @@ class Sa2VAModule(L.LightningModule):
         cfg: the full training config (loss weights, optimizer, strategy).
     """
 
-    def __init__(self, model: Sa2VA, cfg: TrainConfig):
+    def __init__(self, model: Sa2VA | None, cfg: TrainConfig, builder: Callable[[Any], Sa2VA] | None = None):
         super().__init__()
+        # ZeRO-3: model is None and `builder(strategy)` makes it in configure_model, where DeepSpeed
+        # partitions each parameter as it is created (vseg.strategy.build_sa2va_zero3).
         self.model = model
+        self._builder = builder
+        self._val_batches_max: int | None = None  # ZeRO-3: most validation batches of any rank
         self.cfg = cfg
         self.val_metrics = SegmentationMetrics()
         # Checkpoints hold only trainable weights; on_load_checkpoint checks they are all there.
@@ -43,6 +48,13 @@ class Sa2VAModule(L.LightningModule):
         # NaN/Inf losses or gradients: the optimizer step is skipped on every rank and counted.
         self.guard = NonFiniteGuard(cfg.faults.max_bad_steps, cfg.faults.check_grads)
         self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
+
+    def configure_model(self) -> None:
+        if self.model is None and self._builder is not None:
+            self.model = self._builder(self.trainer.strategy)
+
+    def _zero3(self) -> bool:
+        return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # ---------------------------------------------------------------- steps
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
@@ -129,8 +141,26 @@ class Sa2VAModule(L.LightningModule):
         optimizer.step(closure=lambda: closure_result)
         self.test_faults.weights(params, step)
 
+    def on_validation_epoch_start(self) -> None:
+        # ZeRO-3 gathers every layer's weights from all ranks in each forward: a rank with fewer validation
+        # batches (the split need not divide evenly) would leave the others waiting forever. Agree on the
+        # most batches any rank has; ranks with fewer repeat their last batch's forward (results discarded).
+        self._val_batches_max = None
+        if self._zero3() and self.trainer.world_size > 1:
+            own = self._own_val_batches()
+            most = self.trainer.strategy.reduce(torch.tensor(float(own), device=self.device), reduce_op="max")
+            self._val_batches_max = int(most)
+
+    def _own_val_batches(self) -> int:
+        counts = self.trainer.num_sanity_val_batches if self.trainer.sanity_checking else self.trainer.num_val_batches
+        return int(counts[0]) if counts else 0
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, sums = self._forward(batch)
+        if self._val_batches_max is not None and batch_idx == self._own_val_batches() - 1:
+            with torch.no_grad():
+                for _ in range(self._val_batches_max - self._own_val_batches()):
+                    self._forward(batch)
         losses = combine(sums, self.cfg.loss, Window(sums.num_masks, sums.num_tokens))
         size = len(batch["ids"])
         self.log("val/loss", losses["loss_logged"], sync_dist=True, batch_size=size)
@@ -211,8 +241,19 @@ class Sa2VAModule(L.LightningModule):
         checkpoint["vseg"] = {"trainable_keys": sorted(keep)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
         expected = set(trainable_state_dict(self))
+        if "state_dict" not in checkpoint:
+            # DeepSpeed: the engine restored the weights itself (strictly for the saved trainable ones); the
+            # client state only carries the names they were saved under.
+            saved = set(checkpoint.get("vseg", {}).get("trainable_keys", expected))
+            if saved != expected:
+                raise RuntimeError(
+                    "DeepSpeed checkpoint was written for other trainable weights "
+                    f"(missing {sorted(expected - saved)[:5]}, unexpected {sorted(saved - expected)[:5]}); "
+                    "was it written with the same model / lora config?"
+                )
+            return
+        state = checkpoint["state_dict"]
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:

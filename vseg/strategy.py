@@ -1,35 +1,62 @@
-"""Hydra `strategy` choice -> Lightning strategy object. DeepSpeed configs live here and nowhere else."""
+"""Hydra `strategy` choice -> Lightning strategy object. DeepSpeed configs live here and nowhere else.
+
+Also the DeepSpeed-specific pieces of a run:
+
+* `build_sa2va_zero3`: under ZeRO-3 the model is built inside Lightning's `configure_model`, where
+  `deepspeed.zero.Init` partitions every parameter as its module is created (no full copy on any GPU), with
+  transformers/PEFT told about the DeepSpeed config (`HfDeepSpeedConfig`) so they gather what they must
+  read. LoRA matrices created under partitioning are then re-initialised on gathered copies (PEFT's own
+  init writes into empty shards: lora_B would keep nn.Linear's random init instead of zeros).
+* `deepspeed_trainable_weights` / `write_trainable_weights`: a DeepSpeed checkpoint *directory* (ZeRO-2 or
+  ZeRO-3, any number of ranks, frozen parameters excluded) -> the same `weights/trainable.safetensors` a
+  non-DeepSpeed run writes, which `predict.py` and `vseg export` read. Files are read with
+  `torch.load(weights_only=True)`, allowing only DeepSpeed's loss-scaler, stage-enum and fragment-address classes.
+  Command line: `vseg weights ckpt=RUN/checkpoints/step0000500.ckpt [out=RUN]`.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from vseg.config import StrategyConfig
+from vseg.config import ConfigError, StrategyConfig
+
+WEIGHTS_FILE = Path("weights") / "trainable.safetensors"
 
 
-def deepspeed_config(cfg: StrategyConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: StrategyConfig, micro_batch: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for ZeRO stage `cfg.stage`, optionally offloading optimizer / parameters.
 
-    Batch sizes, accumulation and gradient clipping are filled in by Lightning from the trainer
-    (`trainer.gradient_clip_val`), bf16 from its precision.
+    Accumulation and gradient clipping are filled in by Lightning from the trainer
+    (`trainer.accumulate_grad_batches`, `trainer.gradient_clip_val`), bf16 from its precision. The
+    micro-batch is set here (`data.batch_size`): Lightning cannot read it from vseg's windowed loader.
+    Buckets are `strategy.bucket_size` elements: with `overlap_comm` DeepSpeed keeps about 4.5x that in
+    bf16 buffers, so the 5e8 of most examples would cost ~4.5 GB of a 24 GB card; 5e7 costs ~0.45 GB.
     """
+    bucket = int(cfg.bucket_size)
     zero: dict[str, Any] = {
         "stage": cfg.stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 5e8,
+        "reduce_bucket_size": bucket,
     }
     if cfg.stage in (1, 2):
-        zero.update({"allgather_partitions": True, "allgather_bucket_size": 5e8, "reduce_scatter": True})
+        zero.update({"allgather_partitions": True, "allgather_bucket_size": bucket, "reduce_scatter": True})
     if cfg.stage == 3:
         # Frozen base weights are most of the model: gather them per module, release right after.
         zero.update(
             {
-                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_prefetch_bucket_size": bucket,
                 "stage3_param_persistence_threshold": 1e5,
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
                 "stage3_gather_16bit_weights_on_model_save": False,
             }
         )
@@ -38,19 +65,304 @@ def deepspeed_config(cfg: StrategyConfig) -> dict[str, Any]:
     if cfg.offload_parameters:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.pin_memory}
     config: dict[str, Any] = {"zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    if micro_batch is not None:
+        config["train_micro_batch_size_per_gpu"] = int(micro_batch)
     return config
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy | str:
+def build_strategy(cfg: StrategyConfig, micro_batch: int | None = None) -> Strategy | str:
     """The Lightning strategy for a validated `StrategyConfig`.
 
-    `single` returns "auto" so Lightning picks the one device (CPU, CUDA or MPS) itself.
+    `single` returns "auto" so Lightning picks the one device (CPU, CUDA or MPS) itself. DeepSpeed
+    checkpoints exclude frozen parameters (only what trains is written, by every rank its shard).
     """
     timeout = timedelta(minutes=cfg.timeout_minutes)
     if cfg.name == "single":
         return "auto"
     if cfg.name == "ddp":
-        return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, timeout=timeout)
+        # Gradients as views of the communication buckets: one copy of the (LoRA) gradients, not two.
+        return DDPStrategy(
+            find_unused_parameters=cfg.find_unused_parameters, timeout=timeout, gradient_as_bucket_view=True
+        )
     if cfg.stage in (1, 2, 3):
-        return DeepSpeedStrategy(config=deepspeed_config(cfg), timeout=timeout, exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(
+            config=deepspeed_config(cfg, micro_batch), timeout=timeout, exclude_frozen_parameters=True
+        )
     raise ValueError(f"strategy {cfg.name!r} with stage {cfg.stage} has no builder")
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+# ---------------------------------------------------------------------------------------------- ZeRO-3 build
+def _is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None):
+    """deepspeed.zero.GatheredParameters when any of `params` is partitioned, else a no-op context."""
+    import contextlib
+
+    if not any(_is_partitioned(p) for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _rank() -> int:
+    return (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+
+
+def lora_pairs(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
+    """(module name, lora_A weight, lora_B weight) for every LoRA adapter of `model`."""
+    for name, module in model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(lora_b, torch.nn.ModuleDict):
+            continue
+        for adapter in lora_a:
+            if adapter in lora_b and hasattr(lora_a[adapter], "weight"):
+                yield f"{name}.{adapter}", lora_a[adapter].weight, lora_b[adapter].weight
+
+
+def reinit_lora(model: torch.nn.Module) -> int:
+    """PEFT's default LoRA init (A: kaiming-uniform a=sqrt(5), B: zeros) on gathered copies; returns the count.
+
+    Collective under ZeRO-3 (every rank must call it); rank 0's values are kept. A no-op change on an
+    unpartitioned model other than re-drawing A.
+    """
+    count = 0
+    for _, a, b in lora_pairs(model):
+        with _gathered([a, b], modifier_rank=0), torch.no_grad():
+            if _rank() == 0 or not _is_partitioned(a):
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                torch.nn.init.zeros_(b)
+        count += 1
+    return count
+
+
+def lora_init_report(model: torch.nn.Module) -> dict[str, float]:
+    """Largest |lora_B| and smallest per-matrix max |lora_A| over all adapters (gathered; collective)."""
+    max_b, min_a = 0.0, math.inf
+    for _, a, b in lora_pairs(model):
+        with _gathered([a, b], modifier_rank=None):
+            max_b = max(max_b, float(b.detach().abs().max()))
+            min_a = min(min_a, float(a.detach().abs().max()))
+    return {"max_abs_lora_B": max_b, "min_max_abs_lora_A": min_a}
+
+
+def build_sa2va_zero3(model_cfg: Any, lora: Any, ds_config: dict[str, Any], base: torch.nn.Module | None = None):
+    """Sa2VA for ZeRO-3, called inside Lightning's `configure_model` (i.e. inside `deepspeed.zero.Init`).
+
+    Args:
+        model_cfg / lora: the run's ModelConfig / LoraConfig.
+        ds_config: the DeepSpeed config of the strategy (stage 3).
+        base: an already loaded frozen Sa2VA (`model.path` runs load it on the CPU); it is partitioned onto
+            the GPUs parameter by parameter. None: the random-init model is built partitioned.
+
+    Returns:
+        (model, tokenizer, hf_ds_config); keep the last alive as long as the model (transformers and PEFT
+        check it to know that ZeRO-3 is on).
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from vseg.model.build import apply_training_setup, build_sa2va, build_tokenizer
+
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    if base is None:
+        model, tokenizer = build_sa2va(model_cfg, None)
+    else:
+        tokenizer, _ = build_tokenizer(model_cfg)
+        deepspeed.zero.Init(module=base, config_dict_or_path=ds_config)
+        model = base
+    if lora is not None:
+        apply_training_setup(model, lora, tokenizer)
+        reinit_lora(model)
+    if model_cfg.gradient_checkpointing:
+        model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, hf_ds
+
+
+# ---------------------------------------------------------------------------------- DeepSpeed checkpoints
+_OPTIM_FILE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+LIGHTNING_PREFIXES = ("_forward_module.", "module.")
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A directory written by Lightning's DeepSpeedStrategy (`<path>/checkpoint/*model_states.pt`)."""
+    return Path(path).is_dir() and any((Path(path) / "checkpoint").glob("*model_states.pt"))
+
+
+def _safe_load(path: Path) -> Any:
+    """torch.load(weights_only=True), allowing only the DeepSpeed classes its checkpoints pickle."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strip(name: str) -> str:
+    for prefix in LIGHTNING_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
+def deepspeed_trainable_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 trainable weights of a DeepSpeed ZeRO-1/2/3 checkpoint directory, keyed like the LightningModule.
+
+    Reassembles each rank's flat fp32 partition (as DeepSpeed's zero_to_fp32 does) for exactly the
+    parameters the checkpoint recorded as optimised; frozen parameters are not in the checkpoint.
+
+    Raises:
+        ConfigError: the directory is not a complete DeepSpeed checkpoint.
+    """
+    tag_dir = Path(path) / "checkpoint"
+    optim = sorted((int(m.group(1)), f) for f in tag_dir.glob("*optim_states.pt") if (m := _OPTIM_FILE.match(f.name)))
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not optim or not model_files:
+        raise ConfigError(f"{path}: no DeepSpeed optimizer/model state files under {tag_dir}")
+    world = len(optim)
+    if [r for r, _ in optim] != list(range(world)):
+        raise ConfigError(f"{path}: optimizer state files of ranks {[r for r, _ in optim]}: some are missing")
+    model_state = _safe_load(model_files[0])
+    param_shapes = model_state["param_shapes"]  # list (one per param group) of {name: shape}
+    if isinstance(param_shapes, dict):
+        param_shapes = [param_shapes]
+    states = [_safe_load(f)["optimizer_state_dict"] for _, f in optim]
+    stage = int(states[0]["zero_stage"])
+    out: dict[str, torch.Tensor] = {}
+    if stage <= 2:
+        key = "single_partition_of_fp32_groups"
+        for group, shapes in enumerate(param_shapes):
+            flat = torch.cat([s[key][group].float() for s in states])
+            offset = 0
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                out[_strip(name)] = flat[offset : offset + numel].view(shape).clone()
+                offset += numel
+            if offset > flat.numel():
+                raise ConfigError(f"{path}: group {group} holds {flat.numel()} values, shapes need {offset}")
+    else:
+        key = "fp32_flat_groups"
+        flats = [torch.cat([g.float().flatten() for g in s[key]]) for s in states]
+        offset = 0
+        for shapes in param_shapes:
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / world)
+                pieces = [f[offset : offset + part] for f in flats]
+                out[_strip(name)] = torch.cat(pieces)[:numel].view(shape).clone()
+                offset += part
+    return out
+
+
+def trainable_weights_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Trainable weights of any vseg checkpoint (a Lightning `.ckpt` file or a DeepSpeed directory), keyed by
+    Sa2VA parameter names (the `model.` of the LightningModule removed), fp32."""
+    path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        state = deepspeed_trainable_weights(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    else:
+        raise ConfigError(f"ckpt={path}: neither a checkpoint file nor a DeepSpeed checkpoint directory")
+    if not state:
+        raise ConfigError(f"ckpt={path}: holds no weights")
+    return {k.removeprefix("model."): v.float().contiguous() for k, v in state.items()}
+
+
+def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Writes `RUN/weights/trainable.safetensors` from a checkpoint of that run (checked against its config).
+
+    `run_dir` defaults to the checkpoint's run (`RUN/checkpoints/<ckpt>`). The result is what a finished run
+    leaves, so `predict.py ckpt=RUN` and `vseg export ckpt=RUN` work on it. The file is replaced atomically.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    ckpt = Path(ckpt).expanduser().resolve()
+    run = Path(run_dir).expanduser().resolve() if run_dir else ckpt.parent.parent
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: no config.yaml; pass out=RUN_DIR (the run this checkpoint belongs to)")
+    weights = trainable_weights_from_checkpoint(ckpt)
+    expected = _expected_trainable(run)
+    if expected is not None and set(weights) != expected:
+        raise ConfigError(
+            f"{ckpt} does not match the trainable weights of {run}/config.yaml "
+            f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
+        )
+    target = run / WEIGHTS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(weights, str(tmp), metadata={"source": str(ckpt)})
+    os.replace(tmp, target)
+    return target
+
+
+def _expected_trainable(run: Path) -> set[str] | None:
+    """Trainable parameter names of the run's model, from a meta-device build (None if it cannot be built)."""
+    from omegaconf import OmegaConf
+
+    from vseg.config import TrainConfig
+    from vseg.model.sizes import build_on_meta
+
+    raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / "config.yaml"))
+    cfg: TrainConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    if cfg.model.path is not None:
+        return None  # the architecture comes from the folder; predict/export check the keys when loading
+    model, _ = build_on_meta(cfg.model, cfg.lora)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def main(overrides: list[str]) -> int:
+    """`vseg weights ckpt=CHECKPOINT [out=RUN_DIR]`: a checkpoint (file or DeepSpeed directory) -> trainable.safetensors."""
+    args = dict(o.split("=", 1) for o in overrides if "=" in o)
+    unknown = set(args) - {"ckpt", "out"} | {o for o in overrides if "=" not in o}
+    if "ckpt" not in args or unknown:
+        raise ConfigError("usage: vseg weights ckpt=RUN/checkpoints/<checkpoint> [out=RUN_DIR]")
+    path = write_trainable_weights(args["ckpt"], args.get("out"))
+    print(f"trainable weights written to {path}", flush=True)
+    return 0
+
+
+def model_for_run(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, tokenizer, builder) for `train.run`.
+
+    ZeRO-3: `model` only stands in (shapes and config, for the processor and the parameter count: built
+    on the meta device, or the CPU-loaded base of a `model.path` run) and `builder(strategy)` makes the real
+    one in `configure_model`. Otherwise the model is built here (on `model.init_device`) and builder is None.
+    """
+    import os
+
+    from vseg.model.build import build_sa2va
+
+    if cfg.strategy.stage == 3:
+        if cfg.model.path is None:
+            from vseg.model.sizes import build_on_meta
+
+            stand_in, tokenizer = build_on_meta(cfg.model, cfg.lora)
+            base = None
+        else:
+            # Host memory: one frozen copy per rank while it is partitioned onto the GPUs.
+            stand_in, tokenizer = build_sa2va(cfg.model, None)
+            base = stand_in
+
+        def builder(strategy: Any) -> torch.nn.Module:
+            model, _, hf_ds = build_sa2va_zero3(cfg.model, cfg.lora, strategy.config, base=base)
+            model._hf_deepspeed_config = hf_ds  # keeps transformers/PEFT aware of ZeRO-3 while the model lives
+            return model
+
+        return stand_in, tokenizer, builder
+    if cfg.model.init_device == "cuda" and torch.cuda.is_available():
+        with torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))):
+            model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+        return model, tokenizer, None
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    return model, tokenizer, None

@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 from vseg.config import ConfigError, TrainConfig, load_config
 from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
-from vseg.model.build import build_sa2va, count_parameters
+from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
+from vseg.monitor import PerfMonitor
 from vseg.planner import OOMGuard, prepare_run
-from vseg.strategy import build_strategy
+from vseg.strategy import build_strategy, is_deepspeed, model_for_run, trainable_weights_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
         callbacks.append(RankWatchdog(heartbeat_timeout_s=cfg.faults.heartbeat_timeout_s))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
+    callbacks.append(PerfMonitor.from_config(cfg.callbacks))  # memory, samples/s, tokens/s, MFU (vseg/monitor)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
     return L.Trainer(
-        strategy=build_strategy(cfg.strategy),
+        strategy=build_strategy(cfg.strategy, micro_batch=cfg.data.batch_size),
         logger=logger,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
@@ -139,7 +141,9 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         log.info("data:\n%s", data_report.format(limit=20))
     L.seed_everything(cfg.seed, workers=True)
     # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned
+    # model inside configure_model; otherwise `model` is the model (builder None).
+    model, tokenizer, builder = model_for_run(cfg)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
-    module = Sa2VAModule(model, cfg)
+    module = Sa2VAModule(None if builder else model, cfg, builder)
     resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -176,15 +180,19 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
             exit_code=128 + int(signum) if trainer.is_global_zero else 0,
             resumed_from=resume,
         )
-    if cfg.checkpoint.save_last and not trainer.interrupted:
+    deepspeed_run = is_deepspeed(trainer.strategy)
+    # DeepSpeed runs always keep last.ckpt: their final weights are read from it (fp32 masters, every shard).
+    if (cfg.checkpoint.save_last or deepspeed_run) and not trainer.interrupted:
         # The step checkpoints fire every N steps; the final state is kept as last.ckpt too (all ranks
         # take part: under DeepSpeed saving is collective). Atomic: a killed write keeps the old one.
         save_checkpoint_atomic(trainer, run_dir / "checkpoints" / "last.ckpt")
 
     if trainer.is_global_zero:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        gathered = trainable_weights_from_checkpoint(last) if deepspeed_run and last.is_dir() else None
         weights = run_dir / "weights"
         weights.mkdir(exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(module.model).items()}
+        state = gathered or {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(module.model).items()}
         save_file(state, weights / "trainable.safetensors", metadata={"global_step": str(trainer.global_step)})
         print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -113,6 +113,9 @@ def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTo
     """Marks what trains (in float32) and injects the adapters; leaves everything else frozen."""
     family = model.family
     new_ids = [token_id(tokenizer, t) for t in SA2VA_ADDED_TOKENS] if lora.train_new_token_rows else []
+    # ZeRO-3 (parameters partitioned while building): PEFT must not upcast the adapters to fp32 itself, that
+    # would change only the empty placeholders, not the bf16 shards DeepSpeed optimises.
+    upcast = not any(hasattr(p, "ds_id") for p in model.parameters())
     tied = bool(model.base_mllm.config.tie_word_embeddings)
     token_modules = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
     if lora.enabled:
@@ -127,13 +130,13 @@ def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTo
             trainable_token_indices=dict.fromkeys(token_modules, new_ids) if new_ids else None,
             bias="none",
         )
-        model.mllm = get_peft_model(model.mllm, peft_config)
+        model.mllm = get_peft_model(model.mllm, peft_config, autocast_adapter_dtype=upcast)
     elif new_ids:
         # No LoRA (lora=heads_only): a LoraConfig without target modules is refused by PEFT
         # (NoMatchingPeftModuleError), so the token rows get PEFT's own trainable-tokens adapter; it ties the
         # LM head to the embedding when the model ties them, exactly as LoRA's `trainable_token_indices` does.
         peft_config = TrainableTokensConfig(target_modules=token_modules, token_indices=new_ids)
-        model.mllm = get_peft_model(model.mllm, peft_config)
+        model.mllm = get_peft_model(model.mllm, peft_config, autocast_adapter_dtype=upcast)
     base = model.base_mllm
     if lora.train_projector:
         for name, p in base.named_parameters():
