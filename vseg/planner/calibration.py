@@ -35,6 +35,11 @@ def _get(row: dict[str, Any], key: str, default: Any = None) -> Any:
     return default
 
 
+def _peak(value: Any) -> float:
+    """A peak in GB: one number, or one per rank (the largest rank counts: every GPU must hold it)."""
+    return float(max(value)) if isinstance(value, list | tuple) else float(value)
+
+
 def tolerance() -> float:
     return float(json.loads(TABLE.read_text()).get("tolerance", 0.15))
 
@@ -60,6 +65,7 @@ def measured_rows() -> list[dict[str, Any]]:
     usable = []
     for r in rows:
         ok = r.get("model") and r.get("strategy") and not r.get("error") and not r.get("oom")
+        ok = ok and r.get("status", "ok") == "ok"
         if ok and (_get(r, "peak_allocated_gb") is not None or _get(r, "peak_reserved_gb") is not None):
             usable.append(r)
     return usable
@@ -104,7 +110,7 @@ def compare(row: dict[str, Any]) -> list[Comparison]:
     facts, model, tokenizer = model_facts(cfg)
     seq = sequence_facts(cfg, model, tokenizer)
     if _get(row, "seq_len"):  # the benchmark's own prompt: keep the image tokens, match the length
-        seq = replace(seq, text_tokens=max(int(_get(row, "seq_len")) - seq.image_tokens, 0))
+        seq = replace(seq, text_tokens=max(round(float(_get(row, "seq_len"))) - seq.image_tokens, 0))
     setting = Setting(
         row["strategy"],
         devices,
@@ -116,7 +122,7 @@ def compare(row: dict[str, Any]) -> list[Comparison]:
     e = estimate(facts, seq, setting)
     out = []
     if _get(row, "peak_allocated_gb") is not None:
-        out.append(Comparison(row, float(_get(row, "peak_allocated_gb")), e.allocated / GB, "allocated"))
+        out.append(Comparison(row, _peak(_get(row, "peak_allocated_gb")), e.allocated / GB, "allocated"))
     if _get(row, "peak_reserved_gb") is not None:
-        out.append(Comparison(row, float(_get(row, "peak_reserved_gb")), e.reserved / GB, "reserved"))
+        out.append(Comparison(row, _peak(_get(row, "peak_reserved_gb")), e.reserved / GB, "reserved"))
     return out
