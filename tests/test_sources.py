@@ -337,7 +337,7 @@ def test_training_refuses_bad_data_before_building_the_model(tmp_path, monkeypat
     def no_build(*args, **kwargs):
         raise AssertionError("the model must not be built for bad data")
 
-    monkeypatch.setattr(train, "build_sa2va", no_build)
+    monkeypatch.setattr(train, "model_for_run", no_build)
     with pytest.raises(DatasetProblems, match="corrupt.png: cannot be read") as err:
         train.run(tiny_cfg(overrides))
     assert "data.skip_invalid=true" in str(err.value)
