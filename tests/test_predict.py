@@ -82,11 +82,19 @@ def test_every_checkpoint_form_gives_the_same_masks(trained, tmp_path):
         forms[fmt] = str(tmp_path / fmt)
     # The layout Lightning's DeepSpeedStrategy writes (frozen parameters excluded): <dir>/<tag>/mp_rank_00_model_states.pt
     # with the wrapped module's weights (and its persistent buffers); the real one is tested on a GPU.
+    # DeepSpeed's module_state_dict(exclude_frozen_parameters=True): the wrapped LightningModule's state_dict
+    # minus the frozen named_parameters — buffers and second names of tied tensors stay in (seen on the GPU).
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    lightning_module = trained["result"].module
+    state = lightning_module.state_dict()
+    for name, p in lightning_module.named_parameters():
+        if not p.requires_grad:
+            state.pop(name)
+    state.update(ckpt["state_dict"])  # the trained values (the module object may have moved on)
     ds = run_dir / "checkpoints" / "ds.ckpt"
     (ds / "checkpoint").mkdir(parents=True)
     (ds / "latest").write_text("checkpoint")
-    module = {f"_forward_module.{k}": v.to(torch.bfloat16).float() for k, v in ckpt["state_dict"].items()}
+    module = {f"_forward_module.{k}": v.to(torch.bfloat16).float() for k, v in state.items()}
     torch.save({"module": module, "global_steps": 6}, ds / "checkpoint" / "mp_rank_00_model_states.pt")
     forms["deepspeed"] = str(ds)
     masks, logits = {}, {}

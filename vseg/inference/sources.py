@@ -87,9 +87,13 @@ def apply_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], wh
     """Loads a trainable-only state dict, refusing any key or shape that does not fit the model."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
-    # DeepSpeed saves the module's persistent buffers next to the trainable weights; they are rebuilt, not loaded.
-    buffers = {n for n, _ in model.named_buffers()}
-    weights = {k: v for k, v in weights.items() if k not in buffers or k in expected}
+    # DeepSpeed (frozen parameters excluded) still saves the module's persistent buffers and the second name of
+    # tied tensors (a tied lm_head's token adapter); they are rebuilt or shared, not loaded.
+    known = set(model.state_dict(keep_vars=True))
+    extra = sorted(k for k in weights if k in known and k not in expected)
+    if extra:
+        log.info("%s: %d saved tensors are buffers or tied aliases (not loaded), e.g. %s", where, len(extra), extra[:3])
+    weights = {k: v for k, v in weights.items() if k not in known or k in expected}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(params[k].shape)}" for k in sorted(set(weights) & expected)
               if tuple(weights[k].shape) != tuple(params[k].shape)]
