@@ -1,10 +1,12 @@
-"""Numeric parity with the authors' own Sa2VA code on identical random weights (InternVL family, InternLM2 LLM).
+"""Numeric parity with the authors' own Sa2VA code on identical random weights (InternVL family; InternLM2 LLM as
+in Sa2VA-8B / 26B, and Qwen2 as in 1B / 4B / InternVL3, which their code takes from transformers).
 
 Test-only and optional: the authors' files are read from a local mirror of bytedance/Sa2VA at test time
 (`git show` into a temporary folder, imported from there, never copied into this repository); without the
 mirror the tests skip and say why. Their modules are built at tiny sizes with random weights:
 
-* `modeling_intern_vit.InternVisionModel` (the vision tower), `modeling_internlm2.InternLM2ForCausalLM`,
+* `modeling_intern_vit.InternVisionModel` (the vision tower), `modeling_internlm2.InternLM2ForCausalLM` (or
+  transformers' `Qwen2ForCausalLM`),
 * `sam2.SAM2VideoPredictor` from their self-contained `sam2.py` (Hiera + FPN neck, prompt encoder, mask
   decoder, and small memory parts it requires),
 * `mlp1` and `text_hidden_fcs` as their `Sa2VAChatModel.__init__` builds them (plain torch Sequentials),
@@ -81,9 +83,7 @@ LLM = dict(
 )  # fmt: skip
 # vseg's tiny InternLM2 preset, with SAM-2's decoder at the sizes their `_build_sam_heads` hard-codes
 # (8 heads, MLP 2048, IoU head 256) and Hiera's default head doubling per stage.
-VSEG = [
-    "model.text.model_type=llama",
-    "model.template=internlm2_chat",
+SAM_AND_VISION = [
     "model.tie_word_embeddings=false",
     "+model.vision.attention_bias=true",
     "model.sam2.vision_config.backbone_config.num_attention_heads_per_stage=[1,2,4,8]",
@@ -91,6 +91,11 @@ VSEG = [
     "model.sam2.mask_decoder_config.mlp_dim=2048",
     "model.sam2.mask_decoder_config.iou_head_hidden_dim=256",
 ]
+# LLM of the release -> (vseg overrides, official template)
+LLMS = {
+    "internlm2": (["model.text.model_type=llama", "model.template=internlm2_chat"], "internlm2_chat"),
+    "qwen2": ([], "qwen_chat"),  # their Sa2VAChatModel holds transformers' own Qwen2ForCausalLM here
+}
 
 
 def _git_show(path: str) -> str | None:
@@ -224,8 +229,25 @@ def _randomise(module: nn.Module, generator: torch.Generator) -> None:
                 tensor.copy_(noise + (1.0 if scale else 0.0))
 
 
-@pytest.fixture(scope="module")
-def pair(authors, tmp_path_factory):
+def _their_llm(authors, kind: str, vocab: int) -> tuple[nn.Module, dict]:
+    """Their language model (remote InternLM2, or transformers' Qwen2 as their code builds it) + its llm_config."""
+    if kind == "internlm2":
+        config = _filled(authors.configuration_internlm2.InternLM2Config, {**LLM, "vocab_size": vocab})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = authors.modeling_internlm2.InternLM2ForCausalLM(config)
+        fields = {k: v for k, v in LLM.items() if k != "attn_implementation"}
+        return lm, {**fields, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2"}
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    fields = {k: LLM[k] for k in LLM if k not in ("bias", "attn_implementation", "pad_token_id")}
+    config = Qwen2Config(**fields, vocab_size=vocab)
+    config._attn_implementation = "eager"
+    return Qwen2ForCausalLM(config), {**fields, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+
+
+@pytest.fixture(scope="module", params=sorted(LLMS))
+def pair(authors, tmp_path_factory, request):
     """(their modules, vseg's model loaded from their weights in the released layout, tokenizer, vseg config)."""
     tokenizer = load_tokenizer(None)
     from vseg.model.tokenizer import ensure_special_tokens
@@ -236,10 +258,8 @@ def pair(authors, tmp_path_factory):
     vit = authors.modeling_intern_vit.InternVisionModel(
         _filled(authors.configuration_intern_vit.InternVisionConfig, VIT)
     )
-    lm_config = _filled(authors.configuration_internlm2.InternLM2Config, {**LLM, "vocab_size": vocab})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lm = authors.modeling_internlm2.InternLM2ForCausalLM(lm_config)
+    lm, llm_config = _their_llm(authors, request.param, vocab)
+    overrides, template = LLMS[request.param]
     vit_width, llm_width, scale = VIT["hidden_size"], LLM["hidden_size"], 2  # downsample_ratio 0.5
     mlp1 = nn.Sequential(
         nn.LayerNorm(vit_width * scale**2),
@@ -270,23 +290,18 @@ def pair(authors, tmp_path_factory):
     config = {
         "architectures": ["Sa2VAChatModel"],
         "model_type": "sa2va_chat",
-        "template": "internlm2_chat",
+        "template": template,
         "downsample_ratio": 0.5,
         "force_image_size": VIT["image_size"],
         "select_layer": -1,
         "ps_version": "v2",
         "vision_config": {**VIT, "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"},
-        "llm_config": {
-            **{k: v for k, v in LLM.items() if k != "attn_implementation"},
-            "architectures": ["InternLM2ForCausalLM"],
-            "model_type": "internlm2",
-            "vocab_size": vocab,
-        },
+        "llm_config": {**llm_config, "vocab_size": vocab},
     }
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(str(folder))
 
-    cfg = tiny_cfg(VSEG)
+    cfg = tiny_cfg(overrides + SAM_AND_VISION)
     model_cfg = dataclasses.replace(cfg.model, path=str(folder))
     model, loaded_tokenizer = build_sa2va(model_cfg, None)  # raises on any missing / unexpected key
     model.eval()
