@@ -121,7 +121,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # VesselDataModule shards the data itself
-        **cfg.trainer,
+        # RunCheckpoint writes the checkpoints; Lightning's default ModelCheckpoint would add non-atomic
+        # epoch checkpoints under tensorboard/checkpoints.
+        **{"enable_checkpointing": False, **cfg.trainer},
     )
 
 
