@@ -67,6 +67,7 @@ def overrides(
         f"model.gradient_checkpointing={str(ckpt).lower()}",
         "++model.init_device=cuda",
         f"callbacks.perf_json={perf}",
+        "callbacks.flops_step=2",  # counted once; the peak statistics restart after that micro-batch
         f"run_dir={run_dir}",
         "faults.check_grads=false",
     ]
