@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vseg.data.datamodule import VesselDataModule, WindowedLoader, batch_counts
 from vseg.config import DataConfig, SplitConfig
+from vseg.data.datamodule import VesselDataModule, WindowedLoader, batch_counts
 from vseg.data.dataset import SegmentationDataset, expand, split_records
 from vseg.data.records import load_sample
 from vseg.data.sources import synthetic_records
