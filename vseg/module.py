@@ -25,6 +25,32 @@ def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, 
     return {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _one_dtype_for_zero3(model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
+    """ZeRO-3 flattens each optimizer group into one buffer and asserts a single dtype (seen on GPUs: bf16
+    adapters next to fp32 heads). DeepSpeed keeps fp32 master weights itself, so every trainable tensor is
+    handed over in the training dtype of the DeepSpeed config."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        target = torch.bfloat16
+    elif ds_config.get("fp16", {}).get("enabled"):
+        target = torch.float16
+    else:
+        target = torch.float32
+    cast = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shard = getattr(p, "ds_tensor", None)
+        if shard is not None and shard.dtype != target:
+            shard.data = shard.data.to(target)
+            cast.append(name)
+        if p.dtype != target:
+            p.data = p.data.to(target)  # under ZeRO-3 an empty placeholder; otherwise the full tensor
+            if shard is None:
+                cast.append(name)
+    if cast:
+        log.info("ZeRO-3: %d trainable tensors cast to %s (one dtype per group), e.g. %s", len(cast), target, cast[:4])
+
+
 class Sa2VAModule(L.LightningModule):
     """Trains Sa2VA with window-normalised mask / Dice / LM losses; validates with Dice and IoU.
 
@@ -52,6 +78,7 @@ class Sa2VAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None and self._builder is not None:
             self.model = self._builder(self.trainer.strategy)
+            _one_dtype_for_zero3(self.model, self.trainer.strategy.config)
 
     def _zero3(self) -> bool:
         return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
@@ -156,6 +183,9 @@ class Sa2VAModule(L.LightningModule):
         return int(counts[0]) if counts else 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.val_metrics.device != self.device:
+            # DeepSpeed ZeRO-3 does not move the LightningModule's own children; NCCL cannot reduce CPU states.
+            self.val_metrics.to(self.device)
         out, sums = self._forward(batch)
         if self._val_batches_max is not None and batch_idx == self._own_val_batches() - 1:
             with torch.no_grad():
