@@ -192,3 +192,20 @@ def test_layout_renames_by_prefix_only():
         assert list(dict(layout.to_official({native: t}, tied=False))) == [official]
     assert layout.is_dropped("grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight")
     assert layout.to_native("vision_model.encoder.layers.0.attn.qkv.weight", t) is None  # InternVL names: unknown
+
+
+def test_an_untied_release_loads_with_a_tied_preset(tmp_path, caplog):
+    """Sa2VA's converter writes Qwen releases untied even where the base ties (our tiny_qwen3vl preset ties):
+    the folder decides how the head is stored, with a warning, instead of refusing the release."""
+    untied = tiny_cfg(["model=tiny_qwen3vl", "model.tie_word_embeddings=false"]).model
+    torch.manual_seed(0)
+    model, tokenizer = build_sa2va(untied, None)
+    write_official_folder(model, untied, tokenizer, tmp_path, "float32", max_shard_bytes=1 << 30)
+    tied_preset = tiny_cfg(["model=tiny_qwen3vl"]).model
+    assert tied_preset.tie_word_embeddings is True
+    with caplog.at_level("WARNING"):
+        loaded, loaded_tokenizer = _load(tied_preset, tmp_path)
+    assert "the checkpoint's value is used" in caplog.text
+    assert loaded.base_mllm.config.tie_word_embeddings is False
+    for a, b in zip(model_outputs(model, tokenizer, untied), model_outputs(loaded, loaded_tokenizer, untied), strict=True):
+        assert torch.equal(a, b)

@@ -9,7 +9,8 @@ Loading (`model.path=DIR`, used by `build_sa2va`):
    vseg-native export (`vseg_format: native`).
 2. **The architecture comes from the folder.** Its config.json is turned into `ModelConfig` fields and checked
    against the chosen `conf/model` preset: every field both define must agree (an error lists each mismatch
-   with both values, so `model=sa2va_4b` with an 8B folder fails before anything is built). The folder's
+   with both values, so `model=sa2va_4b` with an 8B folder fails before anything is built; only
+   `tie_word_embeddings`, how the head is stored, is taken from the folder with a warning). The folder's
    values fill what the preset leaves out; SAM-2's shape is not in the official config.json and comes from
    the preset (its weight shapes are still checked).
 3. The tokenizer comes from the folder. A released checkpoint must already hold [SEG] and the other added
@@ -157,6 +158,11 @@ def folder_architecture(folder: Folder) -> dict[str, Any]:
         raise CheckpointError(f"{folder.path}/config.json: {err}") from None
 
 
+# How a folder stores its head, not which model it is: the folder decides (Sa2VA's converter writes every
+# Qwen-VL release untied, although the Qwen base models tie), with a warning instead of a mismatch error.
+FOLDER_DECIDES = frozenset({"tie_word_embeddings"})
+
+
 def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -> ModelConfig:
     """The preset with the folder's architecture; raises listing every field where the two disagree."""
     arch = {**arch, "text": official.with_rope_parameters(arch.get("text") or {})}
@@ -169,8 +175,14 @@ def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -
         if isinstance(value, dict):
             for key, v in value.items():
                 if key in mine and _normalise(mine[key]) != _normalise(v):
+                    if key in FOLDER_DECIDES:
+                        log.warning("model.%s.%s: preset %r, checkpoint %r: the checkpoint's value is used", name, key, mine[key], v)
+                        continue
                     problems.append(f"model.{name}.{key}: preset {mine[key]!r}, checkpoint {v!r}")
         elif _normalise(mine) != _normalise(value):
+            if name in FOLDER_DECIDES:
+                log.warning("model.%s: preset %r, checkpoint %r: the checkpoint's value is used", name, mine, value)
+                continue
             problems.append(f"model.{name}: preset {mine!r}, checkpoint {value!r}")
     if problems:
         raise CheckpointError(
