@@ -35,6 +35,24 @@ def tiny_cfg(overrides: list[str] | None = None) -> TrainConfig:
     return load_config(compose_cfg(base + list(overrides or [])))
 
 
+def random_batch(processor, sizes=((60, 72), (60, 72)), seed: int = 0) -> dict:
+    """A collated batch of random images (one per entry of `sizes`) with random masks, asking for one [SEG]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    samples = [
+        processor.encode(
+            rng.integers(0, 255, (*size, 3), dtype=np.uint8),
+            "Segment the vessels.",
+            "It is [SEG].",
+            rng.random(size) > 0.7,
+            sample_id=f"s{i}",
+        )
+        for i, size in enumerate(sizes)
+    ]
+    return processor.collate(samples)
+
+
 @pytest.fixture
 def cfg() -> TrainConfig:
     return tiny_cfg()

@@ -3,11 +3,10 @@ rows train) builds, trains only what it should, and merges / exports like a LoRA
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_cfg
+from tests.conftest import random_batch, tiny_cfg
 from vseg.export import merge_adapters
 from vseg.model.build import build_sa2va
 from vseg.model.processor import Sa2VAProcessor
@@ -15,19 +14,7 @@ from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, token_id
 
 
 def _batch(processor: Sa2VAProcessor) -> dict:
-    rng = np.random.default_rng(0)
-    samples = [
-        processor.encode(
-            rng.integers(0, 255, (48, 56, 3), dtype=np.uint8),
-            "Segment the vessels.",
-            "It is [SEG].",
-            rng.random((48, 56)) > 0.7,
-            sample_id=f"s{i}",
-        )
-        for i in range(2)
-    ]
-    return processor.collate(samples)
-
+    return random_batch(processor, [(48, 56)] * 2)
 
 def _forward(model, batch):
     return model(

@@ -12,13 +12,12 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import tiny_cfg
+from tests.conftest import random_batch, tiny_cfg
 from vseg.model.build import build_sa2va
 from vseg.model.checkpoint import CheckpointError, write_official_folder
 from vseg.model.official import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
@@ -36,18 +35,7 @@ VARIANTS = {"qwen2": [], "internlm2": INTERNLM2}
 def model_outputs(model, tokenizer, model_cfg, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """LM logits at every position and the mask logits of a fixed two-sample batch."""
     processor = Sa2VAProcessor.for_model(model, tokenizer, model_cfg, 256)
-    rng = np.random.default_rng(seed)
-    samples = [
-        processor.encode(
-            rng.integers(0, 255, (60, 72, 3), dtype=np.uint8),
-            "Segment the vessels.",
-            "It is [SEG].",
-            rng.random((60, 72)) > 0.7,
-            sample_id=f"s{i}",
-        )
-        for i in range(2)
-    ]
-    batch = processor.collate(samples)
+    batch = random_batch(processor, seed=seed)
     model.eval()
     with torch.no_grad():
         hidden = model.decoder_states(batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"])

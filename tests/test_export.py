@@ -21,17 +21,21 @@ from vseg.module import trainable_state_dict
 from vseg.predict import rebuild_run
 
 
+def _move_trainable(model) -> None:
+    """Moves every trainable tensor off its initial value (a stand-in for training), deterministically."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory as train.py leaves it, with every trainable tensor moved off its initial value."""
     cfg = tiny_cfg(["lora.r=4", "lora.alpha=8"])
     L.seed_everything(cfg.seed, verbose=False)
     model, _ = build_sa2va(cfg.model, cfg.lora)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    _move_trainable(model)
     run = tmp_path_factory.mktemp("run")
     OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml")
     (run / "weights").mkdir()
@@ -144,11 +148,7 @@ def test_qwen_run_from_a_released_folder_exports_official_and_loads_back(tmp_pat
 
     cfg = tiny_cfg([*overrides, f"model.path={release}", "lora.r=4", "lora.alpha=8"])
     model, _ = build_sa2va(cfg.model, cfg.lora)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    _move_trainable(model)
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml")

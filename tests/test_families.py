@@ -14,7 +14,7 @@ from vseg.model.sa2va import IGNORE_INDEX
 from vseg.model.tokenizer import QWEN_IMAGE_PAD_TOKEN, build_tiny_tokenizer, token_id
 from vseg.train import run
 
-from conftest import tiny_cfg
+from conftest import random_batch, tiny_cfg
 
 TINY = {"tiny": "internvl", "tiny_qwen2_5vl": "qwen2_5_vl", "tiny_qwen3vl": "qwen3_vl"}
 
@@ -28,19 +28,7 @@ def _built(model_name: str):
 
 
 def _batch(processor, sizes=((60, 72), (90, 50))):
-    rng = np.random.default_rng(0)
-    samples = [
-        processor.encode(
-            rng.integers(0, 255, (*size, 3), dtype=np.uint8),
-            "Segment the vessels.",
-            "It is [SEG].",
-            rng.random(size) > 0.7,
-            sample_id=f"s{i}",
-        )
-        for i, size in enumerate(sizes)
-    ]
-    return processor.collate(samples)
-
+    return random_batch(processor, sizes)
 
 @pytest.mark.parametrize("model_name", list(TINY))
 def test_family_forward_backward_and_what_trains(model_name):

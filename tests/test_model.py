@@ -8,21 +8,11 @@ import torch
 from vseg.model.sa2va import IGNORE_INDEX
 from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, SEG_TOKEN, token_id
 
+from conftest import random_batch
+
 
 def _batch(processor, n=2, seed=0, size=(60, 72)):
-    rng = np.random.default_rng(seed)
-    samples = [
-        processor.encode(
-            rng.integers(0, 255, (*size, 3), dtype=np.uint8),
-            "Segment the vessels.",
-            "It is [SEG].",
-            rng.random(size) > 0.7,
-            sample_id=f"s{i}",
-        )
-        for i in range(n)
-    ]
-    return processor.collate(samples)
-
+    return random_batch(processor, [size] * n, seed)
 
 def _forward(model, batch):
     return model(

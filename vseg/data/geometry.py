@@ -53,10 +53,7 @@ class Resize:
 
     @property
     def changes_size(self) -> bool:
-        return (self.out_height, self.out_width) != (self.height, self.width) or self.canvas != (
-            self.height,
-            self.width,
-        )
+        return self.canvas != (self.height, self.width)  # the canvas equals the original only when nothing changes
 
     def points(self, xy: np.ndarray) -> np.ndarray:
         """(N, 2) x/y coordinates of the original image -> coordinates on the canvas (multiply first: exact)."""
