@@ -154,6 +154,48 @@ def lora_init_report(model: torch.nn.Module) -> dict[str, float]:
     return {"max_abs_lora_B": max_b, "min_max_abs_lora_A": min_a}
 
 
+def zero3_register_reads(model: torch.nn.Module) -> dict[str, int]:
+    """Tells ZeRO-3 about parameters that are read outside their own module's forward; returns counts.
+
+    DeepSpeed gathers a module's own parameters for its forward and backward only; a tensor read any other
+    way is an empty partition (seen: `index_copy_(): ... source.size(dim) (0)`, `expand([5, 64], size=[0])`).
+    Such reads in Sa2VA:
+    * PEFT's trainable-token layers build the merged matrix from the base weight and their row deltas
+      (a ParameterDict child) without calling either: marked ZeRO-3 leaf modules, so all their parameters
+      are gathered for their forward and backward. A tied layer (the LM head of a tied model) also reads
+      the deltas of the layer it is tied to: registered as its external parameters.
+    * SAM-2's prompt encoder and mask decoder read their `nn.Embedding` children by `.weight`
+      (no-mask, not-a-point, IoU, mask and object-score tokens): external parameters of those modules.
+    * `Sa2VA.forward` adds SAM-2's `no_memory_embedding` itself: an external parameter of the Sa2VA module.
+    Collective-free and idempotent; call it before DeepSpeed wraps the model (in `configure_model`).
+    """
+    from deepspeed.runtime.zero import register_external_parameter
+    from deepspeed.utils import set_z3_leaf_modules
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    counts = {"token_layers": 0, "external": 0}
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    if layers:
+        set_z3_leaf_modules(model, [TrainableTokensLayer])
+        counts["token_layers"] = len(layers)
+        for layer in layers:
+            if layer.tied_adapter is not None:
+                for p in layer.tied_adapter.trainable_tokens_delta.parameters():
+                    register_external_parameter(layer, p)
+                    counts["external"] += 1
+    grounding = getattr(model, "grounding", None)
+    if grounding is not None:
+        sam = grounding.sam
+        for owner in (sam.prompt_encoder, sam.mask_decoder):
+            for child in owner.children():
+                if isinstance(child, torch.nn.Embedding):
+                    register_external_parameter(owner, child.weight)
+                    counts["external"] += 1
+        register_external_parameter(model, sam.no_memory_embedding)
+        counts["external"] += 1
+    return counts
+
+
 def build_sa2va_zero3(model_cfg: Any, lora: Any, ds_config: dict[str, Any], base: torch.nn.Module | None = None):
     """Sa2VA for ZeRO-3, called inside Lightning's `configure_model` (i.e. inside `deepspeed.zero.Init`).
 
@@ -182,6 +224,7 @@ def build_sa2va_zero3(model_cfg: Any, lora: Any, ds_config: dict[str, Any], base
     if lora is not None:
         apply_training_setup(model, lora, tokenizer)
         reinit_lora(model)
+        zero3_register_reads(model)
     if model_cfg.gradient_checkpointing:
         model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, hf_ds

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vseg.model.families import embedding_device
 from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise
 from vseg.model.sa2va import Sa2VA
 from vseg.model.tokenizer import SEG_TOKEN, get_template, token_id
@@ -112,7 +113,7 @@ class Engine:
     def _generate_kwargs(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
         """The MLLM's `generate` inputs for one prompt (its family's image inputs, placed and typed)."""
         mllm = self.model.base_mllm
-        device = mllm.get_input_embeddings().weight.device
+        device = embedding_device(mllm)
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
         if self.model.family.name == "internvl":
             vision = next(mllm.model.vision_tower.parameters())

@@ -72,6 +72,16 @@ class MLLMFamily(Protocol):
     def input_embeddings(self, mllm: nn.Module) -> nn.Embedding: ...
 
 
+def embedding_device(mllm: nn.Module) -> torch.device:
+    """Where the input embedding lives (its first parameter's device).
+
+    Never `get_input_embeddings().weight`: on PEFT's trainable-token wrapper that attribute builds the merged
+    vocab x hidden matrix (a full copy per call), and under ZeRO-3 it reads a partitioned weight outside the
+    module's forward, which fails.
+    """
+    return next(mllm.get_input_embeddings().parameters()).device
+
+
 def vocab_size(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     """Rows of the embedding and LM head.
 
@@ -158,8 +168,7 @@ class InternVLFamily:
     def decoder_states(
         self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
     ) -> torch.Tensor:
-        embeddings = mllm.get_input_embeddings()
-        device = embeddings.weight.device if hasattr(embeddings, "weight") else input_ids.device
+        device = embedding_device(mllm)
         pixel_values = inputs["pixel_values"]
         vision = mllm.model.vision_tower
         pixel_values = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
@@ -304,8 +313,7 @@ class QwenVLFamily:
     def decoder_states(
         self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
     ) -> torch.Tensor:
-        embeddings = mllm.get_input_embeddings()
-        device = embeddings.weight.device if hasattr(embeddings, "weight") else input_ids.device
+        device = embedding_device(mllm)
         visual = mllm.model.visual
         vision_param = next(visual.parameters())
         input_ids = input_ids.to(device)
