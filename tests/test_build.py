@@ -16,6 +16,7 @@ from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, token_id
 def _batch(processor: Sa2VAProcessor) -> dict:
     return random_batch(processor, [(48, 56)] * 2)
 
+
 def _forward(model, batch):
     return model(
         batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"]

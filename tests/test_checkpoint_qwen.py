@@ -207,5 +207,7 @@ def test_an_untied_release_loads_with_a_tied_preset(tmp_path, caplog):
         loaded, loaded_tokenizer = _load(tied_preset, tmp_path)
     assert "the checkpoint's value is used" in caplog.text
     assert loaded.base_mllm.config.tie_word_embeddings is False
-    for a, b in zip(model_outputs(model, tokenizer, untied), model_outputs(loaded, loaded_tokenizer, untied), strict=True):
+    for a, b in zip(
+        model_outputs(model, tokenizer, untied), model_outputs(loaded, loaded_tokenizer, untied), strict=True
+    ):
         assert torch.equal(a, b)

@@ -54,7 +54,9 @@ def test_collate_pads_text_and_stacks_images(built):
     _, records = _synthetic(2, 64, "angiogram", seed=0)
     samples = [load_sample(r, 64) for r in records]
     questions = ["Short?", "A much longer question about the vessels here?"]
-    items = [processor.encode(s.image, q, "It is [SEG].", s.masks, s.id) for s, q in zip(samples, questions, strict=True)]
+    items = [
+        processor.encode(s.image, q, "It is [SEG].", s.masks, s.id) for s, q in zip(samples, questions, strict=True)
+    ]
     batch = processor.collate(items)
     lengths = [len(i["input_ids"]) for i in items]
     assert batch["input_ids"].shape == (2, max(lengths))

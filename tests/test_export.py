@@ -29,6 +29,7 @@ def _move_trainable(model) -> None:
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory as train.py leaves it, with every trainable tensor moved off its initial value."""

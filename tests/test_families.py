@@ -30,6 +30,7 @@ def _built(model_name: str):
 def _batch(processor, sizes=((60, 72), (90, 50))):
     return random_batch(processor, sizes)
 
+
 @pytest.mark.parametrize("model_name", list(TINY))
 def test_family_forward_backward_and_what_trains(model_name):
     cfg, model, tokenizer, processor = _built(model_name)

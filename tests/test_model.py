@@ -14,6 +14,7 @@ from conftest import random_batch
 def _batch(processor, n=2, seed=0, size=(60, 72)):
     return random_batch(processor, [size] * n, seed)
 
+
 def _forward(model, batch):
     return model(
         batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sam_pixel_values"], batch["mllm_inputs"]

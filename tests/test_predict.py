@@ -53,8 +53,17 @@ def trained(tmp_path_factory):
     """A tiny run trained 6 steps (it already answers "It is[SEG]..."), its images and exports."""
     root = tmp_path_factory.mktemp("predict")
     run_dir = root / "run"
-    result = train(tiny_cfg([f"run_dir={run_dir}", "trainer.max_steps=6", "trainer.val_check_interval=6",
-                             "optim.lr=1e-2", "checkpoint.every_n_steps=6"]))
+    result = train(
+        tiny_cfg(
+            [
+                f"run_dir={run_dir}",
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=6",
+                "optim.lr=1e-2",
+                "checkpoint.every_n_steps=6",
+            ]
+        )
+    )
     images = _images(root / "in", 3, masks=True)
     return {"root": root, "run": run_dir, "result": result, "images": images}
 
@@ -68,7 +77,9 @@ def test_default_is_the_runs_validation_split(trained):
     # the rebuilt model (seeded base + saved weights, LoRA merged) scores as the run's last validation did
     assert summary["dice"] == pytest.approx(trained["result"].metrics["val/dice"], abs=1e-6)
     assert {"dice", "iou", "precision", "recall", "cldice", "foreground", "prompt", "answer"} <= set(lines[0])
-    assert lines[0]["answer"] == "It is [SEG]." and lines[0]["prompt"] == "Please segment the blood vessels in this image."
+    assert (
+        lines[0]["answer"] == "It is [SEG]." and lines[0]["prompt"] == "Please segment the blood vessels in this image."
+    )
     mask = np.asarray(Image.open(out / lines[0]["mask"]))
     assert mask.shape == tuple(lines[0]["size"]) and set(np.unique(mask)) <= {0, 255}
     assert json.loads((out / "summary.json").read_text())["dice"] == pytest.approx(summary["dice"])
@@ -114,10 +125,14 @@ def test_every_checkpoint_form_gives_the_same_masks(trained, tmp_path):
 def test_released_folder_preset_is_derived_or_checked(trained, tmp_path):
     folder = tmp_path / "released"
     export(compose("export", [f"ckpt={trained['run']}", f"out={folder}", "format=official"]))
-    one = predict(_cfg(f"ckpt={folder}", "model=tiny", input=str(trained["images"] / "im0.png"), output=str(tmp_path / "a")))
+    one = predict(
+        _cfg(f"ckpt={folder}", "model=tiny", input=str(trained["images"] / "im0.png"), output=str(tmp_path / "a"))
+    )
     assert one["ok"] == 1
     with pytest.raises(ConfigError, match="does not match model=tiny_qwen2_5vl"):
-        predict(_cfg(f"ckpt={folder}", "model=tiny_qwen2_5vl", input=str(trained["images"]), output=str(tmp_path / "b")))
+        predict(
+            _cfg(f"ckpt={folder}", "model=tiny_qwen2_5vl", input=str(trained["images"]), output=str(tmp_path / "b"))
+        )
 
 
 def test_every_input_form(trained, tmp_path):
@@ -126,7 +141,9 @@ def test_every_input_form(trained, tmp_path):
     folder = predict(_cfg(f"ckpt={run_dir}", input=str(images), output=str(tmp_path / "folder")))
     glob = predict(_cfg(f"ckpt={run_dir}", input=str(images / "im[02].png"), output=str(tmp_path / "glob")))
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# image<TAB>mask\n{images / 'im2.png'}\t{images.parent / 'gt' / 'im2.png'}\n{images / 'im0.png'}\n")
+    listing.write_text(
+        f"# image<TAB>mask\n{images / 'im2.png'}\t{images.parent / 'gt' / 'im2.png'}\n{images / 'im0.png'}\n"
+    )
     listed = predict(_cfg(f"ckpt={run_dir}", input=str(listing), output=str(tmp_path / "list")))
     assert (single["images"], folder["images"], glob["images"], listed["images"]) == (1, 3, 2, 2)
     assert [r["id"] for r in _results(tmp_path / "glob")] == ["im0", "im2"]
@@ -147,28 +164,46 @@ def test_every_input_form(trained, tmp_path):
         fov = np.zeros((96, 96), np.uint8)
         fov[8:88, 8:88] = 255
         Image.fromarray(fov).save(root / "fov" / f"s{i}.png")
-    data = predict(_cfg(f"ckpt={run_dir}", "data=folders", f"data.root={root}", "data.fov_pattern='fov/{id}.png'",
-                        output=str(tmp_path / "data")))
+    data = predict(
+        _cfg(
+            f"ckpt={run_dir}",
+            "data=folders",
+            f"data.root={root}",
+            "data.fov_pattern='fov/{id}.png'",
+            output=str(tmp_path / "data"),
+        )
+    )
     rows = _results(tmp_path / "data")
     assert data["images"] == 3 and all(r["fov"] is True and "cldice" in r for r in rows)
     pred = np.asarray(Image.open(tmp_path / "data" / rows[0]["mask"])) > 0
     truth = np.asarray(Image.open(root / "masks" / "s0.png")) > 0
     fov = np.asarray(Image.open(root / "fov" / "s0.png")) > 0
     assert rows[0]["dice"] == pytest.approx(score_masks(pred, truth, fov)["dice"])
-    synthetic = predict(_cfg(f"ckpt={run_dir}", "data=synthetic", "data.num_samples=4", split="val",
-                             output=str(tmp_path / "syn")))
+    synthetic = predict(
+        _cfg(f"ckpt={run_dir}", "data=synthetic", "data.num_samples=4", split="val", output=str(tmp_path / "syn"))
+    )
     assert synthetic["images"] == 1 and synthetic["with_ground_truth"] == 1
 
 
 def test_generate_gives_the_teacher_forced_masks_for_the_same_answer(trained, tmp_path):
     run_dir, images = str(trained["run"]), str(trained["images"])
-    gen = predict(_cfg(f"ckpt={run_dir}", input=images, output=str(tmp_path / "gen"), answer="generate",
-                       max_new_tokens=3, batch_size=2))
+    gen = predict(
+        _cfg(
+            f"ckpt={run_dir}",
+            input=images,
+            output=str(tmp_path / "gen"),
+            answer="generate",
+            max_new_tokens=3,
+            batch_size=2,
+        )
+    )
     answers = {r["answer"] for r in _results(tmp_path / "gen")}
     assert gen["ok"] == 3 and len(answers) == 1
     answer = answers.pop()
     assert "[SEG]" in answer, answer  # the trained run answers with a [SEG]
-    forced = predict(_cfg(f"ckpt={run_dir}", input=images, output=str(tmp_path / "tf"), answer_text=answer, batch_size=2))
+    forced = predict(
+        _cfg(f"ckpt={run_dir}", input=images, output=str(tmp_path / "tf"), answer_text=answer, batch_size=2)
+    )
     a, b = _masks(tmp_path / "gen"), _masks(tmp_path / "tf")
     assert forced["ok"] == 3 and all(np.array_equal(a[k], b[k]) for k in a)
     la = [r["mean_logit"] for r in _results(tmp_path / "gen")]
@@ -206,22 +241,36 @@ def test_bad_inputs_give_clear_messages(trained, tmp_path):
     OmegaConf.save(cfg, alien / "config.yaml")
     (alien / "checkpoints" / "last.ckpt").write_bytes((trained["run"] / "checkpoints" / "last.ckpt").read_bytes())
     with pytest.raises(ConfigError, match="another model family"):
-        predict(_cfg(f"ckpt={alien / 'checkpoints' / 'last.ckpt'}", input=str(trained["images"]), output=str(tmp_path / "o7")))
+        predict(
+            _cfg(
+                f"ckpt={alien / 'checkpoints' / 'last.ckpt'}", input=str(trained["images"]), output=str(tmp_path / "o7")
+            )
+        )
 
 
 def test_unreadable_input_is_recorded_and_the_run_goes_on(trained, tmp_path):
     folder = _images(tmp_path / "in", 2)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"ckpt={trained['run']}", f"input={folder}",
-                           f"output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), f"ckpt={trained['run']}", f"input={folder}", f"output={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]  # some input failed
     rows = {r["id"]: r for r in _results(out)}
     assert rows["broken"]["status"] == "failed" and "cannot be read as an image" in rows["broken"]["error"]
     assert rows["im0"]["status"] == rows["im1"]["status"] == "ok"
     assert json.loads((out / "summary.json").read_text())["failed"] == 1
-    bad = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"ckpt={trained['run']}", "answer=maybe"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), f"ckpt={trained['run']}", "answer=maybe"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "answer='maybe'" in bad.stderr
 
 

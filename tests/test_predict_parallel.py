@@ -60,8 +60,16 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.
 def test_data_parallel_over_two_cpu_processes_equals_one(tmp_path):
     images = _images(tmp_path / "in", 5)
     single = predict(_cfg("ckpt=random", "model=tiny", input=str(images), output=str(tmp_path / "one"), batch_size=2))
-    proc = _cli("ckpt=random", "model=tiny", f"input={images}", f"output={tmp_path / 'two'}", "devices=2",
-                "accelerator=cpu", "batch_size=2", "num_workers=0")
+    proc = _cli(
+        "ckpt=random",
+        "model=tiny",
+        f"input={images}",
+        f"output={tmp_path / 'two'}",
+        "devices=2",
+        "accelerator=cpu",
+        "batch_size=2",
+        "num_workers=0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = _results(tmp_path / "two")
     assert [r["id"] for r in lines] == [f"im{i}" for i in range(5)]  # merged in input order, each once
@@ -72,7 +80,10 @@ def test_data_parallel_over_two_cpu_processes_equals_one(tmp_path):
     assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
     first = {r["id"]: r["mean_logit"] for r in _results(tmp_path / "one")}
     assert all(r["mean_logit"] == pytest.approx(first[r["id"]], rel=1e-5) for r in lines)
-    assert single["ok"] == 5 and "data-parallel x2" in json.loads((tmp_path / "two" / "summary.json").read_text())["placement"]
+    assert (
+        single["ok"] == 5
+        and "data-parallel x2" in json.loads((tmp_path / "two" / "summary.json").read_text())["placement"]
+    )
 
 
 def test_device_map_keeps_blocks_whole_and_uses_every_gpu_budget():
@@ -113,14 +124,24 @@ def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     llm = next(model.mllm.model.language_model.parameters()).device
     decoder = model.grounding.sam.mask_decoder.conv_s0.weight.device
     assert llm != decoder  # the [SEG] -> SAM-2 path crosses devices
-    split = predict(_cfg("ckpt=random", "model=tiny", output=str(tmp_path / "split"), device_map="sequential",
-                         max_memory=budget, **common))
+    split = predict(
+        _cfg(
+            "ckpt=random",
+            "model=tiny",
+            output=str(tmp_path / "split"),
+            device_map="sequential",
+            max_memory=budget,
+            **common,
+        )
+    )
     assert split["ok"] == one["ok"] == 4
     a, b = _masks(tmp_path / "one"), _masks(tmp_path / "split")
     agreement = [float((a[k] == b[k]).mean()) for k in a]
     assert min(agreement) > 0.999, agreement
     first = {r["id"]: r["mean_logit"] for r in _results(tmp_path / "one")}
-    assert all(r["mean_logit"] == pytest.approx(first[r["id"]], rel=1e-3, abs=1e-4) for r in _results(tmp_path / "split"))
+    assert all(
+        r["mean_logit"] == pytest.approx(first[r["id"]], rel=1e-3, abs=1e-4) for r in _results(tmp_path / "split")
+    )
 
 
 @gpu
@@ -128,7 +149,9 @@ def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
 def test_data_parallel_over_two_gpus(tmp_path):
     images = _images(tmp_path / "in", 6)
     one = predict(_cfg("ckpt=random", "model=tiny", input=str(images), output=str(tmp_path / "one"), batch_size=2))
-    proc = _cli("ckpt=random", "model=tiny", f"input={images}", f"output={tmp_path / 'two'}", "devices=2", "batch_size=2")
+    proc = _cli(
+        "ckpt=random", "model=tiny", f"input={images}", f"output={tmp_path / 'two'}", "devices=2", "batch_size=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["id"] for r in _results(tmp_path / "two")] == [f"im{i}" for i in range(6)]
     a, b = _masks(tmp_path / "one"), _masks(tmp_path / "two")
@@ -143,8 +166,19 @@ def test_deepspeed_checkpoint_directory_predicts_like_the_run(tmp_path):
     from conftest import tiny_cfg
 
     run_dir = tmp_path / "run"
-    train(tiny_cfg([f"run_dir={run_dir}", "trainer=gpu", "strategy=zero2", "trainer.devices=1",
-                    "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.lr=1e-2"]))
+    train(
+        tiny_cfg(
+            [
+                f"run_dir={run_dir}",
+                "trainer=gpu",
+                "strategy=zero2",
+                "trainer.devices=1",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "optim.lr=1e-2",
+            ]
+        )
+    )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir(), list((run_dir / "checkpoints").iterdir())
     images = _images(tmp_path / "in", 3)

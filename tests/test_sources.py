@@ -173,7 +173,10 @@ def _coco(tmp_path: Path) -> Path:
             current, count = v, 1
     runs.append(count)
     data = {
-        "images": [{"id": 1, "file_name": "p.png", "height": h, "width": w}, {"id": 2, "file_name": "q.png", "height": h, "width": w}],
+        "images": [
+            {"id": 1, "file_name": "p.png", "height": h, "width": w},
+            {"id": 2, "file_name": "q.png", "height": h, "width": w},
+        ],
         "categories": [{"id": 1, "name": "artery"}, {"id": 2, "name": "vein"}, {"id": 3, "name": "catheter"}],
         "annotations": [
             {"id": 10, "image_id": 1, "category_id": 1, "segmentation": compressed},
@@ -198,7 +201,10 @@ def test_coco_rle_polygons_categories_and_per_object(tmp_path):
     assert q.masks.shape[0] == 1 and q.masks[0].sum() == 30 * 30  # the catheter is filtered out
     per_object = check_dataset(
         DataConfig(
-            source="coco", annotations=str(path), objects="per_object", image_size=None,
+            source="coco",
+            annotations=str(path),
+            objects="per_object",
+            image_size=None,
             split=SplitConfig(val_fraction=0.5),
         ),
         progress=False,
@@ -319,7 +325,9 @@ def test_drive_preset_reads_the_real_dataset():
     fg = [c.foreground for c in report.checks]
     assert min(fg) > 0.07 and max(fg) < 0.2  # vessels are 7-17 % of the DRIVE field of view
     sample = load_sample(report.train[0], 256)
-    assert sample.image.shape == (256, 256, 3) and sample.masks.shape == (1, 256, 256) and sample.fov.shape == (256, 256)
+    assert (
+        sample.image.shape == (256, 256, 3) and sample.masks.shape == (1, 256, 256) and sample.fov.shape == (256, 256)
+    )
 
 
 # ---------------------------------------------------------------- training uses the same checks
@@ -332,7 +340,12 @@ def test_training_refuses_bad_data_before_building_the_model(tmp_path, monkeypat
     from conftest import tiny_cfg
 
     _broken_polygons(tmp_path)
-    overrides = ["data=polygons", f"data.annotations={tmp_path / 'bad.json'}", "data.image_size=64", f"run_dir={tmp_path / 'run'}"]
+    overrides = [
+        "data=polygons",
+        f"data.annotations={tmp_path / 'bad.json'}",
+        "data.image_size=64",
+        f"run_dir={tmp_path / 'run'}",
+    ]
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model must not be built for bad data")
@@ -357,10 +370,21 @@ def test_vseg_check_command_exit_codes_and_dump(tmp_path, capsys):
         Image.fromarray(_image(40, 40, ord(name))).save(good / f"{name}.png")
         Image.fromarray(_disk(40, 40, 20, 20, 8).astype(np.uint8) * 255).save(good / "masks" / f"{name}.png")
     dump = tmp_path / "dump"
-    code = main(["check", "data=folders", f"data.root={good}", "data.image_size=32", "data.split.val_fraction=0.5", f"dump={dump}"])
+    code = main(
+        [
+            "check",
+            "data=folders",
+            f"data.root={good}",
+            "data.image_size=32",
+            "data.split.val_fraction=0.5",
+            f"dump={dump}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "no problems found" in out and "rescaled to 32x32 (stretch): 2 images" in out
-    assert sorted(p.name for p in dump.iterdir()) == [f"{n}_{k}.png" for n in "ab" for k in ("image", "mask", "overlay")]
+    assert sorted(p.name for p in dump.iterdir()) == [
+        f"{n}_{k}.png" for n in "ab" for k in ("image", "mask", "overlay")
+    ]
     assert Image.open(dump / "a_mask.png").size == (32, 32)
 
     bad = tmp_path / "bad"

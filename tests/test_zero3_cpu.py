@@ -27,10 +27,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_zero3_partitioned_sa2va_matches_and_trains():
+@pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "untied_head"])
+def test_zero3_partitioned_sa2va_matches_and_trains(tied):
+    """Both head layouts: an untied LM head (Sa2VA-8B/26B) has its own token-row layer, a tied one reads the
+    embedding's rows; each failed differently on GPUs before their reads were registered."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    worker = ROOT / "tests" / "workers" / "zero3_cpu.py"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "workers" / "zero3_cpu.py"), str(_free_port())],
+        [sys.executable, str(worker), str(_free_port()), f"model.tie_word_embeddings={str(tied).lower()}"],
         cwd=ROOT,
         env=env,
         capture_output=True,

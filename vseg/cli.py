@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("vseg.data.check", "check a dataset: report, problems, optional dump of samples as the model sees them"),
     "export": ("vseg.export", "write a trained run as a model folder: format=native|official|adapter"),
     "weights": ("vseg.strategy", "a checkpoint (file or DeepSpeed directory) -> RUN/weights/trainable.safetensors"),
-    "info": ("vseg.model.sizes", "parameter table of a model config (built on the meta device): parts, total, trainable"),
+    "info": (
+        "vseg.model.sizes",
+        "parameter table of a model config (built on the meta device): parts, total, trainable",
+    ),
     "plan": ("vseg.planner.plan", "per-GPU memory of every strategy and what fits: gpu_memory=24GB trainer.devices=4"),
 }
 

@@ -282,7 +282,9 @@ def _validate_data(d: DataConfig, need) -> None:
             if template is None:
                 continue
             fields = set(re.findall(r"{(\w+)}", template))
-            need(fields <= groups, f"data.{key}={template!r}: uses {sorted(fields - groups)} not named in image_pattern")
+            need(
+                fields <= groups, f"data.{key}={template!r}: uses {sorted(fields - groups)} not named in image_pattern"
+            )
     if d.source in ("polygons", "coco"):
         if not d.annotations:
             need(False, f"data.annotations is not set: data={d.source} needs data.annotations=FILE.json")
@@ -308,7 +310,10 @@ def _validate_data(d: DataConfig, need) -> None:
     need(all(0.0 <= p <= 1.0 for p in (a.hflip, a.vflip, a.rot90)), "data.augment: flip/rot90 probabilities in [0, 1]")
     for key in ("scale", "gamma"):
         lo_hi = getattr(a, key)
-        need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"data.augment.{key}={lo_hi}: need [low, high], 0 < low <= high")
+        need(
+            len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+            f"data.augment.{key}={lo_hi}: need [low, high], 0 < low <= high",
+        )
     need(min(a.brightness, a.contrast, a.saturation) >= 0, "data.augment: brightness/contrast/saturation >= 0")
     need(d.repeats >= 1, f"data.repeats={d.repeats}: must be >= 1")
     need(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size and data.val_batch_size must be >= 1")

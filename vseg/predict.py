@@ -235,7 +235,9 @@ def prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
     return model.to(dtype).eval()
 
 
-def load_model(source: ModelSource, opts: Options, device: torch.device, out: Path | None = None) -> tuple[Any, Any, Any]:
+def load_model(
+    source: ModelSource, opts: Options, device: torch.device, out: Path | None = None
+) -> tuple[Any, Any, Any]:
     """(model ready for inference, tokenizer, processor) on `device`, or split by `opts.device_map`."""
     dtype_name = inference_dtype(opts, source, device)
     dtype = DTYPES[dtype_name]
@@ -287,7 +289,11 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     parallel = opts.devices > 1
     accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = resolve_device(opts.device) if not parallel else torch.device("cuda" if accelerator == "gpu" else "cpu")
-    if opts.device_map is not None and not torch.cuda.is_available() and not (opts.max_memory or {}).keys() <= {"cpu", "disk"}:
+    if (
+        opts.device_map is not None
+        and not torch.cuda.is_available()
+        and not (opts.max_memory or {}).keys() <= {"cpu", "disk"}
+    ):
         raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
     args = engine_args(opts, source)
     fingerprint = {
@@ -373,11 +379,20 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "images_per_second_end_to_end": len(todo) / total if total > 0 and todo else None,
     }
     placement = (
-        f"data-parallel x{opts.devices} ({accelerator})" if parallel
-        else f"model-parallel device_map={opts.device_map}" if opts.device_map else str(device)
+        f"data-parallel x{opts.devices} ({accelerator})"
+        if parallel
+        else f"model-parallel device_map={opts.device_map}"
+        if opts.device_map
+        else str(device)
     )
-    extra = {"ckpt": source.describe(), "output": str(out), "placement": placement, "batch_size": opts.batch_size,
-             "dtype": fingerprint["dtype"], "answer_mode": opts.answer}
+    extra = {
+        "ckpt": source.describe(),
+        "output": str(out),
+        "placement": placement,
+        "batch_size": opts.batch_size,
+        "dtype": fingerprint["dtype"],
+        "answer_mode": opts.answer,
+    }
     summary = store.finish(items, timing, extra)
     _report(summary, out)
     return summary

@@ -161,28 +161,27 @@ def zero3_register_reads(model: torch.nn.Module) -> dict[str, int]:
     way is an empty partition (seen: `index_copy_(): ... source.size(dim) (0)`, `expand([5, 64], size=[0])`).
     Such reads in Sa2VA:
     * PEFT's trainable-token layers build the merged matrix from the base weight and their row deltas
-      (a ParameterDict child) without calling either: marked ZeRO-3 leaf modules, so all their parameters
-      are gathered for their forward and backward. A tied layer (the LM head of a tied model) also reads
-      the deltas of the layer it is tied to: registered as its external parameters.
+      (a ParameterDict child) without calling either; a tied layer (the LM head of a tied model) reads the
+      deltas of the layer it is tied to. All of these are registered as the layer's external parameters.
+      (Marking the layers ZeRO-3 leaf modules instead fails for untied models: the embedding's deltas are
+      released before their gradient is accumulated.)
     * SAM-2's prompt encoder and mask decoder read their `nn.Embedding` children by `.weight`
       (no-mask, not-a-point, IoU, mask and object-score tokens): external parameters of those modules.
     * `Sa2VA.forward` adds SAM-2's `no_memory_embedding` itself: an external parameter of the Sa2VA module.
     Collective-free and idempotent; call it before DeepSpeed wraps the model (in `configure_model`).
     """
     from deepspeed.runtime.zero import register_external_parameter
-    from deepspeed.utils import set_z3_leaf_modules
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    counts = {"token_layers": 0, "external": 0}
     layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
-    if layers:
-        set_z3_leaf_modules(model, [TrainableTokensLayer])
-        counts["token_layers"] = len(layers)
-        for layer in layers:
-            if layer.tied_adapter is not None:
-                for p in layer.tied_adapter.trainable_tokens_delta.parameters():
-                    register_external_parameter(layer, p)
-                    counts["external"] += 1
+    counts = {"token_layers": len(layers), "external": 0}
+    for layer in layers:
+        reads = [layer.get_base_layer().weight, *layer.trainable_tokens_delta.parameters()]
+        if layer.tied_adapter is not None:
+            reads += list(layer.tied_adapter.trainable_tokens_delta.parameters())
+        for p in reads:
+            register_external_parameter(layer, p)
+            counts["external"] += 1
     grounding = getattr(model, "grounding", None)
     if grounding is not None:
         sam = grounding.sam

@@ -1,6 +1,6 @@
 """One-process DeepSpeed ZeRO-3 on the CPU accelerator (gloo), run by tests/test_zero3_cpu.py.
 
-Partitions a tiny Sa2VA the way a ZeRO-3 run does (`build_sa2va_zero3` on a CPU-built base), compares its
+Usage: zero3_cpu.py MASTER_PORT [config overrides...]. Partitions a tiny Sa2VA the way a ZeRO-3 run does (`build_sa2va_zero3` on a CPU-built base), compares its
 step-0 loss with the same model unpartitioned, trains two steps and prints a JSON report. With one rank
 ZeRO-3 still empties every parameter outside its module's forward/backward, so any read that DeepSpeed does
 not know about fails here just as it does on GPUs.
@@ -25,7 +25,6 @@ import torch  # noqa: E402
 torch.cuda.current_device = lambda: 0
 
 import deepspeed  # noqa: E402
-from conftest import random_batch, tiny_cfg  # noqa: E402
 
 from vseg.config import StrategyConfig  # noqa: E402
 from vseg.losses import LossSums  # noqa: E402
@@ -33,6 +32,8 @@ from vseg.model.build import apply_training_setup, build_sa2va  # noqa: E402
 from vseg.model.processor import Sa2VAProcessor  # noqa: E402
 from vseg.module import Sa2VAModule, _one_dtype_for_zero3  # noqa: E402
 from vseg.strategy import build_sa2va_zero3, deepspeed_config, lora_init_report  # noqa: E402
+
+from conftest import random_batch, tiny_cfg  # noqa: E402
 
 
 def total(sums: LossSums) -> torch.Tensor:
@@ -49,7 +50,7 @@ def token_rows(model: torch.nn.Module) -> torch.Tensor:
 def main() -> None:
     os.environ["MASTER_PORT"] = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = tiny_cfg(["model.gradient_checkpointing=true"])
+    cfg = tiny_cfg(["model.gradient_checkpointing=true", *sys.argv[2:]])
     torch.manual_seed(0)
     base, tokenizer = build_sa2va(cfg.model, None)
     processor = Sa2VAProcessor.for_model(base, tokenizer, cfg.model, cfg.data.max_length)
@@ -64,6 +65,9 @@ def main() -> None:
 
     ds = deepspeed_config(StrategyConfig(name="zero3", stage=3), micro_batch=2)
     ds["bf16"] = {"enabled": True}
+    # Nothing persistent: at tiny sizes every tensor would fall under the real threshold and stay gathered,
+    # hiding reads that only fail for the partitioned tensors of real-size models.
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model, _, _hf = build_sa2va_zero3(cfg.model, cfg.lora, ds, base=base)

@@ -122,7 +122,9 @@ def check_record(record: VesselRecord, cfg: DataConfig) -> tuple[RecordCheck, Sa
     foreground = float(merged[inside].mean()) if valid and inside.any() else 0.0
     if valid and not cfg.allow_empty and not problems:  # (a broken annotation already explains an empty mask)
         if not merged.any():
-            problems.append("the target mask is empty (set data.allow_empty=true if images without vessels are intended)")
+            problems.append(
+                "the target mask is empty (set data.allow_empty=true if images without vessels are intended)"
+            )
         elif cfg.objects == "per_object":
             empty = [k for k in range(sample.masks.shape[0]) if not sample.masks[k].any()]
             if empty:

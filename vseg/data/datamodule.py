@@ -239,5 +239,7 @@ def checked_dataset(cfg: DataConfig, progress: bool = True) -> DatasetReport:
     if not report.ok:
         raise DatasetProblems("the dataset has problems (same report as `vseg check`):\n" + report.format(limit=50))
     if report.bad:
-        log.warning("data.skip_invalid=true: skipping %d of %d images with problems", len(report.bad), len(report.checks))
+        log.warning(
+            "data.skip_invalid=true: skipping %d of %d images with problems", len(report.bad), len(report.checks)
+        )
     return report

@@ -82,14 +82,14 @@ def split_records(
         if missing:
             problems.append(f"{len(missing)} records in neither file: {missing[:10]}")
         if problems:
-            raise DataSourceError(
-                f"data.split files {split.train_file} / {split.val_file}: " + "; ".join(problems)
-            )
+            raise DataSourceError(f"data.split files {split.train_file} / {split.val_file}: " + "; ".join(problems))
         train_set, val_set = set(train_ids), set(val_ids)
         train = [r for r in records if r.id in train_set]
         val = [r for r in records if r.id in val_set]
     if not train or not val:
-        raise DataSourceError(f"data.split ({split.mode}): {len(train)} train and {len(val)} val images; both need some")
+        raise DataSourceError(
+            f"data.split ({split.mode}): {len(train)} train and {len(val)} val images; both need some"
+        )
     return train, val
 
 

@@ -67,19 +67,31 @@ def load_sample(record: VesselRecord, image_size: int | None, aspect: str = "str
     return sample
 
 
-def inspect_sample(record: VesselRecord, image_size: int | None, aspect: str = "stretch", holes: str = "union") -> Sample:
+def inspect_sample(
+    record: VesselRecord, image_size: int | None, aspect: str = "stretch", holes: str = "union"
+) -> Sample:
     """Like `load_sample`, but problems are collected in `sample.problems` instead of raised."""
     problems = list(record.issues)
     if record.synthetic is not None:
         seed, size, style = record.synthetic
         image, mask = generate_vessels(seed=seed, size=size, style=style)
         plan = Resize.plan(size, size, image_size, aspect)
-        return Sample(record.id, plan.image(image), plan.mask(mask)[None], [None], None, (size, size), plan.changes_size)
+        return Sample(
+            record.id, plan.image(image), plan.mask(mask)[None], [None], None, (size, size), plan.changes_size
+        )
     try:
         image = read_image(record.image_path or "")
     except DataFileError as err:
-        return Sample(record.id, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0, 0), bool), [], None, (0, 0), False,
-                      [*problems, str(err)])
+        return Sample(
+            record.id,
+            np.zeros((0, 0, 3), np.uint8),
+            np.zeros((0, 0, 0), bool),
+            [],
+            None,
+            (0, 0),
+            False,
+            [*problems, str(err)],
+        )
     height, width = image.shape[:2]
     plan = Resize.plan(height, width, image_size, aspect)
     if record.frame is not None and tuple(record.frame) != (height, width):
@@ -103,14 +115,18 @@ def inspect_sample(record: VesselRecord, image_size: int | None, aspect: str = "
         try:
             raw = read_mask(record.fov_path)
             if raw.shape != (height, width):
-                problems.append(f"field-of-view mask {record.fov_path} is {raw.shape[1]}x{raw.shape[0]}, image {width}x{height}")
+                problems.append(
+                    f"field-of-view mask {record.fov_path} is {raw.shape[1]}x{raw.shape[0]}, image {width}x{height}"
+                )
             else:
                 fov = plan.mask(raw)
         except DataFileError as err:
             problems.append(str(err))
     if fov is None and plan.canvas != (plan.out_height, plan.out_width):  # padding is outside the image
         fov = plan.mask(np.ones((height, width), bool))
-    return Sample(record.id, plan.image(image), np.stack(masks), phrases, fov, (height, width), plan.changes_size, problems)
+    return Sample(
+        record.id, plan.image(image), np.stack(masks), phrases, fov, (height, width), plan.changes_size, problems
+    )
 
 
 def _object_mask(obj: ObjectAnnotation, height: int, width: int, plan: Resize, holes: str) -> np.ndarray:

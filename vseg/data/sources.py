@@ -32,7 +32,12 @@ class DataSourceError(ConfigError):
 
 def read_records(cfg: DataConfig) -> list[VesselRecord]:
     """The records of the configured source, in a stable order."""
-    readers = {"synthetic": synthetic_records, "folders": folder_records, "polygons": polygon_records, "coco": coco_records}
+    readers = {
+        "synthetic": synthetic_records,
+        "folders": folder_records,
+        "polygons": polygon_records,
+        "coco": coco_records,
+    }
     if cfg.source not in readers:
         raise DataSourceError(f"data.source={cfg.source!r}: expected one of {sorted(readers)}")
     records = readers[cfg.source](cfg)
@@ -129,7 +134,10 @@ def polygon_records(cfg: DataConfig) -> list[VesselRecord]:
         )
     image_root = _image_root(cfg)
     source = f"polygons:{cfg.annotations}"
-    stems = [Path(str(e.get("image", f"entry{i}"))).stem if isinstance(e, dict) else f"entry{i}" for i, e in enumerate(entries)]
+    stems = [
+        Path(str(e.get("image", f"entry{i}"))).stem if isinstance(e, dict) else f"entry{i}"
+        for i, e in enumerate(entries)
+    ]
     records = []
     for i, (entry, rid) in enumerate(zip(entries, _unique_ids(stems), strict=True)):
         issues: list[str] = []
@@ -150,7 +158,9 @@ def polygon_records(cfg: DataConfig) -> list[VesselRecord]:
         elif isinstance(texts, str):
             texts = [texts] * len(objects_raw)
         elif not isinstance(texts, list) or len(texts) != len(objects_raw):
-            issues.append(f'entry {i}: "text" has {len(texts) if isinstance(texts, list) else "no"} phrases for {len(objects_raw)} objects')
+            issues.append(
+                f'entry {i}: "text" has {len(texts) if isinstance(texts, list) else "no"} phrases for {len(objects_raw)} objects'
+            )
             texts = [None] * len(objects_raw)
         objects = []
         for k, (raw, text) in enumerate(zip(objects_raw, texts, strict=True)):

@@ -96,11 +96,17 @@ class Engine:
         return ItemPrediction(mask.cpu().numpy(), answer, k, float(logits.float().mean()))
 
     def seg_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any], rows: list[int] | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        batch: dict[str, Any],
+        rows: list[int] | None = None,
     ) -> list[torch.Tensor]:
         """Per sample (K, h, w) low-res logits of its [SEG] tokens; `rows` picks samples of `batch` for the images."""
         model = self.model
-        mllm_inputs = batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
+        mllm_inputs = (
+            batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
+        )
         sam_pixels = batch["sam_pixel_values"] if rows is None else batch["sam_pixel_values"][rows]
         hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
         prompts, sample_index = model.seg_embeddings(hidden, input_ids)
@@ -114,7 +120,10 @@ class Engine:
         """The MLLM's `generate` inputs for one prompt (its family's image inputs, placed and typed)."""
         mllm = self.model.base_mllm
         device = embedding_device(mllm)
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": torch.ones_like(input_ids).to(device),
+        }
         if self.model.family.name == "internvl":
             vision = next(mllm.model.vision_tower.parameters())
             pixels = normalise(inputs["pixel_values"].to(vision.device), IMAGENET_MEAN, IMAGENET_STD)

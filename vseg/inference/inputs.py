@@ -131,7 +131,9 @@ def file_items(spec: str, prompt: str, exclude: Path | None = None) -> list[Pred
             if p.is_file() and is_image_file(p) and not (exclude is not None and exclude in p.resolve().parents)
         )
         if not images:
-            raise InputError(f"input={spec}: the folder holds no images (looked for {', '.join(('png', 'jpg', 'tif', 'gif', 'bmp', 'ppm'))} files, recursively)")
+            raise InputError(
+                f"input={spec}: the folder holds no images (looked for {', '.join(('png', 'jpg', 'tif', 'gif', 'bmp', 'ppm'))} files, recursively)"
+            )
         return _from_files(images, [None] * len(images), root, prompt)
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
@@ -161,7 +163,9 @@ def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[Pred
             objects = item.record.objects
             phrase = objects[item.object_index].phrase if item.object_index < len(objects) else None
             question = prompt or data.object_prompts[0].format(phrase=phrase or "blood vessels")
-        items.append(PredictItem(index=i, id=item.id, prompt=question, record=item.record, object_index=item.object_index))
+        items.append(
+            PredictItem(index=i, id=item.id, prompt=question, record=item.record, object_index=item.object_index)
+        )
     if not items:
         raise InputError(f"data={data.name or data.source}: split {split} has no images")
     return items

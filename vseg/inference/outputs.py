@@ -160,8 +160,16 @@ class OutputStore:
     def fail(self, item: PredictItem, error: str) -> None:
         log.warning("input %s failed: %s", item.source, error)
         self.failed += 1
-        self._append({"index": item.index, "id": item.id, "path": item.source, "prompt": item.prompt,
-                      "status": "failed", "error": error})
+        self._append(
+            {
+                "index": item.index,
+                "id": item.id,
+                "path": item.source,
+                "prompt": item.prompt,
+                "status": "failed",
+                "error": error,
+            }
+        )
 
     def submit(
         self,
@@ -257,7 +265,8 @@ class OutputStore:
         for key in SCORES:
             summary[key] = float(np.mean([r[key] for r in scored])) if scored else None
         summary.update(timing)
-        summary["failures"] = [{"path": r["path"], "error": r.get("error", "not predicted")}
-                               for r in records if r["status"] != "ok"][:50]
+        summary["failures"] = [
+            {"path": r["path"], "error": r.get("error", "not predicted")} for r in records if r["status"] != "ok"
+        ][:50]
         atomic_text(self.root / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

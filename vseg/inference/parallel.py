@@ -118,7 +118,9 @@ class PredictModule(L.LightningModule):
             persistent_workers=False,
         )
 
-    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+    def transfer_batch_to_device(
+        self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
+    ) -> dict[str, Any]:
         """Only the model's tensors travel; items, host images and truths stay where the writer needs them."""
         return to_device(batch, device)
 
@@ -149,7 +151,9 @@ class ResultWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.store = OutputStore(self.root, trainer.global_rank, self.overlays, self.workers).open()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         write_batch(self.store, batch, prediction, self.mode)
 
 

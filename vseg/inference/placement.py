@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 # Leaf blocks that must stay whole: attention + MLP with their residuals, SAM-2 heads, the [SEG] projection.
 _NO_SPLIT_SUFFIXES = ("DecoderLayer", "VisionLayer", "VisionBlock", "MultiScaleBlock", "EncoderLayer")
-_NO_SPLIT_NAMES = ("Sam2MaskDecoder", "Sam2PromptEncoder", "Sam2VisionNeck", "Sequential", "InternVLMultiModalProjector")
+_NO_SPLIT_NAMES = (
+    "Sam2MaskDecoder",
+    "Sam2PromptEncoder",
+    "Sam2VisionNeck",
+    "Sequential",
+    "InternVLMultiModalProjector",
+)
 
 
 class PlacementError(ConfigError):

@@ -95,8 +95,11 @@ def apply_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], wh
         log.info("%s: %d saved tensors are buffers or tied aliases (not loaded), e.g. %s", where, len(extra), extra[:3])
     weights = {k: v for k, v in weights.items() if k not in known or k in expected}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(params[k].shape)}" for k in sorted(set(weights) & expected)
-              if tuple(weights[k].shape) != tuple(params[k].shape)]
+    shapes = [
+        f"{k}: {tuple(weights[k].shape)} vs {tuple(params[k].shape)}"
+        for k in sorted(set(weights) & expected)
+        if tuple(weights[k].shape) != tuple(params[k].shape)
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{where} does not match the model its run config builds (a checkpoint of another model family, size or "
@@ -152,8 +155,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 _TORCH_OK = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "device"}
-_SAFE = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-         ("builtins", "complex"), ("collections", "defaultdict")}
+_SAFE = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("collections", "defaultdict"),
+}
 
 
 class _RestrictedPickle:
@@ -216,7 +225,9 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
             "predict from the run directory once training wrote weights/trainable.safetensors, or convert the "
             "checkpoint with DeepSpeed's zero_to_fp32.py"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in _strip(module, ("_forward_module.", "model.")).items()}
+    return {
+        k: v.float() if v.is_floating_point() else v for k, v in _strip(module, ("_forward_module.", "model.")).items()
+    }
 
 
 # ------------------------------------------------------------------------------------------- resolving ckpt=

@@ -176,7 +176,13 @@ def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -
             for key, v in value.items():
                 if key in mine and _normalise(mine[key]) != _normalise(v):
                     if key in FOLDER_DECIDES:
-                        log.warning("model.%s.%s: preset %r, checkpoint %r: the checkpoint's value is used", name, key, mine[key], v)
+                        log.warning(
+                            "model.%s.%s: preset %r, checkpoint %r: the checkpoint's value is used",
+                            name,
+                            key,
+                            mine[key],
+                            v,
+                        )
                         continue
                     problems.append(f"model.{name}.{key}: preset {mine[key]!r}, checkpoint {v!r}")
         elif _normalise(mine) != _normalise(value):
