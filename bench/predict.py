@@ -113,18 +113,41 @@ def bench_single(shape: str, batch: int, images: Path, workers: int) -> dict:
 
     out = Path(tempfile.mkdtemp()) / "out"
     t0 = time.perf_counter()
-    s = run(predict_cfg(ckpt="random", model=SHAPES[shape], input=str(images), output=str(out), batch_size=batch,
-                        num_workers=workers))
+    s = run(
+        predict_cfg(
+            ckpt="random",
+            model=SHAPES[shape],
+            input=str(images),
+            output=str(out),
+            batch_size=batch,
+            num_workers=workers,
+        )
+    )
     wall = time.perf_counter() - t0
     shutil.rmtree(out.parent, ignore_errors=True)
-    return {"shape": shape, "batch": batch, "images": s["images"], "images_per_second": s["images_per_second"],
-            "end_to_end_seconds": wall, "load_seconds": s["seconds_load"]}
+    return {
+        "shape": shape,
+        "batch": batch,
+        "images": s["images"],
+        "images_per_second": s["images_per_second"],
+        "end_to_end_seconds": wall,
+        "load_seconds": s["seconds_load"],
+    }
 
 
 def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> dict:
     out = Path(tempfile.mkdtemp()) / "out"
-    command = [sys.executable, str(ROOT / "predict.py"), "ckpt=random", f"model={SHAPES[shape]}", f"input={images}",
-               f"output={out}", f"devices={gpus}", f"batch_size={batch}", f"num_workers={workers}"]
+    command = [
+        sys.executable,
+        str(ROOT / "predict.py"),
+        "ckpt=random",
+        f"model={SHAPES[shape]}",
+        f"input={images}",
+        f"output={out}",
+        f"devices={gpus}",
+        f"batch_size={batch}",
+        f"num_workers={workers}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -134,9 +157,17 @@ def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> d
     lines = (out / "results.jsonl").read_text().splitlines()
     ids = [json.loads(x)["id"] for x in lines]
     shutil.rmtree(out.parent, ignore_errors=True)
-    return {"shape": shape, "gpus": gpus, "batch": batch, "images": s["images"], "ok": s["ok"],
-            "in_input_order": ids == sorted(ids), "images_per_second": s["images_per_second"],
-            "end_to_end_seconds": wall, "command": " ".join(command[1:])}
+    return {
+        "shape": shape,
+        "gpus": gpus,
+        "batch": batch,
+        "images": s["images"],
+        "ok": s["ok"],
+        "in_input_order": ids == sorted(ids),
+        "images_per_second": s["images_per_second"],
+        "end_to_end_seconds": wall,
+        "command": " ".join(command[1:]),
+    }
 
 
 def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
@@ -150,12 +181,23 @@ def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
         t0 = time.perf_counter()
-        s = run(predict_cfg(ckpt="random", model=SHAPES[shape], input=str(images), output=str(tmp / name),
-                            batch_size=batch, num_workers=4, **extra))
+        s = run(
+            predict_cfg(
+                ckpt="random",
+                model=SHAPES[shape],
+                input=str(images),
+                output=str(tmp / name),
+                batch_size=batch,
+                num_workers=4,
+                **extra,
+            )
+        )
         results[name] = {
             "images_per_second": s["images_per_second"],
             "end_to_end_seconds": time.perf_counter() - t0,
-            "peak_gb_per_gpu": [round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())],
+            "peak_gb_per_gpu": [
+                round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())
+            ],
         }
         torch.cuda.empty_cache()
     agree, dice = [], []
@@ -165,8 +207,13 @@ def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
         agree.append(float((a == b).mean()))
         dice.append(1.0 if not (a.any() or b.any()) else 2 * float((a & b).sum()) / float(a.sum() + b.sum()))
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"shape": shape, "max_memory_per_gpu": budget, **results,
-            "mask_pixel_agreement_min": min(agree), "mask_dice_single_vs_split_mean": float(np.mean(dice))}
+    return {
+        "shape": shape,
+        "max_memory_per_gpu": budget,
+        **results,
+        "mask_pixel_agreement_min": min(agree),
+        "mask_dice_single_vs_split_mean": float(np.mean(dice)),
+    }
 
 
 def main() -> None:
@@ -185,8 +232,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    report = {"device": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "parts": {}}
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "gpus_visible": torch.cuda.device_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "parts": {},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(part: str, row: dict) -> None:

@@ -40,6 +40,7 @@ def overrides(
     run_dir: Path,
     image: int,
     workers: int = 4,
+    flops_step: int = 2,
 ) -> list[str]:
     samples = max(16, batch * accum * devices * 2)
     out = [
@@ -69,7 +70,8 @@ def overrides(
         f"model.gradient_checkpointing={str(ckpt).lower()}",
         "++model.init_device=cuda",
         f"callbacks.perf_json={perf}",
-        "callbacks.flops_step=2",  # counted once; the peak statistics restart after that micro-batch
+        # counted once (-1: never); the peak statistics restart after that micro-batch
+        f"callbacks.flops_step={flops_step}",
         f"run_dir={run_dir}",
         "faults.check_grads=false",
     ]
@@ -100,6 +102,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
             work / "run",
             args.image_size,
             args.workers or max(1, (os.cpu_count() or 2) // devices - 1),
+            args.flops_step,
         ),
     ]
     row = {
@@ -249,6 +252,13 @@ def main() -> None:
         "each to draw and preprocess, so too few workers cap samples/s)",
     )
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument(
+        "--flops-step",
+        type=int,
+        default=2,
+        help="micro-batch whose FLOPs are counted for MFU (-1: none; counting holds the activations "
+        "gradient checkpointing would drop, so capped large-model rows may need -1)",
+    )
     parser.add_argument("--workdir", default="/tmp/vseg_bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, help="model config to profile in-process instead")

@@ -176,7 +176,9 @@ def test_calibration_estimates_within_15_percent_of_measured_peaks():
     if not rows:
         pytest.skip("no measured training peaks yet (calibration.json and bench/results/train_*.json are empty)")
     tol = calibration.tolerance()
-    bad = [str(c) for row in rows for c in calibration.compare(row) if abs(c.error) > tol]
+    compared = [c for row in rows for c in calibration.compare(row) if c.what in calibration.CHECKED]
+    assert len(compared) >= len(rows)  # every measured row has a checked peak
+    bad = [str(c) for c in compared if abs(c.error) > tol]
     assert not bad, "estimates outside +-15 %:\n" + "\n".join(bad)
 
 

@@ -8,8 +8,7 @@ The MLLM family (InternVL today, Qwen-VL later) is hidden behind `MLLMFamily`; n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +20,12 @@ from vseg.model.grounding import SamGrounding
 IGNORE_INDEX = -100
 
 
-@dataclass
-class Sa2VAOutput:
-    """What one forward pass yields; losses are sums so they can be normalised over any window."""
+class Sa2VAOutput(NamedTuple):
+    """What one forward pass yields; losses are sums so they can be normalised over any window.
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (not of other objects) to
+    hook the module's backward.
+    """
 
     llm_loss_sum: torch.Tensor  # scalar: summed next-token CE over supervised (answer) tokens
     llm_tokens: torch.Tensor  # scalar long: how many tokens that sum covers

@@ -4,6 +4,13 @@ Rows live in `vseg/planner/calibration.json` and in the training benchmark's res
 (`bench/results/train_*.json`, written by bench/train.py on GPU machines). Both are read with the same
 tolerant key names, so a benchmark row needs no conversion. `compare(row)` rebuilds the row's setting on the
 meta device and returns the estimate next to the measurement.
+
+The check (`CHECKED`) is on peak *allocated* memory. Peak *reserved* is compared and shown, not held to the
+tolerance: the caching allocator keeps freed blocks (set-up leftovers, ZeRO-3 gather buffers) and gives
+them back and retries before it raises an out-of-memory error, so reserved grows into whatever room there
+is. Measured: Sa2VA-26B under ZeRO-3 ran under a 23 GiB cap at 19.8 GiB allocated while reserved stood at
+the cap (23.0); Sa2VA-4B at micro-batch 8 reserved 23.3 GiB on one GPU and 18.6 under DDP for the same
+15.4 allocated.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 from vseg.planner.memory import GB, Setting, estimate, model_facts, sequence_facts
 
 ROOT = Path(__file__).resolve().parents[2]
+CHECKED = ("allocated",)  # which peaks the tolerance applies to (see the module docstring)
 TABLE = Path(__file__).resolve().parent / "calibration.json"
 BENCH_GLOB = "bench/results/train_*.json"
 ALIASES = {

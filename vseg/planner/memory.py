@@ -17,7 +17,9 @@ tile x tiles + text) is the one training will see. On top of those facts, the es
   counts (SAM-2's first Hiera stage at 1024 px dominates), the trainable projector and mask decoder save
   their inputs.
 - Buffers: CUDA context (+ NCCL), DDP gradient buckets, DeepSpeed reduce buckets (double with overlap_comm),
-  ZeRO-3 gathered layers and prefetch, allocator fragmentation.
+  ZeRO-3 gathered layers and prefetch, allocator fragmentation, and PEFT's trainable token rows: their
+  layers build the merged vocab x hidden matrix in every forward; the LM head's copy is saved for its
+  backward, which also makes a gradient of the same size (two matrices at the start of backward).
 
 Every constant is named below with the reason for it; `calibration.json` holds measured peaks and
 tests/test_plan.py checks the estimate against each within +-15 %.
@@ -89,6 +91,7 @@ class ModelFacts:
     sam_fpn: int  # FPN / mask decoder width
     weight_bytes: int  # bytes per frozen parameter as built
     attn_implementation: str = "sdpa"
+    token_matrix: int = 0  # elements of the largest weight under a PEFT trainable-token layer (0: none)
 
 
 @dataclass
@@ -190,6 +193,7 @@ def _sub(config: Any, *names: str, default: int = 0) -> int:
 def model_facts(cfg: TrainConfig) -> tuple[ModelFacts, Any, Any]:
     """Builds `cfg.model` with `cfg.lora` on the meta device and reads its facts; also returns model, tokenizer."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     from vseg.model.sizes import build_on_meta
 
@@ -223,6 +227,8 @@ def model_facts(cfg: TrainConfig) -> tuple[ModelFacts, Any, Any]:
                 n = sum(p.numel() for p in child.parameters())
                 if n > largest_block[1]:
                     largest_block = (f"{name}.{i}", n)
+    token_layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    token_matrix = max((m.get_base_layer().weight.numel() for m in token_layers), default=0)
     mllm_config = model.base_mllm.config
     text = mllm_config.get_text_config()
     vision = mllm_config.vision_config
@@ -274,6 +280,7 @@ def model_facts(cfg: TrainConfig) -> tuple[ModelFacts, Any, Any]:
         sam_fpn=int(sam_cfg.vision_config.fpn_hidden_size),
         weight_bytes=frozen_b // max(frozen, 1),
         attn_implementation=cfg.model.attn_implementation,
+        token_matrix=token_matrix,
     )
     return facts, model, tokenizer
 
@@ -407,6 +414,7 @@ def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyCo
     mixed = "16" in str(s.precision)
     detail: dict[str, float] = {}
     buffers = 0.0
+    token_bytes = f.weight_bytes
     if not deepspeed:
         frozen = float(f.frozen_bytes)
         trainable = float(f.trainable_bytes)  # fp32 under Lightning mixed precision
@@ -418,6 +426,7 @@ def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyCo
     else:
         zero = deepspeed_config(sc)["zero_optimization"]
         wb = 2 if mixed else 4  # DeepSpeed casts every parameter to bf16 under bf16-mixed
+        token_bytes = wb
         rbs = float(zero.get("reduce_bucket_size", 5e8))
         state = 12.0 * pt  # fp32 master + m + v
         grad32 = 4.0 * pt  # fp32 gradient partition
@@ -439,6 +448,9 @@ def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyCo
         host = (state + grad32) if offload_opt else 0.0  # all ranks together
         if offload_par:
             host += wb * (pf + pt)
+    # The LM head's merged token-row matrix (saved for backward) and its full-size gradient; bf16 under
+    # DeepSpeed, the build dtype otherwise.
+    detail["token_rows"] = 2.0 * token_bytes * f.token_matrix
     act = activations(f, seq, s)
     detail.update({f"act_{k}": v for k, v in act.items()})
     buffers = sum(v for k, v in detail.items() if not k.startswith("act_"))
