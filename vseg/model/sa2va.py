@@ -8,7 +8,8 @@ The MLLM family (InternVL today, Qwen-VL later) is hidden behind `MLLMFamily`; n
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,13 @@ from vseg.model.grounding import SamGrounding
 IGNORE_INDEX = -100
 
 
-class Sa2VAOutput(NamedTuple):
+@dataclass
+class Sa2VAOutput:
     """What one forward pass yields; losses are sums so they can be normalised over any window.
 
-    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (not of other objects) to
-    hook the module's backward.
+    DeepSpeed ZeRO-3 warns that it cannot find the tensors of this output to hook the Sa2VA module's
+    backward. Harmless: the module's only ZeRO-3 parameter is SAM-2's frozen no-memory embedding (registered
+    as its external parameter), which the backward of the addition it enters does not read.
     """
 
     llm_loss_sum: torch.Tensor  # scalar: summed next-token CE over supervised (answer) tokens
