@@ -295,6 +295,44 @@ def test_resume_skips_done_work_and_never_counts_partial_files(trained, tmp_path
     assert (redo["predicted_now"], redo["skipped_done"]) == (4, 0)
 
 
+@pytest.mark.slow
+def test_kill9_mid_prediction_then_the_same_command_finishes_the_rest(trained, tmp_path):
+    """A real interruption: predict.py killed (SIGKILL) after some inputs are journalled; re-running the same
+    command predicts only the rest, and every mask equals an uninterrupted run's."""
+    import time
+
+    images, n = _images(tmp_path / "in", 24), 24
+    reference = tmp_path / "reference"
+    predict(_cfg(f"ckpt={trained['run']}", input=str(images), output=str(reference), batch_size=1))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "predict.py", f"ckpt={trained['run']}", f"input={images}", f"output={out}"]
+    cmd += ["batch_size=1", "num_workers=0", "writer_threads=1"]
+    journal = out / "progress" / "rank0.jsonl"
+
+    def journalled() -> int:
+        return journal.read_text().count("\n") if journal.is_file() else 0
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while journalled() < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    before = journalled()
+    assert proc.returncode == -9 and 3 <= before < n, (proc.returncode, before, err[-2000:])
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["ok"] == n
+        and summary["skipped_done"] >= before
+        and summary["predicted_now"] == n - summary["skipped_done"]
+    )
+    assert [r["id"] for r in _results(out)] == [r["id"] for r in _results(reference)]
+    ref_masks, masks = _masks(reference), _masks(out)
+    assert set(masks) == set(ref_masks) and all(np.array_equal(masks[k], ref_masks[k]) for k in masks)
+
+
 def test_scores_on_hand_made_masks():
     truth = np.zeros((20, 20), bool)
     truth[9:12, 2:18] = True  # a horizontal vessel, 3 px wide
