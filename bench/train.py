@@ -101,7 +101,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
             perf,
             work / "run",
             args.image_size,
-            args.workers or max(1, (os.cpu_count() or 2) // devices - 1),
+            args.workers or min(15, max(1, (os.cpu_count() or 2) // devices - 1)),
             args.flops_step,
         ),
     ]
@@ -248,7 +248,7 @@ def main() -> None:
         "--workers",
         type=int,
         default=None,
-        help="data.num_workers per process (default: cores / devices - 1; synthetic 512-px images cost ~150 ms "
+        help="data.num_workers per process (default: cores / devices - 1, at most 15; synthetic 512-px images cost ~150 ms "
         "each to draw and preprocess, so too few workers cap samples/s)",
     )
     parser.add_argument("--timeout", type=int, default=600)
