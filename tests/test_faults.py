@@ -364,6 +364,36 @@ def test_a_raising_rank_stops_both_ranks_promptly(tmp_path):
 
 
 @pytest.mark.slow
+def test_oom_on_one_rank_gives_the_advice_and_stops_every_rank_with_status_4(tmp_path):
+    """An out-of-memory error on rank 1 of 2 (gloo DDP): the planner's explanation instead of a stack
+    trace, the other rank stopped by its watchdog, and status 4 from the job as on a single device."""
+    trace = tmp_path / "trace.jsonl"
+    proc = _train(
+        tmp_path / "run",
+        [
+            "strategy=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=50",
+            "data.num_samples=16",
+            "plan.gpu_memory=24GB",
+        ],
+        {"VSEG_TEST_TRACE": str(trace), "VSEG_TEST_OOM_AT": "train:2:1"},
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-4000:]
+    pids = {json.loads(x)["pid"] for x in trace.read_text().splitlines()}
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+    assert "Traceback" not in err, err[-4000:]
+    assert "vseg: out of GPU memory during training at step 2 (rank 1)" in err
+    assert "what to do, fastest setting that fits first:" in err and "GB/GPU" in err
+    assert "rank 0: stopping because rank 1 ran out of GPU memory at step 2" in err
+
+
+@pytest.mark.slow
 def test_ddp_sigterm_to_rank0_only_saves_collectively_and_resumes(tmp_path):
     """Only rank 0 gets SIGTERM (as from `kill`): the stop decision is all-reduced, so both gloo ranks
     finish the same optimizer step and take part in the save; the same command then finishes the run."""

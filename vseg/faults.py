@@ -572,6 +572,7 @@ class NonFiniteGuard:
 
 # ---------------------------------------------------------------------------------------------- ranks
 FAILED_KEY = "vseg/failed"
+OOM_PREFIX = "oom: "  # on a posted failure: the failing rank ran out of GPU memory (every rank exits 4)
 
 
 def _default_store() -> Any | None:
@@ -632,9 +633,16 @@ class RankWatchdog(Callback):
                 self._exit(store.get(FAILED_KEY).decode())
         except Exception:  # noqa: BLE001 - the store may already be gone
             pass
-        message = f"rank {self._rank} failed at step {trainer.global_step}: {type(exception).__name__}: {exception}"
-        text = "".join(traceback.format_exception(exception))
-        os.write(2, f"{text}vseg: {message} (stopping every rank)\n".encode())
+        from vseg.planner.guard import OOM_EXIT_CODE, explain, is_oom
+
+        oom = is_oom(exception)
+        if oom:  # the planner's explanation and advice instead of a stack trace, as on a single device
+            message = f"{OOM_PREFIX}rank {self._rank} ran out of GPU memory at step {trainer.global_step}"
+            text = explain(exception) + "\n"
+        else:
+            message = f"rank {self._rank} failed at step {trainer.global_step}: {type(exception).__name__}: {exception}"
+            text = "".join(traceback.format_exception(exception))
+        os.write(2, f"{text}vseg: {message.removeprefix(OOM_PREFIX)} (stopping every rank)\n".encode())
         try:
             if store is not None:
                 store.set(FAILED_KEY, message)
@@ -646,17 +654,22 @@ class RankWatchdog(Callback):
         for logger in trainer.loggers:
             with contextlib.suppress(Exception):
                 logger.finalize("failed")
-        self._exit(None)
+        self._exit(None, OOM_EXIT_CODE if oom else 1)
 
-    def _exit(self, reason: str | None) -> None:
+    def _exit(self, reason: str | None, code: int = 1) -> None:
+        """Leaves the process now; a rank stopped because another ran out of memory exits with the OOM status."""
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:  # noqa: BLE001
             pass
         if reason:
+            if reason.startswith(OOM_PREFIX):
+                from vseg.planner.guard import OOM_EXIT_CODE
+
+                reason, code = reason.removeprefix(OOM_PREFIX), OOM_EXIT_CODE
             os.write(2, f"vseg: rank {self._rank}: stopping because {reason}\n".encode())
-        os._exit(1)
+        os._exit(code)
 
     def _watch(self, store: Any) -> None:
         beats = 0
