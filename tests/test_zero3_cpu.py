@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3 on the CPU: the partitioned tiny Sa2VA computes what the unpartitioned one does and trains.
+"""DeepSpeed ZeRO-3 on the CPU: the partitioned tiny Sa2VA computes what the unpartitioned one does, trains,
+and its checkpoint directory reads back (predict.py's reader) as the exact fp32 trainable weights.
 
 Guards the reads ZeRO-3 does not see (PEFT's trainable-token layers, SAM-2's embedding tokens and
 no-memory embedding; `vseg.strategy.zero3_register_reads`): without them the first forward fails on an
@@ -52,3 +53,5 @@ def test_zero3_partitioned_sa2va_matches_and_trains(tied):
     # The token rows received gradients and moved; training stays finite.
     assert report["token_rows_change"] > 0.0
     assert all(v == v and abs(v) < 1e6 for v in report["losses"])
+    # predict.py reads the ZeRO-3 checkpoint directory: every trainable tensor, equal to the fp32 masters
+    assert report["checkpoint_keys_match"] and report["checkpoint_max_abs_diff"] == 0.0

@@ -255,16 +255,17 @@ def _strip(name: str) -> str:
     return name
 
 
-def deepspeed_trainable_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def deepspeed_trainable_weights(path: str | Path, tag: str = "checkpoint") -> dict[str, torch.Tensor]:
     """fp32 trainable weights of a DeepSpeed ZeRO-1/2/3 checkpoint directory, keyed like the LightningModule.
 
     Reassembles each rank's flat fp32 partition (as DeepSpeed's zero_to_fp32 does) for exactly the
     parameters the checkpoint recorded as optimised; frozen parameters are not in the checkpoint.
+    `tag`: the sub-directory holding the state files (Lightning writes `checkpoint`).
 
     Raises:
         ConfigError: the directory is not a complete DeepSpeed checkpoint.
     """
-    tag_dir = Path(path) / "checkpoint"
+    tag_dir = Path(path) / tag
     optim = sorted((int(m.group(1)), f) for f in tag_dir.glob("*optim_states.pt") if (m := _OPTIM_FILE.match(f.name)))
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not optim or not model_files:

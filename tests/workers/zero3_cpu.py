@@ -1,7 +1,8 @@
 """One-process DeepSpeed ZeRO-3 on the CPU accelerator (gloo), run by tests/test_zero3_cpu.py.
 
 Usage: zero3_cpu.py MASTER_PORT [config overrides...]. Partitions a tiny Sa2VA the way a ZeRO-3 run does (`build_sa2va_zero3` on a CPU-built base), compares its
-step-0 loss with the same model unpartitioned, trains two steps and prints a JSON report. With one rank
+step-0 loss with the same model unpartitioned, trains two steps, saves a DeepSpeed checkpoint directory and
+reads it back as predict.py does, and prints a JSON report. With one rank
 ZeRO-3 still empties every parameter outside its module's forward/backward, so any read that DeepSpeed does
 not know about fails here just as it does on GPUs.
 """
@@ -12,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -86,11 +88,24 @@ def main() -> None:
         engine.step()
         losses.append(float(loss))
     rows_after = token_rows(model)
+
+    # The checkpoint directory as a ZeRO-3 run writes it, read back the way predict.py reads a `ckpt=` directory.
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from vseg.inference.sources import deepspeed_model_states, read_trainable
+
+    ckpt = Path(tempfile.mkdtemp()) / "step.ckpt"
+    engine.save_checkpoint(str(ckpt), tag="checkpoint", exclude_frozen_parameters=True)
+    got = read_trainable("deepspeed", deepspeed_model_states(ckpt))
+    want = {n: safe_get_full_fp32_param(p).float() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt_diff = max((got[k] - want[k]).abs().max().item() for k in want) if set(got) == set(want) else None
     report = {
         "reference_loss": ref_loss,
         "losses": losses,
         "partitioned_params": partitioned,
         "token_rows_change": float((rows_after - rows_before).abs().max()),
+        "checkpoint_keys_match": set(got) == set(want),
+        "checkpoint_max_abs_diff": ckpt_diff,
         **init,
     }
     print("REPORT " + json.dumps(report), flush=True)

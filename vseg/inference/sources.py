@@ -190,7 +190,10 @@ def _torch_load(path: Path) -> Any:
 
 
 def deepspeed_model_states(directory: Path) -> Path | None:
-    """The `mp_rank_00_model_states.pt` of a DeepSpeed checkpoint directory (tag from `latest`), or None."""
+    """The model-states file of a DeepSpeed checkpoint directory (tag from `latest`), or None.
+
+    ZeRO-1/2 write `mp_rank_00_model_states.pt`; ZeRO-3 one `zero_pp_rank_<r>_mp_rank_00_model_states.pt` per rank.
+    """
     tags = []
     latest = directory / "latest"
     if latest.is_file():
@@ -200,6 +203,9 @@ def deepspeed_model_states(directory: Path) -> Path | None:
         candidate = directory / tag / "mp_rank_00_model_states.pt"
         if candidate.is_file():
             return candidate
+        ranked = sorted((directory / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+        if ranked:
+            return ranked[0]
     return None
 
 
@@ -214,6 +220,15 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
         if "vseg" not in ckpt:
             log.warning("%s was not written by vseg's trainer; trying its state_dict anyway", path)
         return _strip(ckpt["state_dict"], ("model.",))
+    if any(path.parent.glob("*optim_states.pt")):
+        # The optimizer's fp32 partitions: exact for any ZeRO stage (the module weights are bf16 copies, and
+        # empty under ZeRO-3). The same reader as `vseg weights`.
+        from vseg.strategy import deepspeed_trainable_weights
+
+        return {
+            k.removeprefix("model."): v
+            for k, v in deepspeed_trainable_weights(path.parent.parent, path.parent.name).items()
+        }
     states = _torch_load(path)
     module = states.get("module") if isinstance(states, dict) else None
     if not isinstance(module, dict):
@@ -221,9 +236,9 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     empty = [k for k, v in module.items() if v.numel() == 0]
     if empty:
         raise CheckpointError(
-            f"{path}: the module weights are ZeRO-3 partitions ({len(empty)} empty tensors, e.g. {empty[:3]}); "
-            "predict from the run directory once training wrote weights/trainable.safetensors, or convert the "
-            "checkpoint with DeepSpeed's zero_to_fp32.py"
+            f"{path}: the module weights are ZeRO-3 partitions ({len(empty)} empty tensors, e.g. {empty[:3]}) "
+            "and the optimizer state files they are rebuilt from are missing; predict from the run directory "
+            "once training wrote weights/trainable.safetensors"
         )
     return {
         k: v.float() if v.is_floating_point() else v for k, v in _strip(module, ("_forward_module.", "model.")).items()
