@@ -290,7 +290,9 @@ def test_kill9_during_a_checkpoint_write_and_during_training_then_resume(tmp_pat
     killed_at_1 = steps_in(trace)
 
     # 2) the same command resumes from step 2; kill -9 in the middle of training (step 7, after step 6's save).
-    proc = _train(run_dir, args, {"VSEG_TEST_TRACE": str(trace)})
+    # Saves are slowed again so that a kill landing after step 7 (the tiny steps are fast) still finds step 8's
+    # checkpoint unfinished: the test does not depend on how quickly it polls.
+    proc = _train(run_dir, args, {"VSEG_TEST_TRACE": str(trace), "VSEG_TEST_CHECKPOINT_DELAY_S": "3"})
     _wait_until(lambda: steps_in(trace) >= 7, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
