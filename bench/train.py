@@ -41,6 +41,7 @@ def overrides(
     image: int,
     workers: int = 4,
     flops_step: int = 2,
+    sam_cache: str = "none",
 ) -> list[str]:
     samples = max(16, batch * accum * devices * 2)
     out = [
@@ -72,6 +73,7 @@ def overrides(
         f"callbacks.perf_json={perf}",
         # counted once (-1: never); the peak statistics restart after that micro-batch
         f"callbacks.flops_step={flops_step}",
+        f"model.sam_feature_cache={sam_cache}",
         f"run_dir={run_dir}",
         "faults.check_grads=false",
     ]
@@ -84,6 +86,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
     tag = f"{model}_{strategy}_d{devices}_b{batch}x{args.accum}_gc{int(ckpt)}" + (
         f"_cap{args.cap_gb:g}" if args.cap_gb else ""
     )
+    tag += f"_sam{args.sam_cache}" if args.sam_cache != "none" else ""
     work = Path(args.workdir) / tag
     perf = work / "perf.json"
     cmd = [
@@ -103,6 +106,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
             args.image_size,
             args.workers or min(15, max(1, (os.cpu_count() or 2) // devices - 1)),
             args.flops_step,
+            args.sam_cache,
         ),
     ]
     row = {
@@ -114,6 +118,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
         "grad_ckpt": ckpt,
         "image_size": args.image_size,
         "memory_cap_gb": args.cap_gb,
+        "sam_feature_cache": args.sam_cache,
         "steps": args.steps,
         "command": "python " + " ".join(cmd[1:]),
     }
@@ -252,6 +257,12 @@ def main() -> None:
         "each to draw and preprocess, so too few workers cap samples/s)",
     )
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument(
+        "--sam-cache",
+        default="none",
+        choices=["none", "gpu", "cpu"],
+        help="model.sam_feature_cache: reuse each image's frozen SAM-2 features on its repeats (data.repeats=50)",
+    )
     parser.add_argument(
         "--flops-step",
         type=int,

@@ -50,6 +50,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute LLM layers in backward to save activation memory
     init_device: str = "cpu"  # where a non-ZeRO-3 model is built: cpu | cuda (each rank's own GPU: fast start;
     # a random-init base then comes from the CUDA RNG, so predict/export, which rebuild on the CPU, differ)
+    # Training: keep each image's frozen SAM-2 backbone features and reuse them on its later repeats and epochs:
+    # none | gpu (where they were computed) | cpu (pinned host memory). Needs data.augment.enabled=false.
+    sam_feature_cache: str = "none"
 
 
 @dataclass
@@ -368,6 +371,19 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     )
     need(cfg.model.init_device in ("cpu", "cuda"), f"model.init_device={cfg.model.init_device!r}: cpu|cuda")
     need(cfg.model.max_tiles >= 1, f"model.max_tiles={cfg.model.max_tiles}: must be >= 1")
+    cache = cfg.model.sam_feature_cache
+    need(cache in ("none", "gpu", "cpu"), f"model.sam_feature_cache={cache!r}: none|gpu|cpu")
+    if cache != "none":
+        need(
+            not cfg.data.augment.enabled,
+            f"model.sam_feature_cache={cache} needs data.augment.enabled=false: an augmented image differs on every "
+            "repeat, so its features cannot be reused",
+        )
+        need(
+            cfg.strategy.stage != 3,
+            f"model.sam_feature_cache={cache} is not supported with strategy={cfg.strategy.name}: skipping the "
+            "frozen encoder changes the module order ZeRO-3 prefetches by (untested); use ddp, zero2 or zero2_offload",
+        )
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")

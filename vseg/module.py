@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from vseg.config import TrainConfig
+from vseg.config import ConfigError, TrainConfig
 from vseg.faults import NonFiniteGuard, TestFaults
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, logits_to_mask
+from vseg.model.grounding import BackboneCache
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -74,23 +75,48 @@ class Sa2VAModule(L.LightningModule):
         # NaN/Inf losses or gradients: the optimizer step is skipped on every rank and counted.
         self.guard = NonFiniteGuard(cfg.faults.max_bad_steps, cfg.faults.check_grads)
         self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
+        where = cfg.model.sam_feature_cache
+        self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
 
     def configure_model(self) -> None:
+        if self.sam_cache is not None and self._zero3():  # e.g. strategy=auto chose ZeRO-3 after validation
+            raise ConfigError(
+                f"model.sam_feature_cache={self.sam_cache.where} is not supported with ZeRO-3 (the strategy chosen "
+                "for this run): set model.sam_feature_cache=none, or pick ddp / zero2 / zero2_offload"
+            )
         if self.model is None and self._builder is not None:
             self.model = self._builder(self.trainer.strategy)
             _one_dtype_for_zero3(self.model, self.trainer.strategy.config)
+
+    def on_train_epoch_end(self) -> None:
+        cache = self.sam_cache
+        if cache is not None:
+            seen = cache.hits + cache.misses
+            log.info(
+                "rank %d: SAM-2 feature cache holds %d images (%.2f GB, %s); %d of %d image encodings reused",
+                self.global_rank,
+                len(cache),
+                cache.nbytes / 2**30,
+                cache.where,
+                cache.hits,
+                seen,
+            )
 
     def _zero3(self) -> bool:
         return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # ---------------------------------------------------------------- steps
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
+        backbone = None
+        if self.sam_cache is not None and self.training:
+            backbone = self.sam_cache.features(list(batch["ids"]), batch["sam_pixel_values"], self.model.grounding)
         out = self.model(
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             batch["sam_pixel_values"],
             batch["mllm_inputs"],
+            backbone=backbone,
         )
         mode = self.cfg.loss.mask_size
         if mode == "image":

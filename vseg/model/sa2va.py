@@ -111,6 +111,7 @@ class Sa2VA(nn.Module):
         labels: torch.Tensor,
         sam_pixel_values: torch.Tensor,
         mllm_inputs: dict[str, Any],
+        backbone: list[torch.Tensor] | None = None,
     ) -> Sa2VAOutput:
         """Teacher-forced pass: LM loss on the answer and one mask per [SEG] token.
 
@@ -120,10 +121,14 @@ class Sa2VA(nn.Module):
             labels: (B, L) target ids, IGNORE_INDEX outside the answers.
             sam_pixel_values: (B, 3, S, S) SAM-2 inputs, one image per sample.
             mllm_inputs: the family's image inputs (e.g. InternVL `pixel_values` of all tiles).
+            backbone: SAM-2 backbone features of these images already computed (`BackboneCache`); None: from
+                `sam_pixel_values`.
         """
         hidden = self.decoder_states(input_ids, attention_mask, mllm_inputs)
         llm_sum, llm_tokens = self.llm_loss(hidden, labels)
         prompts, sample_index = self.seg_embeddings(hidden, input_ids)
-        features = self.grounding.encode(sam_pixel_values)
+        if backbone is None:
+            backbone = self.grounding.encode_backbone(sam_pixel_values)
+        features = self.grounding.project(backbone)
         mask_logits = self.grounding.decode(features, prompts, sample_index)
         return Sa2VAOutput(llm_sum, llm_tokens, mask_logits, sample_index)

@@ -74,6 +74,8 @@ def measured_rows() -> list[dict[str, Any]]:
     for r in rows:
         ok = r.get("model") and r.get("strategy") and not r.get("error") and not r.get("oom")
         ok = ok and r.get("status", "ok") == "ok"
+        # The GPU feature cache grows with the dataset (not planned): such rows do not calibrate the estimate.
+        ok = ok and r.get("sam_feature_cache", "none") != "gpu"
         if ok and (_get(r, "peak_allocated_gb") is not None or _get(r, "peak_reserved_gb") is not None):
             usable.append(r)
     return usable
