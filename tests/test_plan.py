@@ -182,6 +182,29 @@ def test_calibration_estimates_within_15_percent_of_measured_peaks():
     assert not bad, "estimates outside +-15 %:\n" + "\n".join(bad)
 
 
+def test_startup_gpu_report_lists_the_gpus_and_warns_when_the_estimate_exceeds_free_memory(monkeypatch, capsys):
+    """The one-screen report training prints on GPUs, from a faked inventory (name, total, free per GPU)."""
+    from vseg.planner import startup
+    from vseg.planner.plan import GpuInfo
+
+    gpus = [
+        GpuInfo(0, "NVIDIA H200", 141 * GB, 120 * GB),
+        GpuInfo(1, "NVIDIA H200", 141 * GB, 0.25 * GB),  # nearly full: less than the tiny run needs
+        GpuInfo(2, "NVIDIA H200", 141 * GB, 140 * GB),  # not used by this run
+    ]
+    monkeypatch.setattr(startup, "gpu_inventory", lambda: gpus)
+    cfg = tiny_cfg(["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
+    cfg = replace(cfg, trainer={**cfg.trainer, "accelerator": "gpu"})  # as if CUDA were there
+    prepare_run(cfg)
+    out = capsys.readouterr().out
+    assert "GPUs: 3 visible, this run uses 2 per node" in out
+    assert " * 0  NVIDIA H200" in out and " * 1  NVIDIA H200" in out and "   2  NVIDIA H200" in out
+    assert "total  141.0 GB  free  120.0 GB" in out
+    assert "plan: strategy=ddp, micro-batch 2 x accumulation 1 x 2 process(es) = 4: est." in out
+    warning = out.split("WARNING: ", 1)[1]
+    assert "exceeds the free memory of GPU 1 (0.2 GB)" in warning and "GPU 0" not in warning
+
+
 # ---------------------------------------------------------------------------------------------- OOM guard
 def test_oom_inside_a_training_step_ends_with_advice_and_a_clean_exit(tmp_path):
     run_dir = tmp_path / "run"
