@@ -4,17 +4,20 @@ Parts (each writes its numbers into --out as JSON; BENCHMARKS.md "## Prediction"
 
 * `forward`  the model alone on one GPU: one pre-encoded batch of `--batch` images through the fast path
              (teacher-forced [SEG], SAM-2 encoder + mask decoder, masks upsampled to 512x512 and copied to the
-             host), timed over `--iters` batches after a warm-up. Comparable with the DESIGN anchor (plain
-             batched forward, batch 32: 1B 62, 4B 41, 8B 30 images/s on one H200).
+             host), timed over `--iters` batches after a warm-up, then the same pass part by part. Comparable
+             with the DESIGN anchor (plain batched forward, batch 32: 1B 62, 4B 41, 8B 30 images/s on one H200).
 * `single`   the whole of `predict.py` in one process on one GPU over a folder of PNGs: loader workers, model,
              mask/overlay PNGs, results.jsonl (`images_per_second` = the prediction loop; end to end includes
              building the model).
-* `dp`       `python predict.py ... devices=N` as a subprocess (Lightning DDP, one process per GPU); wall clock
-             of the whole command (start-up and model build included) and the loop's images/s.
+* `dp`       `python predict.py ... devices=N` as a subprocess for each N of `--gpus` (N > 1: Lightning DDP, one
+             process per GPU; N = 1: the one-GPU path on the same inputs, the ratio's reference); wall clock of
+             the whole command (start-up and model build included) and the loop's images/s.
+`--compile off on` runs each part without and with `compile=true`; `single` then also compares the masks.
 * `mp`       `device_map=balanced max_memory={0: 12GB, 1: 12GB}` (model-parallel) vs one GPU on the same inputs
              and weights: speed, peak memory per GPU, and mask agreement.
 
-    python bench/predict.py --parts forward single dp mp --shapes 1b 4b 8b --gpus 4 --out bench/results/predict.json
+    python bench/predict.py --parts forward single dp mp --shapes 1b 4b 8b --gpus 1 4 --compile off on \
+        --out bench/results/predict.json
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {"1b": "sa2va_1b", "4b": "sa2va_4b", "8b": "sa2va_8b"}
+SHAPES = {"1b": "sa2va_1b", "4b": "sa2va_4b", "8b": "sa2va_8b", "tiny": "tiny"}  # tiny: a CPU smoke run
 
 
 def write_inputs(folder: Path, count: int, distinct: int = 32) -> None:
@@ -60,7 +63,7 @@ def predict_cfg(**values):
     return OmegaConf.merge(cfg, values)
 
 
-def bench_forward(shape: str, batch: int, iters: int) -> dict:
+def bench_forward(shape: str, batch: int, iters: int, compile_blocks: bool = False) -> dict:
     import torch
 
     from vseg.inference.engine import Engine
@@ -70,12 +73,15 @@ def bench_forward(shape: str, batch: int, iters: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp())
     write_inputs(tmp / "in", batch, distinct=min(batch, 8))
-    opts: Options = options(predict_cfg(ckpt="random", model=SHAPES[shape], output=str(tmp / "out")))
+    opts: Options = options(
+        predict_cfg(ckpt="random", model=SHAPES[shape], output=str(tmp / "out"), compile=compile_blocks)
+    )
     source = ModelSource("random", None, preset(SHAPES[shape]))
-    device = torch.device("cuda:0")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     model, tokenizer, processor = load_model(source, opts, device)
-    torch.cuda.synchronize()
+    sync()
     build = time.perf_counter() - t0
     engine = Engine(model, tokenizer, **engine_args(opts, source))
     items = file_items(str(tmp / "in"), "Please segment the blood vessels in this image.")
@@ -85,33 +91,66 @@ def bench_forward(shape: str, batch: int, iters: int) -> dict:
     for key in ("input_ids", "attention_mask", "sam_pixel_values"):
         b[key] = b[key].to(device)
     b["mllm_inputs"] = {k: v.to(device) for k, v in b["mllm_inputs"].items()}
+    t0 = time.perf_counter()
     for _ in range(2):
         engine(b)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    warmup = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(iters):
         engine(b)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t0
+    # The same pass part by part (synchronised after each): where a batch's time goes.
+    parts = dict.fromkeys(("vision_llm", "sam_encoder", "mask_decoder", "finish"), 0.0)
+    marks: list[float] = []
+
+    def mark() -> None:
+        sync()
+        marks.append(time.perf_counter())
+
+    with torch.inference_mode():
+        for _ in range(iters):
+            marks.clear()
+            mark()
+            hidden = model.decoder_states(b["input_ids"], b["attention_mask"], b["mllm_inputs"])
+            prompts, index = model.seg_embeddings(hidden, b["input_ids"])
+            mark()
+            features = model.grounding.encode(b["sam_pixel_values"])
+            mark()
+            logits = model.grounding.decode(features, prompts, index)
+            mark()
+            index = index.to(logits.device)
+            engine.finish([logits[index == i] for i in range(batch)], b["image_sizes"], [""] * batch)
+            mark()
+            for name, a, z in zip(parts, marks, marks[1:], strict=False):
+                parts[name] += (z - a) * 1e3 / iters
     result = {
         "shape": shape,
         "batch": batch,
+        "compile": compile_blocks,
         "tokens_per_image": tokens,
         "images_per_second": batch * iters / seconds,
-        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "ms_per_batch_by_part": {k: round(v, 1) for k, v in parts.items()},
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
         "build_seconds": build,
+        "warmup_seconds": warmup,  # with compile: includes compiling every block
     }
     del model, engine
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
-def bench_single(shape: str, batch: int, images: Path, workers: int) -> dict:
+def bench_single(
+    shape: str, batch: int, images: Path, workers: int, compile_blocks: bool, writers: int, keep: Path | None = None
+) -> dict:
     from vseg.predict import run
 
-    out = Path(tempfile.mkdtemp()) / "out"
+    out = (keep or Path(tempfile.mkdtemp())) / "out"
     t0 = time.perf_counter()
     s = run(
         predict_cfg(
@@ -121,21 +160,39 @@ def bench_single(shape: str, batch: int, images: Path, workers: int) -> dict:
             output=str(out),
             batch_size=batch,
             num_workers=workers,
+            writer_threads=writers,
+            compile=compile_blocks,
         )
     )
     wall = time.perf_counter() - t0
-    shutil.rmtree(out.parent, ignore_errors=True)
+    if keep is None:
+        shutil.rmtree(out.parent, ignore_errors=True)
     return {
         "shape": shape,
         "batch": batch,
+        "compile": compile_blocks,
+        "workers": workers,
+        "writer_threads": writers,
         "images": s["images"],
         "images_per_second": s["images_per_second"],
         "end_to_end_seconds": wall,
         "load_seconds": s["seconds_load"],
+        "loop_seconds": {k: s.get(f"seconds_{k}") for k in ("inputs", "model", "writing")},
     }
 
 
-def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> dict:
+def mask_agreement(a: Path, b: Path) -> dict:
+    """Pixel agreement and Dice between two output folders' masks (same inputs)."""
+    agree, dice = [], []
+    for path in sorted((a / "masks").glob("*.png")):
+        x = np.asarray(Image.open(path)) > 0
+        y = np.asarray(Image.open(b / "masks" / path.name)) > 0
+        agree.append(float((x == y).mean()))
+        dice.append(1.0 if not (x.any() or y.any()) else 2 * float((x & y).sum()) / float(x.sum() + y.sum()))
+    return {"masks": len(agree), "pixel_agreement_min": min(agree), "dice_mean": float(np.mean(dice))}
+
+
+def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int, compile_blocks: bool, writers: int) -> dict:
     out = Path(tempfile.mkdtemp()) / "out"
     command = [
         sys.executable,
@@ -147,6 +204,8 @@ def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> d
         f"devices={gpus}",
         f"batch_size={batch}",
         f"num_workers={workers}",
+        f"writer_threads={writers}",
+        f"compile={str(compile_blocks).lower()}",
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -166,6 +225,7 @@ def bench_dp(shape: str, batch: int, images: Path, gpus: int, workers: int) -> d
         "in_input_order": ids == sorted(ids),
         "images_per_second": s["images_per_second"],
         "end_to_end_seconds": wall,
+        "loop_seconds_rank0": {k: s.get(f"seconds_{k}") for k in ("inputs", "model", "writing")},
         "command": " ".join(command[1:]),
     }
 
@@ -200,19 +260,14 @@ def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
             ],
         }
         torch.cuda.empty_cache()
-    agree, dice = [], []
-    for path in sorted((tmp / "single" / "masks").glob("*.png")):
-        a = np.asarray(Image.open(path)) > 0
-        b = np.asarray(Image.open(tmp / "split" / "masks" / path.name)) > 0
-        agree.append(float((a == b).mean()))
-        dice.append(1.0 if not (a.any() or b.any()) else 2 * float((a & b).sum()) / float(a.sum() + b.sum()))
+    agreement = mask_agreement(tmp / "single", tmp / "split")
     shutil.rmtree(tmp, ignore_errors=True)
     return {
         "shape": shape,
         "max_memory_per_gpu": budget,
         **results,
-        "mask_pixel_agreement_min": min(agree),
-        "mask_dice_single_vs_split_mean": float(np.mean(dice)),
+        "mask_pixel_agreement_min": agreement["pixel_agreement_min"],
+        "mask_dice_single_vs_split_mean": agreement["dice_mean"],
     }
 
 
@@ -226,14 +281,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1220)
     parser.add_argument("--single-images", type=int, default=512)
     parser.add_argument("--mp-images", type=int, default=64)
-    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[4], help="dp: devices= of each run (1 = one GPU)")
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--writer-threads", type=int, default=4)
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="compile= variants to run (forward, single, dp)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.json")
     args = parser.parse_args()
     import torch
 
     report = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus_visible": torch.cuda.device_count(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -253,14 +316,32 @@ def main() -> None:
     small.mkdir()
     for i in range(args.single_images):
         os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
+    variants = [v == "on" for v in args.compile]
     for shape in args.shapes:
         if "forward" in args.parts:
-            save("forward", bench_forward(shape, args.batch, args.iters))
+            for flag in variants:
+                save("forward", bench_forward(shape, args.batch, args.iters, flag))
         if "single" in args.parts:
-            save("single", bench_single(shape, args.batch, small, args.workers))
+            outs = {}
+            for flag in variants:
+                outs[flag] = tmp / f"single_{shape}_{flag}"
+                outs[flag].mkdir()
+                save(
+                    "single",
+                    bench_single(shape, args.batch, small, args.workers, flag, args.writer_threads, outs[flag]),
+                )
+            if len(outs) == 2:
+                save(
+                    "single_compile_vs_eager",
+                    {"shape": shape, **mask_agreement(outs[False] / "out", outs[True] / "out")},
+                )
+            for folder_ in outs.values():
+                shutil.rmtree(folder_, ignore_errors=True)
     for shape in args.dp_shapes or args.shapes:
         if "dp" in args.parts:
-            save("dp", bench_dp(shape, args.batch, folder, args.gpus, args.workers))
+            for gpus in args.gpus:
+                for flag in variants:
+                    save("dp", bench_dp(shape, args.batch, folder, gpus, args.workers, flag, args.writer_threads))
     if "mp" in args.parts:
         mp = tmp / "mp"
         mp.mkdir()

@@ -4,11 +4,15 @@ Tiny model, real entry points: train -> step checkpoints -> resume to a later st
 checkpoint directory converted to `weights/trainable.safetensors` (`vseg weights`) -> `vseg export`.
 Multi-GPU strategies use every visible GPU up to 4 (`multigpu` when more than one). ZeRO-3's LoRA
 initialisation under partitioning is checked at step 0 on every rank.
+
+`VSEG_GPU_TEST_MODEL=sa2va_1b` (any real preset) runs the same chain on that real-size architecture with random
+weights and 512-px synthetic vessels (SAM-2 at 1024 px), LoRA r128 as in the recipe.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,6 +25,8 @@ from conftest import ROOT
 GPUS = torch.cuda.device_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs CUDA GPUs")]
 STRATEGIES = ["single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+MODEL = os.environ.get("VSEG_GPU_TEST_MODEL")  # None: the tiny model
+REAL_SIZE = [f"model={MODEL}", "data.image_size=512", "++model.init_device=cuda"] if MODEL else []
 
 
 def _devices(strategy: str) -> int:
@@ -48,9 +54,10 @@ def _train(run_dir, strategy: str, steps: int, extra: list[str] = ()) -> subproc
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
         "model.gradient_checkpointing=true",
+        *REAL_SIZE,
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
@@ -70,7 +77,8 @@ def test_train_checkpoint_resume_export(tmp_path, strategy):
         assert step4.is_dir()
         # only trainable weights were written: the model-states files are small next to the frozen base
         size = sum(f.stat().st_size for f in step4.rglob("*model_states.pt"))
-        assert size < 50 * 2**20, size
+        trainable_bytes = sum(v.numel() * 4 for v in first.values())  # the fp32 trainable weights
+        assert size < max(50 * 2**20, 1.5 * trainable_bytes), (size, trainable_bytes)
     # The checkpoint converts to exactly the weights the run wrote at the same step.
     out = subprocess.run(
         [sys.executable, "-m", "vseg.cli", "weights", f"ckpt={ckpts / 'last.ckpt'}"],

@@ -347,3 +347,72 @@ def test_scores_on_hand_made_masks():
     assert score_masks(pred, truth, fov)["dice"] == pytest.approx(1.0)
     empty = np.zeros((20, 20), bool)
     assert score_masks(empty, empty) == {k: 1.0 for k in ("dice", "iou", "precision", "recall", "cldice")}
+
+
+def test_finish_upsamples_merges_and_thresholds_each_input_at_its_own_size():
+    """The batched finish step equals the per-input definition: K masks upsampled to the input's size, union."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from vseg.inference.engine import Engine
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(k, 16, 16, generator=g) for k in (1, 0, 2, 1, 3)]
+    sizes = [(40, 30), (40, 30), (40, 30), (17, 23), (17, 23)]
+    preds = Engine.finish(SimpleNamespace(threshold=0.5), logits, sizes, [f"a{i}" for i in range(5)])
+    assert [p.answer for p in preds] == [f"a{i}" for i in range(5)]
+    assert [p.seg_tokens for p in preds] == [1, 0, 2, 1, 3]
+    for lg, size, p in zip(logits, sizes, preds, strict=True):
+        assert p.mask.shape == size and p.mask.dtype == bool
+        if lg.shape[0] == 0:
+            assert not p.mask.any() and np.isnan(p.mean_logit)
+            continue
+        up = F.interpolate(lg[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        np.testing.assert_array_equal(p.mask, (up.sigmoid() > 0.5).any(0).numpy())
+        assert p.mean_logit == pytest.approx(float(lg.mean()), rel=1e-5)
+    assert 0 < preds[2].mask.mean() < 1 and (preds[2].mask != preds[0].mask).any()
+
+
+def test_compile_gives_the_same_masks_and_the_summary_splits_the_loop_time(trained, tmp_path, capsys, monkeypatch):
+    """compile=true (regional torch.compile of every repeated block) predicts what the eager model does.
+
+    Traced by dynamo + AOTAutograd ("aot_eager"): inductor's C++ builds take minutes on two CPU cores; the
+    GPU benchmark compares inductor's masks with eager ones (bench/predict.py).
+    """
+    import vseg.inference.compile as C
+    from vseg.inference.compile import repeated_blocks
+
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+
+    outs = {}
+    for flag in (False, True):
+        out = tmp_path / f"compile_{flag}"
+        summary = predict(
+            _cfg(f"ckpt={trained['run']}", input=str(trained["images"]), output=str(out), compile=flag, batch_size=3)
+        )
+        assert summary["ok"] == 3
+        outs[flag] = out
+        parts = {k: summary[k] for k in ("seconds_inputs", "seconds_model", "seconds_writing")}
+        assert all(v >= 0 for v in parts.values()) and parts["seconds_model"] > 0, parts
+        assert sum(parts.values()) <= summary["seconds_predict"] + 0.5, (parts, summary["seconds_predict"])
+    assert "time in the prediction loop: waiting for inputs" in capsys.readouterr().out
+    eager, compiled = _results(outs[False]), _results(outs[True])
+    assert [r["mean_logit"] for r in compiled] == pytest.approx([r["mean_logit"] for r in eager], rel=1e-4, abs=1e-4)
+    a, b = _masks(outs[False]), _masks(outs[True])
+    assert all((a[k] == b[k]).mean() > 0.999 for k in a)
+    # the compiled regions: SAM-2's Hiera blocks, the LLM's decoder layers (and the vision tower's, which the
+    # tiny model has only one of), the mask decoder's two-way blocks; never bare torch.nn layers
+    from vseg.model.build import build_sa2va
+
+    model, _ = build_sa2va(tiny_cfg().model, None)
+    names = {type(b).__name__ for b in repeated_blocks(model)}
+    assert {"Sam2MultiScaleBlock", "Qwen2DecoderLayer", "Sam2TwoWayAttentionBlock"} <= names, names
+    assert not any(type(b).__module__.startswith("torch.nn") for b in repeated_blocks(model))
+
+
+def test_compile_with_device_map_is_refused():
+    with pytest.raises(ConfigError, match="compile=true"):
+        from vseg.predict import options
+
+        options(_cfg("ckpt=random", compile=True, device_map="balanced"))

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from vseg.inference.engine import MODES, Engine
+from vseg.inference.compile import compile_blocks
+from vseg.inference.engine import MODES, Engine, LoopTimes
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictDataset, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, to_device, write_batch, write_plan
@@ -104,6 +105,7 @@ class Options:
     merge_lora: bool
     limit: int | None
     writer_threads: int
+    compile: bool
 
 
 def options(pcfg: DictConfig) -> Options:
@@ -144,6 +146,7 @@ def options(pcfg: DictConfig) -> Options:
         merge_lora=bool(g("merge_lora", True)),
         limit=g("limit"),
         writer_threads=int(g("writer_threads", 4)),
+        compile=bool(g("compile", False)),
     )
     try:
         raw = g("max_memory")
@@ -158,6 +161,11 @@ def options(pcfg: DictConfig) -> Options:
         errors.append(f"device_map={opts.device_map!r}: expected one of {DEVICE_MAPS} or null")
     if opts.device_map is not None and opts.devices > 1:
         errors.append("device_map (one model split over GPUs) and devices>1 (one model per GPU) exclude each other")
+    if opts.compile and opts.device_map is not None:
+        errors.append(
+            "compile=true compiles blocks on one device; with device_map the blocks carry accelerate's "
+            "device hooks: drop compile or device_map"
+        )
     if opts.max_memory is not None and opts.device_map is None:
         errors.append("max_memory is only used with device_map=auto|balanced|sequential")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
@@ -166,6 +174,8 @@ def options(pcfg: DictConfig) -> Options:
         errors.append(f"threshold={opts.threshold}: must be in (0, 1)")
     if opts.batch_size < 1 or opts.num_workers < 0 or opts.max_new_tokens < 1 or opts.devices < 1:
         errors.append("batch_size, max_new_tokens and devices must be >= 1, num_workers >= 0")
+    if opts.writer_threads < 1:
+        errors.append(f"writer_threads={opts.writer_threads}: must be >= 1")
     if opts.answer_text is not None and opts.answer_text.count("[SEG]") < 1:
         errors.append(f"answer_text={opts.answer_text!r}: the teacher-forced answer needs a [SEG] token")
     if opts.ckpt in ("None", "???"):
@@ -258,6 +268,8 @@ def load_model(
             model.to(device)
         else:
             model = dispatch(model, plan_device_map(model, opts.device_map, opts.max_memory, dtype))
+    if opts.compile:
+        compile_blocks(model)
     max_length = source.train_cfg.data.max_length if source.train_cfg is not None else 4096
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, max_length)
     return model, tokenizer, processor
@@ -318,6 +330,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         if done:
             log.info("resuming: %d of %d inputs already done in %s", len(items) - len(todo), len(items), out)
     load_seconds = predict_seconds = 0.0
+    loop = LoopTimes()
     if todo and parallel:
         if not child:
             plan = out / "progress" / "plan.json"
@@ -336,6 +349,8 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
                 overlays=opts.overlays,
                 mode=opts.answer,
                 data=data,
+                writer_threads=opts.writer_threads,
+                times=loop,
             )
         finally:
             if not child:
@@ -358,15 +373,24 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         )
         store.open()
         started = time.perf_counter()
+        batches = iter(loader)
         try:
             with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
-                for batch in loader:
-                    if opts.device_map is None:
-                        batch = to_device(batch, device)
-                    write_batch(store, batch, engine(batch), opts.answer)
+                while True:
+                    with loop.measure("inputs"):
+                        batch = next(batches, None)
+                        if batch is not None and opts.device_map is None:
+                            batch = to_device(batch, device)
+                    if batch is None:
+                        break
+                    with loop.measure("model"):
+                        predictions = engine(batch)
+                    with loop.measure("writing"):
+                        write_batch(store, batch, predictions, opts.answer)
                     bar.update(len(batch["items"]) + len(batch["failed"]))
         finally:
-            store.close()
+            with loop.measure("writing"):
+                store.close()
         predict_seconds = time.perf_counter() - started
     total = time.perf_counter() - begin
     timing = {
@@ -377,6 +401,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "seconds_predict": predict_seconds,
         "images_per_second": len(todo) / predict_seconds if predict_seconds > 0 else None,
         "images_per_second_end_to_end": len(todo) / total if total > 0 and todo else None,
+        **loop.report(),
     }
     placement = (
         f"data-parallel x{opts.devices} ({accelerator})"
@@ -394,11 +419,11 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "answer_mode": opts.answer,
     }
     summary = store.finish(items, timing, extra)
-    _report(summary, out)
+    _report(summary, out, loop)
     return summary
 
 
-def _report(summary: dict[str, Any], out: Path) -> None:
+def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
     scores = "  ".join(f"{k} {summary[k]:.4f}" for k in ("dice", "iou", "cldice") if summary.get(k) is not None)
     speed = summary.get("images_per_second")
     line = f"\n{summary['ok']}/{summary['images']} masks in {out}"
@@ -406,4 +431,9 @@ def _report(summary: dict[str, Any], out: Path) -> None:
     line += f"  ({speed:.1f} images/s)" if speed else ""
     if summary["failed"] or summary["missing"]:
         line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
+    if loop.describe():
+        line += (
+            f"\ntime in the prediction loop{' (rank 0)' if summary.get('placement', '').startswith('data') else ''}: "
+        )
+        line += loop.describe()
     print(line, flush=True)

@@ -15,7 +15,9 @@ accelerate's hooks do it inside split models), so the same code serves one devic
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,39 @@ class ItemPrediction:
     answer: str  # the teacher-forced answer, or the generated text
     seg_tokens: int  # [SEG] tokens in the answer (masks merged)
     mean_logit: float  # mean of the low-res logits (nan without [SEG]); a cheap fingerprint of the pass
+
+
+@dataclass
+class LoopTimes:
+    """Where a prediction loop's wall time went: waiting for (and moving) inputs, the model, writing results.
+
+    The model's share includes the GPU work: its masks are copied to the host before it returns. A loop
+    whose `inputs` share is large needs more `num_workers`; a large `writing` share, more `writer_threads`.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"inputs": 0.0, "model": 0.0, "writing": 0.0})
+
+    @contextmanager
+    def measure(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - start)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    def report(self) -> dict[str, float]:
+        """`seconds_<part>` for the summary."""
+        return {f"seconds_{part}": round(value, 3) for part, value in self.seconds.items()}
+
+    def describe(self) -> str:
+        total = sum(self.seconds.values())
+        if total <= 0:
+            return ""
+        names = {"inputs": "waiting for inputs", "model": "model", "writing": "writing results"}
+        return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in self.seconds.items())
 
 
 class Engine:
@@ -84,16 +119,37 @@ class Engine:
             answers = [self.answer] * len(items)
         else:
             answers, logits = self.generate(batch)
-        return [self.finish(lg, size, text) for lg, size, text in zip(logits, sizes, answers, strict=True)]
+        return self.finish(logits, sizes, answers)
 
-    def finish(self, logits: torch.Tensor, size: tuple[int, int], answer: str) -> ItemPrediction:
-        """Low-res logits (K, h, w) of one input -> its mask at `size` (union over the K [SEG] masks)."""
-        k = int(logits.shape[0])
-        if k == 0:
-            return ItemPrediction(np.zeros(size, dtype=bool), answer, 0, float("nan"))
-        up = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        mask = (up.sigmoid() > self.threshold).any(dim=0)
-        return ItemPrediction(mask.cpu().numpy(), answer, k, float(logits.float().mean()))
+    def finish(
+        self, logits: list[torch.Tensor], sizes: list[tuple[int, int]], answers: list[str]
+    ) -> list[ItemPrediction]:
+        """Per input (K, h, w) low-res logits -> its mask at its own size (union over the K [SEG] masks).
+
+        Inputs of one size are upsampled, thresholded and copied to the host together: one device sync per
+        distinct size instead of one per input (and per statistic).
+        """
+        out: list[ItemPrediction | None] = [None] * len(logits)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (lg, size) in enumerate(zip(logits, sizes, strict=True)):
+            if int(lg.shape[0]) == 0:
+                out[i] = ItemPrediction(np.zeros(size, dtype=bool), answers[i], 0, float("nan"))
+            else:
+                groups.setdefault(size, []).append(i)
+        for size, rows in groups.items():
+            counts = [int(logits[i].shape[0]) for i in rows]
+            stacked = torch.cat([logits[i] for i in rows]).float()  # (sum K, h, w)
+            up = F.interpolate(stacked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            fg = up.sigmoid() > self.threshold
+            owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(fg.device)
+            hits = torch.zeros((len(rows), *size), dtype=torch.int32, device=fg.device)
+            masks = hits.index_add_(0, owner, fg.to(torch.int32)) > 0  # union of each input's K masks
+            sums = torch.zeros(len(rows), device=stacked.device).index_add_(0, owner, stacked.flatten(1).mean(1))
+            means = (sums / torch.tensor(counts, device=sums.device, dtype=sums.dtype)).tolist()
+            host = masks.cpu().numpy()
+            for j, i in enumerate(rows):
+                out[i] = ItemPrediction(host[j], answers[i], counts[j], float(means[j]))
+        return [p for p in out if p is not None]
 
     def seg_logits(
         self,

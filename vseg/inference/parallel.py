@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
-from vseg.inference.engine import Engine
+from vseg.inference.engine import Engine, LoopTimes
 from vseg.inference.inputs import PredictDataset, PredictItem, collate
 from vseg.inference.outputs import OutputStore
 
@@ -85,6 +85,7 @@ class PredictModule(L.LightningModule):
         batch_size: int,
         num_workers: int,
         data: Any = None,
+        times: LoopTimes | None = None,
     ):
         super().__init__()
         self.load, self.items, self.engine_args = load, items, engine_args
@@ -93,6 +94,8 @@ class PredictModule(L.LightningModule):
         self.engine: Engine | None = None
         self.processor = None
         self.started = self.ended = 0.0
+        self.times = times if times is not None else LoopTimes()
+        self._mark = 0.0
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -126,16 +129,33 @@ class PredictModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.trainer.strategy.barrier("vseg_predict_start")
-        self.started = time.perf_counter()
+        self.started = self._mark = time.perf_counter()
+
+    # Lightning fetches and moves a batch, runs the callbacks' batch-start hooks, then ours; after the step the
+    # callbacks' batch-end hooks (the ResultWriter) run before ours. The marks split the loop accordingly.
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        now = time.perf_counter()
+        self.times.add("inputs", now - self._mark)
+        self._mark = now
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Any]:
         assert self.engine is not None
-        return self.engine(batch)
+        predictions = self.engine(batch)
+        now = time.perf_counter()
+        self.times.add("model", now - self._mark)
+        self._mark = now
+        return predictions
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        now = time.perf_counter()
+        self.times.add("writing", now - self._mark)
+        self._mark = now
 
     def on_predict_end(self) -> None:
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, ResultWriter):
-                callback.store.close()
+        with self.times.measure("writing"):
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ResultWriter):
+                    callback.store.close()
         self.trainer.strategy.barrier("vseg_predict_end")
         self.ended = time.perf_counter()
 
@@ -181,9 +201,14 @@ def predict_data_parallel(
     mode: str,
     data: Any = None,
     progress: bool = True,
+    writer_threads: int = 4,
+    times: LoopTimes | None = None,
 ) -> tuple[int, float]:
-    """Runs Trainer.predict over `devices` processes; returns (this process's rank, predict seconds)."""
-    module = PredictModule(load, items, engine_args, batch_size, num_workers, data)
+    """Runs Trainer.predict over `devices` processes; returns (this process's rank, predict seconds).
+
+    `times` receives this process's split of the loop (`LoopTimes`).
+    """
+    module = PredictModule(load, items, engine_args, batch_size, num_workers, data, times)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -194,7 +219,7 @@ def predict_data_parallel(
         enable_model_summary=False,
         enable_progress_bar=progress,
         use_distributed_sampler=False,  # ShardSampler partitions the plan itself
-        callbacks=[ResultWriter(root, overlays, mode)],
+        callbacks=[ResultWriter(root, overlays, mode, writer_threads)],
         inference_mode=True,
     )
     trainer.predict(module, return_predictions=False)

@@ -1,0 +1,84 @@
+"""Regional `torch.compile` for inference: every repeated block of the model is compiled on its own.
+
+A Sa2VA forward is three stacks of identical blocks (the SAM-2 Hiera trunk, the vision tower, the LLM) plus
+small glue. Compiling the blocks rather than the whole model keeps compilation short: blocks of one class
+with the same shapes share one compiled graph, so a 36-layer LLM compiles about one layer's worth.
+Inductor fuses the element-wise work around the matmuls (norms, activations, residuals, window
+partitioning) and drops work whose result is unused (transformers' SAM-2 Hiera attention computes a
+softmax it never reads).
+
+Each block is compiled in place (`nn.Module.compile`), so parameter names and state dicts do not change.
+Shapes that change (the last, smaller batch; another prompt length) compile once more, then run
+dynamic-shaped; the recompile limit is raised to leave room for every distinct block of the SAM-2 trunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: torch.compile backend (the CPU tests trace with "aot_eager": the same graphs without inductor's C++ builds)
+BACKEND = "inductor"
+#: distinct compiled variants allowed per block class (Hiera-L has ~10: 4 stages, pooling and global blocks)
+RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class Compiled:
+    """What `compile_blocks` compiled: block classes and how many blocks of each."""
+
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.blocks.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} x {name}" for name, n in self.blocks.items()) or "nothing"
+
+
+def repeated_blocks(model: nn.Module, min_repeats: int = 2) -> list[nn.Module]:
+    """The members of every `nn.ModuleList` that holds at least `min_repeats` modules of one model class.
+
+    Lists of plain `torch.nn` layers (a neck's convolutions) are not blocks: alone they have nothing to fuse.
+
+    Lists nested inside a block that is already selected are not searched again (one compiled region
+    per block, never a region inside a region).
+    """
+    selected: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        members = list(module)
+        if len(members) < min_repeats or len({type(m) for m in members}) != 1:
+            continue
+        if type(members[0]).__module__.startswith("torch.nn"):
+            continue
+        for block in members:
+            selected.append(block)
+            inside.update(id(m) for m in block.modules())
+    return selected
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None) -> Compiled:
+    """Compiles every repeated block of `model` in place for inference (see the module docstring).
+
+    Args:
+        model: the model, already on its device(s) and in eval mode.
+        mode: `torch.compile` mode (None: inductor's default).
+    """
+    limit_key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_key, max(getattr(torch._dynamo.config, limit_key), RECOMPILE_LIMIT))
+    done = Compiled()
+    for block in repeated_blocks(model):
+        block.compile(backend=BACKEND, mode=mode)
+        name = type(block).__name__
+        done.blocks[name] = done.blocks.get(name, 0) + 1
+    log.info("torch.compile (%s): %s", BACKEND, done.describe())
+    return done
