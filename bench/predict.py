@@ -12,9 +12,11 @@ Parts (each writes its numbers into --out as JSON; BENCHMARKS.md "## Prediction"
 * `dp`       `python predict.py ... devices=N` as a subprocess for each N of `--gpus` (N > 1: Lightning DDP, one
              process per GPU; N = 1: the one-GPU path on the same inputs, the ratio's reference); wall clock of
              the whole command (start-up and model build included) and the loop's images/s.
-`--compile off on` runs each part without and with `compile=true`; `single` then also compares the masks.
 * `mp`       `device_map=balanced max_memory={0: 12GB, 1: 12GB}` (model-parallel) vs one GPU on the same inputs
              and weights: speed, peak memory per GPU, and mask agreement.
+
+`--compile off on` runs forward, single and dp without and with `compile=true`; `single` then also compares
+the masks of the two. `--shapes tiny` is a smoke run that works on the CPU too.
 
     python bench/predict.py --parts forward single dp mp --shapes 1b 4b 8b --gpus 1 4 --compile off on \
         --out bench/results/predict.json

@@ -34,10 +34,6 @@ class Compiled:
 
     blocks: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def count(self) -> int:
-        return sum(self.blocks.values())
-
     def describe(self) -> str:
         return ", ".join(f"{n} x {name}" for name, n in self.blocks.items()) or "nothing"
 
