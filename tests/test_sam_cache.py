@@ -72,3 +72,46 @@ def test_cache_is_refused_with_augmentation_and_with_zero3():
         tiny_cfg(["model.sam_feature_cache=cpu", "strategy=zero3"])
     with pytest.raises(ConfigError, match="none\\|gpu\\|cpu"):
         tiny_cfg(["model.sam_feature_cache=disk"])
+
+
+def test_objects_of_one_image_share_one_cache_entry(built, tmp_path):
+    """data.objects=per_object: every object of an image is a sample, and they all reuse that image's features."""
+    from test_sources import _coco
+
+    from vseg.config import DataConfig
+    from vseg.data.dataset import SegmentationDataset, expand
+    from vseg.data.sources import read_records
+
+    model, _, processor = built
+    path, _, _ = _coco(tmp_path)
+    data = DataConfig(source="coco", annotations=str(path), objects="per_object", image_size=64)
+    data.augment.enabled = False
+    items = expand(read_records(data), data.objects)
+    dataset = SegmentationDataset(items, processor, data, train=True)
+    batch = processor.collate([dataset[i] for i in range(len(dataset))])
+    assert len(set(batch["ids"])) == len(items) > len(set(batch["image_ids"]))  # image p holds two objects
+    cache = BackboneCache("gpu")
+    cache.features(batch["image_ids"], batch["sam_pixel_values"], model.grounding)
+    assert len(cache) == len(set(batch["image_ids"])) and cache.misses == len(cache)
+
+
+def test_cache_size_is_known_and_a_cache_that_cannot_fit_is_refused(built, monkeypatch):
+    import vseg.planner.startup as S
+
+    model, _, processor = built
+    batch = random_batch(processor, sizes=((60, 72),), seed=1)
+    cache = BackboneCache("gpu")
+    cache.features(["x"], batch["sam_pixel_values"], model.grounding)
+    cfg = tiny_cfg(["model.sam_feature_cache=gpu"])
+    assert S.sam_cache_bytes(cfg.model, 1) == cache.nbytes  # the estimate is what one image really holds
+    assert S.check_sam_cache(cfg, 10) == 10 * cache.nbytes  # no GPU and no plan.gpu_memory: nothing to judge
+    # plan.gpu_memory stands for the GPU: the estimate of the setting + the cache must fit it
+    cfg = tiny_cfg(["model.sam_feature_cache=gpu", "plan.gpu_memory=3GB"])
+    S.check_sam_cache(cfg, 10)
+    with pytest.raises(ConfigError, match="sam_feature_cache=gpu: the cache grows to 2000000 training images"):
+        S.check_sam_cache(cfg, 2_000_000)
+    cfg = tiny_cfg(["model.sam_feature_cache=cpu"])
+    monkeypatch.setattr(S, "host_available", lambda: 2.0**30)
+    S.check_sam_cache(cfg, 10)
+    with pytest.raises(ConfigError, match="sam_feature_cache=cpu: 1 process"):
+        S.check_sam_cache(cfg, 2_000_000)

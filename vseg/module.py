@@ -109,7 +109,8 @@ class Sa2VAModule(L.LightningModule):
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
         backbone = None
         if self.sam_cache is not None and self.training:
-            backbone = self.sam_cache.features(list(batch["ids"]), batch["sam_pixel_values"], self.model.grounding)
+            keys = list(batch.get("image_ids", batch["ids"]))
+            backbone = self.sam_cache.features(keys, batch["sam_pixel_values"], self.model.grounding)
         out = self.model(
             batch["input_ids"],
             batch["attention_mask"],

@@ -21,7 +21,7 @@ from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
 from vseg.monitor import PerfMonitor
-from vseg.planner import OOMGuard, prepare_run
+from vseg.planner import OOMGuard, check_sam_cache, prepare_run
 from vseg.strategy import build_strategy, is_deepspeed, model_for_run, trainable_weights_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     data_report = checked_dataset(cfg.data, progress=_is_rank_zero())
     if _is_rank_zero():
         log.info("data:\n%s", data_report.format(limit=20))
+    check_sam_cache(cfg, len(data_report.train))  # one entry per training image: refused if it cannot fit
     L.seed_everything(cfg.seed, workers=True)
     # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
     # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned

@@ -156,4 +156,5 @@ class SegmentationDataset(Dataset):
         features = self.processor.encode(image, self.question_for(index, phrase), c.answer, masks, sample_id=item.id)
         if fov is not None:
             features["fov"] = fov
+        features["image_id"] = item.record.id  # the objects of one image share its SAM-2 features
         return features

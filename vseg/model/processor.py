@@ -173,6 +173,7 @@ class Sa2VAProcessor:
             attention_mask[i, :n] = 1
         batch: dict[str, Any] = {
             "ids": [s["id"] for s in samples],
+            "image_ids": [s.get("image_id", s["id"]) for s in samples],  # which image (per-object samples share one)
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,

@@ -10,6 +10,9 @@
    through VSEG_AUTO_STRATEGY so every rank runs the same setting.
 3. On GPUs, rank 0 prints the GPU report (name, total, free per device) and the estimate for the chosen
    setting, and warns when it exceeds a used GPU's free memory.
+
+`check_sam_cache(cfg, images)` runs once the training images are known: the SAM-2 feature cache grows to one
+entry per training image, which must fit next to the estimate (`gpu`) or in host memory (`cpu`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 
-from vseg.config import ConfigError, TrainConfig
+from vseg.config import ConfigError, ModelConfig, TrainConfig
 from vseg.planner.memory import GB, Setting, estimate
 from vseg.planner.plan import (
     GpuInfo,
@@ -118,6 +122,82 @@ def _capacity(cfg: TrainConfig, gpus: list[GpuInfo], devices: int) -> float | No
     return min(int(g.free / (GB / 2)) * (GB / 2) for g in used) if used else None
 
 
+def _setting(cfg: TrainConfig, devices: int) -> Setting:
+    """The configured way to run, as the estimate sees it."""
+    return Setting(
+        cfg.strategy.name,
+        devices,
+        cfg.data.batch_size,
+        int(cfg.trainer.get("accumulate_grad_batches", 1)),
+        cfg.model.gradient_checkpointing,
+        str(cfg.trainer.get("precision", "bf16-mixed")),
+    )
+
+
+def sam_cache_bytes(model_cfg: ModelConfig, images: int) -> float:
+    """What `model.sam_feature_cache` holds for `images` distinct images: the three FPN maps each one keeps,
+    in the model's dtype (~45 MB per 1024-px image for SAM-2 Hiera-L in bf16)."""
+    from transformers import Sam2Config
+
+    from vseg.model.build import DTYPES
+
+    vision = Sam2Config(**model_cfg.sam2).vision_config
+    pixels = sum(int(h) * int(w) for h, w in vision.backbone_feature_sizes)
+    element = DTYPES[model_cfg.dtype].itemsize
+    return float(images) * vision.fpn_hidden_size * pixels * element
+
+
+def host_available() -> float | None:
+    """Host memory available for new allocations (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_sam_cache(cfg: TrainConfig, images: int) -> float:
+    """Refuses a SAM-2 feature cache that cannot fit; returns its size in bytes (per process).
+
+    `gpu`: the cache plus the planner's estimate of the configured setting must fit the smallest free memory
+    of the used GPUs (or `plan.gpu_memory`). `cpu`: every process of a node holds its own cache in pinned
+    host memory; together they must stay under 80 % of the available host memory.
+    """
+    where = cfg.model.sam_feature_cache
+    if where == "none":
+        return 0.0
+    need = sam_cache_bytes(cfg.model, images)
+    gpus = gpu_inventory() if where == "gpu" and cfg.trainer.get("accelerator") not in ("cpu", "mps") else []
+    devices = world_size(cfg, len(gpus))
+    per_node = max(devices // max(int(cfg.trainer.get("num_nodes", 1) or 1), 1), 1)
+    size = f"{images} training images x {need / max(images, 1) / 2**20:.0f} MB = {need / GB:.1f} GB"
+    if where == "gpu" and (_uses_cuda(cfg, gpus) or cfg.plan.gpu_memory):
+        capacity = _capacity(cfg, gpus, per_node)
+        if capacity is not None:
+            from vseg.planner.memory import model_facts, sequence_facts
+
+            f, model, tokenizer = model_facts(cfg)
+            training = estimate(f, sequence_facts(cfg, model, tokenizer), _setting(cfg, devices)).total
+            if training + need > capacity:
+                raise ConfigError(
+                    f"model.sam_feature_cache=gpu: the cache grows to {size} on each GPU; with the training "
+                    f"estimate ({training / GB:.1f} GB) that exceeds the {capacity / GB:.1f} GB available. Use "
+                    "model.sam_feature_cache=cpu (pinned host memory) or none"
+                )
+    if where == "cpu":
+        host = host_available()
+        if host is not None and need * per_node > 0.8 * host:
+            raise ConfigError(
+                f"model.sam_feature_cache=cpu: {per_node} process(es) on this node would each hold {size} of host "
+                f"memory, more than 80 % of the {host / GB:.1f} GB available. Use model.sam_feature_cache=none"
+            )
+    if _rank_zero():
+        log.info("SAM-2 feature cache (%s): up to %s per process", where, size)
+    return need
+
+
 def prepare_run(cfg: TrainConfig) -> TrainConfig:
     """Splits the global batch, resolves `strategy=auto`, prints the GPU report; returns the config to run."""
     from vseg.planner.guard import register
@@ -158,15 +238,7 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
 
             f, model, tokenizer = model_facts(cfg)
             seq = sequence_facts(cfg, model, tokenizer)
-            setting = Setting(
-                cfg.strategy.name,
-                devices,
-                cfg.data.batch_size,
-                int(cfg.trainer.get("accumulate_grad_batches", 1)),
-                cfg.model.gradient_checkpointing,
-                str(cfg.trainer.get("precision", "bf16-mixed")),
-            )
-            chosen = estimate(f, seq, setting)
+            chosen = estimate(f, seq, _setting(cfg, devices))
         s = chosen.setting
         lines.append(
             f"plan: strategy={s.strategy}, micro-batch {s.micro_batch} x accumulation {s.accumulate} x {devices} "
