@@ -169,7 +169,7 @@ def check_sam_cache(cfg: TrainConfig, images: int) -> float:
     if where == "none":
         return 0.0
     need = sam_cache_bytes(cfg.model, images)
-    gpus = gpu_inventory() if where == "gpu" and cfg.trainer.get("accelerator") not in ("cpu", "mps") else []
+    gpus = gpu_inventory() if cfg.trainer.get("accelerator") not in ("cpu", "mps") else []
     devices = world_size(cfg, len(gpus))
     per_node = max(devices // max(int(cfg.trainer.get("num_nodes", 1) or 1), 1), 1)
     size = f"{images} training images x {need / max(images, 1) / 2**20:.0f} MB = {need / GB:.1f} GB"
