@@ -141,15 +141,16 @@ class Engine:
             stacked = torch.cat([logits[i] for i in rows]).float()  # (sum K, h, w)
             up = F.interpolate(stacked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             fg = up.sigmoid() > self.threshold
-            owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(fg.device)
+            count_t = torch.tensor(counts, device=fg.device)
+            owner = torch.repeat_interleave(torch.arange(len(rows), device=fg.device), count_t)
             hits = torch.zeros((len(rows), *size), dtype=torch.int32, device=fg.device)
             masks = hits.index_add_(0, owner, fg.to(torch.int32)) > 0  # union of each input's K masks
-            sums = torch.zeros(len(rows), device=stacked.device).index_add_(0, owner, stacked.flatten(1).mean(1))
-            means = (sums / torch.tensor(counts, device=sums.device, dtype=sums.dtype)).tolist()
+            sums = torch.zeros(len(rows), device=fg.device).index_add_(0, owner, stacked.flatten(1).mean(1))
+            means = (sums / count_t).tolist()
             host = masks.cpu().numpy()
             for j, i in enumerate(rows):
-                out[i] = ItemPrediction(host[j], answers[i], counts[j], float(means[j]))
-        return [p for p in out if p is not None]
+                out[i] = ItemPrediction(host[j], answers[i], counts[j], means[j])
+        return out  # type: ignore[return-value]  # every slot is filled above
 
     def seg_logits(
         self,

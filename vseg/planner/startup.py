@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vseg.config import ConfigError, ModelConfig, TrainConfig
-from vseg.planner.memory import GB, Setting, estimate
+from vseg.planner.memory import GB, Estimate, Setting, estimate
 from vseg.planner.plan import (
     GpuInfo,
     Plan,
@@ -122,16 +122,31 @@ def _capacity(cfg: TrainConfig, gpus: list[GpuInfo], devices: int) -> float | No
     return min(int(g.free / (GB / 2)) * (GB / 2) for g in used) if used else None
 
 
-def _setting(cfg: TrainConfig, devices: int) -> Setting:
-    """The configured way to run, as the estimate sees it."""
-    return Setting(
-        cfg.strategy.name,
-        devices,
-        cfg.data.batch_size,
-        int(cfg.trainer.get("accumulate_grad_batches", 1)),
-        cfg.model.gradient_checkpointing,
-        str(cfg.trainer.get("precision", "bf16-mixed")),
-    )
+def _per_node(cfg: TrainConfig, devices: int) -> int:
+    """Processes (GPUs) of the run on one node."""
+    return max(devices // max(int(cfg.trainer.get("num_nodes", 1) or 1), 1), 1)
+
+
+_ESTIMATES: dict[tuple[str, int], Estimate] = {}
+
+
+def _configured_estimate(cfg: TrainConfig, devices: int) -> Estimate:
+    """The estimate of the configured setting (one meta build per config, shared by the start-up checks)."""
+    key = (repr(cfg), devices)
+    if key not in _ESTIMATES:
+        from vseg.planner.memory import model_facts, sequence_facts
+
+        f, model, tokenizer = model_facts(cfg)
+        setting = Setting(
+            cfg.strategy.name,
+            devices,
+            cfg.data.batch_size,
+            int(cfg.trainer.get("accumulate_grad_batches", 1)),
+            cfg.model.gradient_checkpointing,
+            str(cfg.trainer.get("precision", "bf16-mixed")),
+        )
+        _ESTIMATES[key] = estimate(f, sequence_facts(cfg, model, tokenizer), setting)
+    return _ESTIMATES[key]
 
 
 def sam_cache_bytes(model_cfg: ModelConfig, images: int) -> float:
@@ -171,15 +186,12 @@ def check_sam_cache(cfg: TrainConfig, images: int) -> float:
     need = sam_cache_bytes(cfg.model, images)
     gpus = gpu_inventory() if cfg.trainer.get("accelerator") not in ("cpu", "mps") else []
     devices = world_size(cfg, len(gpus))
-    per_node = max(devices // max(int(cfg.trainer.get("num_nodes", 1) or 1), 1), 1)
+    per_node = _per_node(cfg, devices)
     size = f"{images} training images x {need / max(images, 1) / 2**20:.0f} MB = {need / GB:.1f} GB"
     if where == "gpu" and (_uses_cuda(cfg, gpus) or cfg.plan.gpu_memory):
         capacity = _capacity(cfg, gpus, per_node)
         if capacity is not None:
-            from vseg.planner.memory import model_facts, sequence_facts
-
-            f, model, tokenizer = model_facts(cfg)
-            training = estimate(f, sequence_facts(cfg, model, tokenizer), _setting(cfg, devices)).total
+            training = _configured_estimate(cfg, devices).total
             if training + need > capacity:
                 raise ConfigError(
                     f"model.sam_feature_cache=gpu: the cache grows to {size} on each GPU; with the training "
@@ -209,8 +221,7 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     cuda = _uses_cuda(cfg, gpus)
     devices = world_size(cfg, len(gpus))
     cfg = resolve_global_batch(cfg, devices)
-    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
-    per_node = max(devices // nodes, 1)
+    per_node = _per_node(cfg, devices)
     capacity = _capacity(cfg, gpus, per_node) if (cuda or cfg.plan.gpu_memory) else None
     chosen = None
     if auto:
@@ -234,11 +245,7 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     if cuda and _rank_zero():
         lines = [gpu_report(gpus, per_node)]
         if chosen is None:
-            from vseg.planner.memory import model_facts, sequence_facts
-
-            f, model, tokenizer = model_facts(cfg)
-            seq = sequence_facts(cfg, model, tokenizer)
-            chosen = estimate(f, seq, _setting(cfg, devices))
+            chosen = _configured_estimate(cfg, devices)
         s = chosen.setting
         lines.append(
             f"plan: strategy={s.strategy}, micro-batch {s.micro_batch} x accumulation {s.accumulate} x {devices} "
