@@ -431,9 +431,8 @@ def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
     line += f"  ({speed:.1f} images/s)" if speed else ""
     if summary["failed"] or summary["missing"]:
         line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
-    if loop.describe():
-        line += (
-            f"\ntime in the prediction loop{' (rank 0)' if summary.get('placement', '').startswith('data') else ''}: "
-        )
-        line += loop.describe()
+    split = loop.describe()
+    if split:
+        rank = " (rank 0)" if summary.get("placement", "").startswith("data") else ""
+        line += f"\ntime in the prediction loop{rank}: {split}"
     print(line, flush=True)

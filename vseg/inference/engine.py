@@ -51,6 +51,7 @@ class LoopTimes:
     """
 
     seconds: dict[str, float] = field(default_factory=lambda: {"inputs": 0.0, "model": 0.0, "writing": 0.0})
+    _mark: float = field(default=0.0, init=False, repr=False)
 
     @contextmanager
     def measure(self, part: str):
@@ -62,6 +63,16 @@ class LoopTimes:
 
     def add(self, part: str, seconds: float) -> None:
         self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    def start(self) -> None:
+        """Starts the lap clock (loops timed by hooks at part boundaries rather than by `measure`)."""
+        self._mark = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Counts the time since the last `start` or `lap` towards `part`."""
+        now = time.perf_counter()
+        self.add(part, now - self._mark)
+        self._mark = now
 
     def report(self) -> dict[str, float]:
         """`seconds_<part>` for the summary."""

@@ -95,7 +95,6 @@ class PredictModule(L.LightningModule):
         self.processor = None
         self.started = self.ended = 0.0
         self.times = times if times is not None else LoopTimes()
-        self._mark = 0.0
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -129,27 +128,22 @@ class PredictModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.trainer.strategy.barrier("vseg_predict_start")
-        self.started = self._mark = time.perf_counter()
+        self.started = time.perf_counter()
+        self.times.start()
 
     # Lightning fetches and moves a batch, runs the callbacks' batch-start hooks, then ours; after the step the
     # callbacks' batch-end hooks (the ResultWriter) run before ours. The marks split the loop accordingly.
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        now = time.perf_counter()
-        self.times.add("inputs", now - self._mark)
-        self._mark = now
+        self.times.lap("inputs")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Any]:
         assert self.engine is not None
         predictions = self.engine(batch)
-        now = time.perf_counter()
-        self.times.add("model", now - self._mark)
-        self._mark = now
+        self.times.lap("model")
         return predictions
 
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        now = time.perf_counter()
-        self.times.add("writing", now - self._mark)
-        self._mark = now
+        self.times.lap("writing")
 
     def on_predict_end(self) -> None:
         with self.times.measure("writing"):
