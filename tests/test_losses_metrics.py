@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vseg.config import LossConfig
 from vseg.losses import LossSums, Window, bce_per_mask, combine, dice_loss_per_mask, mask_loss_sums
-from vseg.metrics import SegmentationMetrics, dice_iou_per_image, logits_to_mask
+from vseg.metrics import SegmentationMetrics, dice_iou_per_image
+from vseg.model.grounding import mask_logits_at, masks_at
 
 
 def test_bce_and_dice_match_hand_computation():
@@ -87,8 +89,38 @@ def test_metric_averages_per_image_across_updates():
     assert scores["iou"].item() == pytest.approx(0.75)
 
 
-def test_logits_to_mask_upsamples_then_thresholds():
-    logits = torch.tensor([[[5.0, -5.0], [-5.0, -5.0]]])
-    mask = logits_to_mask(logits, (4, 4))
-    assert mask.shape == (1, 4, 4)
-    assert mask[0, 0, 0] and not mask[0, 3, 3]
+def _bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), written out in float64 numpy."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    y0, y1, wy = axis(x.shape[0], height)
+    x0, x1, wx = axis(x.shape[1], width)
+    top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
+    bottom = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
+    return top * (1 - wy[:, None]) + bottom * wy[:, None]
+
+
+@pytest.mark.parametrize("size", [(37, 29), (64, 64), (90, 140)])
+def test_masks_at_image_size_follow_the_authors_two_resizes(size):
+    """Low-res logits go to the SAM-2 side first, then to the image size (Sa2VA's video-predictor path)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 16, 16, generator=g) * 4
+    sam_size = 64
+    got = mask_logits_at(logits, size, sam_size)
+    for i in range(2):
+        want = _bilinear(_bilinear(logits[i].double().numpy(), sam_size, sam_size), *size)
+        np.testing.assert_allclose(got[i].numpy(), want, atol=1e-4)  # float32 arithmetic
+        decided = np.abs(want) > 1e-3
+        np.testing.assert_array_equal(masks_at(logits, size, sam_size)[i].numpy()[decided], (want > 0)[decided])
+    if size == (sam_size, sam_size):
+        return
+    # One direct resize is not the same function (the defect this replaces).
+    direct = torch.nn.functional.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    assert not torch.allclose(direct, got, atol=1e-3)
+
+

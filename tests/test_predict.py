@@ -350,7 +350,8 @@ def test_scores_on_hand_made_masks():
 
 
 def test_finish_upsamples_merges_and_thresholds_each_input_at_its_own_size():
-    """The batched finish step equals the per-input definition: K masks upsampled to the input's size, union."""
+    """The batched finish step equals the per-input definition: K masks upsampled (via the SAM-2 side) to the
+    input's size, union."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -360,7 +361,7 @@ def test_finish_upsamples_merges_and_thresholds_each_input_at_its_own_size():
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(k, 16, 16, generator=g) for k in (1, 0, 2, 1, 3)]
     sizes = [(40, 30), (40, 30), (40, 30), (17, 23), (17, 23)]
-    preds = Engine.finish(SimpleNamespace(threshold=0.5), logits, sizes, [f"a{i}" for i in range(5)])
+    preds = Engine.finish(SimpleNamespace(threshold=0.5, sam_size=64), logits, sizes, [f"a{i}" for i in range(5)])
     assert [p.answer for p in preds] == [f"a{i}" for i in range(5)]
     assert [p.seg_tokens for p in preds] == [1, 0, 2, 1, 3]
     for lg, size, p in zip(logits, sizes, preds, strict=True):
@@ -368,7 +369,8 @@ def test_finish_upsamples_merges_and_thresholds_each_input_at_its_own_size():
         if lg.shape[0] == 0:
             assert not p.mask.any() and np.isnan(p.mean_logit)
             continue
-        up = F.interpolate(lg[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        up = F.interpolate(lg[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+        up = F.interpolate(up, size=size, mode="bilinear", align_corners=False)[:, 0]
         np.testing.assert_array_equal(p.mask, (up.sigmoid() > 0.5).any(0).numpy())
         assert p.mean_logit == pytest.approx(float(lg.mean()), rel=1e-5)
     assert 0 < preds[2].mask.mean() < 1 and (preds[2].mask != preds[0].mask).any()

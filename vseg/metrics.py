@@ -7,7 +7,6 @@ both prediction and ground truth are empty scores 1 (nothing to find, nothing fo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 
@@ -27,12 +26,6 @@ def dice_iou_per_image(
     dice = torch.where(empty, torch.ones_like(inter), 2 * inter / (p + t).clamp(min=1))
     iou = torch.where(empty, torch.ones_like(inter), inter / union.clamp(min=1))
     return dice, iou
-
-
-def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
-    """Low-res logits (N, h, w) -> boolean masks at `size`: bilinear upsampling, then sigmoid > threshold."""
-    up = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return up.sigmoid() > threshold
 
 
 class SegmentationMetrics(Metric):

@@ -14,8 +14,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from vseg.config import ConfigError, TrainConfig
 from vseg.faults import NonFiniteGuard, TestFaults
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
-from vseg.metrics import SegmentationMetrics, logits_to_mask
-from vseg.model.grounding import BackboneCache
+from vseg.metrics import SegmentationMetrics
+from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Sa2VAModule(L.LightningModule):
         predictions = []
         for i, masks in enumerate(batch["masks"]):
             logits = out.mask_logits[out.seg_sample_index == i]
-            pred = logits_to_mask(logits, tuple(masks.shape[-2:]))
+            pred = masks_at(logits, tuple(masks.shape[-2:]), self.model.grounding.image_size)
             fov = batch["fov"][i] if "fov" in batch else None
             self.val_metrics.update(pred.cpu(), masks.cpu(), fov)
             predictions.append(pred)

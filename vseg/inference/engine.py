@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vseg.model.families import embedding_device
+from vseg.model.grounding import mask_logits_at
 from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise
 from vseg.model.sa2va import Sa2VA
 from vseg.model.tokenizer import SEG_TOKEN, get_template, token_id
@@ -118,6 +118,7 @@ class Engine:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.stop_ids = sorted({int(i) for i in [*stops, *eos] if i is not None and i != tokenizer.unk_token_id})
         self.stop_words = get_template(template).stop_words
+        self.sam_size = model.grounding.image_size
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, Any]) -> list[ItemPrediction]:
@@ -137,6 +138,8 @@ class Engine:
     ) -> list[ItemPrediction]:
         """Per input (K, h, w) low-res logits -> its mask at its own size (union over the K [SEG] masks).
 
+        The logits reach the image size as the authors' code takes them there (`mask_logits_at`).
+
         Inputs of one size are upsampled, thresholded and copied to the host together: one device sync per
         distinct size instead of one per input (and per statistic).
         """
@@ -150,8 +153,7 @@ class Engine:
         for size, rows in groups.items():
             counts = [int(logits[i].shape[0]) for i in rows]
             stacked = torch.cat([logits[i] for i in rows]).float()  # (sum K, h, w)
-            up = F.interpolate(stacked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            fg = up.sigmoid() > self.threshold
+            fg = mask_logits_at(stacked, size, self.sam_size).sigmoid() > self.threshold
             count_t = torch.tensor(counts, device=fg.device)
             owner = torch.repeat_interleave(torch.arange(len(rows), device=fg.device), count_t)
             hits = torch.zeros((len(rows), *size), dtype=torch.int32, device=fg.device)

@@ -12,10 +12,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2Model
 
 from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16, normalise
+
+
+def mask_logits_at(logits: torch.Tensor, size: tuple[int, int], sam_size: int) -> torch.Tensor:
+    """Low-res mask logits (N, h, w) -> float32 logits (N, H, W) at an image's size, as Sa2VA computes them.
+
+    The authors' path goes through SAM-2's video predictor, which first upsamples the 256x256 logits to the
+    SAM-2 input side (`sam_size`, 1024) and then to the image size, both bilinear with `align_corners=False`.
+    One direct resize differs from theirs in ~0.5 % of pixels, exactly the edges where thin vessels live, so
+    every mask at image size (prediction, validation metrics and overlays) goes through here.
+    """
+    x = logits[:, None].float()
+    if tuple(x.shape[-2:]) != (sam_size, sam_size):
+        x = F.interpolate(x, size=(sam_size, sam_size), mode="bilinear", align_corners=False)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x[:, 0]
+
+
+def masks_at(logits: torch.Tensor, size: tuple[int, int], sam_size: int, threshold: float = 0.5) -> torch.Tensor:
+    """Boolean masks (N, H, W) at an image's size: `mask_logits_at`, then sigmoid > `threshold`."""
+    return mask_logits_at(logits, size, sam_size).sigmoid() > threshold
 
 
 @dataclass
