@@ -23,6 +23,7 @@ from tests.test_checkpoint import model_outputs
 from vseg.model.build import build_sa2va
 from vseg.model.checkpoint import CheckpointError, write_official_folder
 from vseg.model.official import QwenVLLayout
+from vseg.model.tokenizer import IMAGE_TOKENS, SA2VA_ADDED_TOKENS, build_tiny_tokenizer
 
 # The Qwen2.5-VL folder ties its head (the base 3B does); the Qwen3-VL one unties it, as the authors'
 # converter writes every Qwen release (`tie_word_embeddings = False`).
@@ -211,3 +212,23 @@ def test_an_untied_release_loads_with_a_tied_preset(tmp_path, caplog):
         model_outputs(model, tokenizer, untied), model_outputs(loaded, loaded_tokenizer, untied), strict=True
     ):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_folder_with_the_authors_qwen_token_set_loads(family, tmp_path):
+    """The authors' Qwen-VL Sa2VA adds only [SEG] <p> </p> <vp> </vp> (the image tokens are Qwen's own): such a
+    folder loads, gains no token, and predicts what the model that wrote it predicts."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tiny_tokenizer(image_tokens=False).save_pretrained(str(tokenizer_dir))
+    cfg = tiny_cfg([*FAMILIES[family], f"model.tokenizer_path={tokenizer_dir}"]).model
+    torch.manual_seed(0)
+    model, tokenizer = build_sa2va(cfg, None)
+    vocab = tokenizer.get_vocab()
+    assert not any(t in vocab for t in IMAGE_TOKENS) and all(t in vocab for t in SA2VA_ADDED_TOKENS)
+    folder = tmp_path / "release"
+    folder.mkdir()
+    write_official_folder(model, cfg, tokenizer, folder, "float32", max_shard_bytes=1 << 30)
+    loaded, loaded_tokenizer = _load(dataclasses.replace(cfg, tokenizer_path=None), folder)
+    assert loaded_tokenizer.get_vocab() == vocab
+    for a, b in zip(model_outputs(model, tokenizer, cfg), model_outputs(loaded, loaded_tokenizer, cfg), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -62,7 +62,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
 def build_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[str]]:
     """The model's tokenizer with every Sa2VA token present; also returns the tokens it had to add."""
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.path)
-    added = ensure_special_tokens(tokenizer)
+    added = ensure_special_tokens(tokenizer, get_family(cfg.family).added_tokens)
     return tokenizer, added
 
 

@@ -451,7 +451,7 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
     folder = read_folder(cfg.path)  # type: ignore[arg-type]
     arch = folder_architecture(folder)
     tokenizer = load_tokenizer(cfg.tokenizer_path or str(folder.path))
-    added = ensure_special_tokens(tokenizer)
+    added = ensure_special_tokens(tokenizer, get_family(arch.get("family") or cfg.family).added_tokens)
     base = folder.kind == "internvl_base"
     if added and not base:
         raise CheckpointError(

@@ -30,6 +30,7 @@ from transformers import (
 from vseg.config import ModelConfig
 from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, internvl_tiles, normalise
 from vseg.model.tokenizer import (
+    IMAGE_TOKENS,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -37,6 +38,7 @@ from vseg.model.tokenizer import (
     QWEN_VIDEO_PAD_TOKEN,
     QWEN_VISION_END_TOKEN,
     QWEN_VISION_START_TOKEN,
+    SA2VA_ADDED_TOKENS,
     token_id,
 )
 
@@ -50,6 +52,8 @@ class MLLMFamily(Protocol):
     vision_prefix: str
     projector_prefix: str | tuple[str, ...]
     language_prefix: str
+    #: tokens a Sa2VA checkpoint of this family adds to its base tokenizer (and a base MLLM gets at load time)
+    added_tokens: tuple[str, ...]
 
     def build(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module: ...
 
@@ -115,6 +119,8 @@ class InternVLFamily:
     vision_prefix = "model.vision_tower."
     projector_prefix = "model.multi_modal_projector."
     language_prefix = "model.language_model."
+    # InternVL's image tokens are not in the Qwen2 / InternLM2 vocabularies: Sa2VA adds them with its own.
+    added_tokens = (*IMAGE_TOKENS, *SA2VA_ADDED_TOKENS)
 
     def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> InternVLConfig:
         """The transformers config: vocabulary from the tokenizer, image token id from `<IMG_CONTEXT>`."""
@@ -241,6 +247,8 @@ class QwenVLFamily:
     vision_prefix = "model.visual."
     projector_prefix: str | tuple[str, ...] = "model.visual.merger."
     language_prefix = "model.language_model."
+    # The image tokens are the Qwen tokenizer's own (<|vision_start|>, <|image_pad|>, ...): Sa2VA adds only its five.
+    added_tokens = SA2VA_ADDED_TOKENS
     config_class: Any = None
     model_class: Any = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)

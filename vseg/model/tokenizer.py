@@ -88,11 +88,12 @@ _TINY_CORPUS = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 512, image_tokens: bool = True) -> PreTrainedTokenizerFast:
     """Builds a small byte-level BPE tokenizer with the Qwen-style specials, offline and in milliseconds.
 
     Args:
         vocab_size: upper bound on the learned vocabulary (bytes + merges), before special tokens.
+        image_tokens: include InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>` (a Qwen-VL Sa2VA release has none).
 
     Returns:
         A fast tokenizer whose special tokens include the chat markers, the image tokens and [SEG].
@@ -116,7 +117,8 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         padding_side="right",
     )
-    specials = ["<|im_start|>", *IMAGE_TOKENS, *SA2VA_ADDED_TOKENS, *QWEN_VISION_TOKENS]  # Qwen ones last: ids kept
+    internvl = list(IMAGE_TOKENS) if image_tokens else []
+    specials = ["<|im_start|>", *internvl, *SA2VA_ADDED_TOKENS, *QWEN_VISION_TOKENS]  # Qwen ones last: ids kept
     fast.add_special_tokens({"additional_special_tokens": specials})
     return fast
 
@@ -237,14 +239,16 @@ def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
 
 
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Adds the image and Sa2VA tokens the tokenizer lacks; returns the ones it added.
+def ensure_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...] = (*IMAGE_TOKENS, *SA2VA_ADDED_TOKENS)
+) -> list[str]:
+    """Adds those of `tokens` (a family's `added_tokens`) the tokenizer lacks; returns the ones it added.
 
     A released Sa2VA checkpoint already holds them (nothing is added, so no embedding resize);
     a plain base MLLM gets them here, on CPU, before any model is built or sharded.
     """
     vocab = tokenizer.get_vocab()
-    missing = [t for t in (*IMAGE_TOKENS, *SA2VA_ADDED_TOKENS) if t not in vocab]
+    missing = [t for t in tokens if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
         log.info("added %d special tokens to the tokenizer: %s", len(missing), missing)
