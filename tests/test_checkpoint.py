@@ -407,3 +407,28 @@ def test_plain_base_mllm_gets_the_tokens_and_grown_rows(tmp_path, caplog):
     torch.testing.assert_close(new[rows - 5 :], old.mean(0).expand(5, -1))
     assert loaded.base_mllm.lm_head.weight is new  # still tied
     assert not any(p.device.type == "meta" for p in loaded.parameters())  # SAM-2 + text_hidden_fcs built real
+
+
+@pytest.mark.parametrize("theta_at_top", [True, False])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_transformers5_rope_parameters_are_read(variant, theta_at_top, tmp_path):
+    """A folder saved by transformers 5 keeps its rope in `rope_parameters` next to `rope_scaling: null`:
+    dynamic x2 (Sa2VA-8B / 26B) is read as such, not as default rope (which conflicts with the preset)."""
+    rope = "{rope_type:dynamic,factor:2.0,rope_theta:1000000.0}"
+    cfg = tiny_cfg([*VARIANTS[variant], f"+model.text.rope_parameters={rope}"]).model
+    torch.manual_seed(0)
+    model, tokenizer = build_sa2va(cfg, None)
+    write_official_folder(model, cfg, tokenizer, tmp_path, "float32", max_shard_bytes=1 << 30)
+    config = json.loads((tmp_path / "config.json").read_text())
+    llm = config["llm_config"]
+    assert llm.pop("rope_scaling") == {"type": "dynamic", "factor": 2.0}  # the remote-code spelling, as released
+    if not theta_at_top:
+        llm.pop("rope_theta")
+    llm.update(rope_scaling=None, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = _load(cfg, tmp_path)
+    rope_read = loaded.base_mllm.config.text_config.rope_parameters
+    assert (rope_read["rope_type"], rope_read["factor"], rope_read["rope_theta"]) == ("dynamic", 2.0, 1e6)
+    # The folder's rope is read, not the preset's: a default-rope preset is refused, naming the field.
+    with pytest.raises(CheckpointError, match="rope"):
+        _load(tiny_cfg(VARIANTS[variant]).model, tmp_path)

@@ -232,3 +232,23 @@ def test_a_folder_with_the_authors_qwen_token_set_loads(family, tmp_path):
     assert loaded_tokenizer.get_vocab() == vocab
     for a, b in zip(model_outputs(model, tokenizer, cfg), model_outputs(loaded, loaded_tokenizer, cfg), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_theta"])
+def test_rope_is_read_from_either_spelling(qwen_folder, spelling):
+    """transformers 5 writes `rope_parameters` (+ `rope_scaling: null`), the authors' 4.5x code `rope_theta`."""
+    from vseg.model.official import qwen_architecture_from_config
+
+    _, _, _, _, folder = qwen_folder
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    section = dict(text["rope_parameters"])
+    text.pop("rope_theta", None)
+    if spelling == "rope_parameters":
+        text.update(rope_scaling=None, rope_parameters={**section, "rope_theta": 12345.0})
+    else:
+        text.pop("rope_parameters")
+        text.update(rope_theta=12345.0, rope_scaling={k: v for k, v in section.items() if k != "rope_theta"})
+    rope = qwen_architecture_from_config(config)["text"]["rope_parameters"]
+    assert rope["rope_theta"] == 12345.0
+    assert rope.get("mrope_section") == section.get("mrope_section")

@@ -414,10 +414,22 @@ TEXT_FIELDS = (
 
 
 def with_rope_parameters(text: Mapping[str, Any]) -> dict[str, Any]:
-    """`text` with transformers-5 `rope_parameters` in place of the older `rope_theta` / `rope_scaling`."""
+    """`text` with one transformers-5 `rope_parameters` dict, read from either spelling of a config.
+
+    Folders saved by transformers 5 hold `rope_parameters` (and `rope_scaling: null`), older ones and the
+    authors' remote code `rope_theta` + `rope_scaling`. A set `rope_parameters` wins; its theta may also sit
+    next to it at the top level.
+    """
     out = dict(text)
-    theta, scaling = out.pop("rope_theta", None), out.pop("rope_scaling", None)
-    if "rope_parameters" in out or theta is None:
+    theta, scaling, params = out.pop("rope_theta", None), out.pop("rope_scaling", None), out.pop("rope_parameters", None)
+    if params:
+        rope = _plain_rope(params)
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        if theta is not None:
+            rope.setdefault("rope_theta", theta)
+        out["rope_parameters"] = rope
+        return out
+    if theta is None:
         return out
     rope: dict[str, Any] = {"rope_type": "default"}
     if scaling:
@@ -468,7 +480,8 @@ def architecture_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if llm.get(name) is not None:
             text[name] = llm[name]
     text.setdefault("num_key_value_heads", text.get("num_attention_heads"))
-    text = with_rope_parameters({**text, "rope_theta": llm.get("rope_theta"), "rope_scaling": llm.get("rope_scaling")})
+    rope = {name: llm.get(name) for name in ("rope_theta", "rope_scaling", "rope_parameters")}
+    text = with_rope_parameters({**text, **rope})
     if arch == "InternLM2ForCausalLM":
         text["attention_bias"] = bool(llm.get("bias", True))
     size = _side(config.get("force_image_size") or vis["image_size"])
