@@ -122,5 +122,3 @@ def test_masks_at_image_size_follow_the_authors_two_resizes(size):
     # One direct resize is not the same function (the defect this replaces).
     direct = torch.nn.functional.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     assert not torch.allclose(direct, got, atol=1e-3)
-
-

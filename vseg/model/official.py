@@ -421,7 +421,11 @@ def with_rope_parameters(text: Mapping[str, Any]) -> dict[str, Any]:
     next to it at the top level.
     """
     out = dict(text)
-    theta, scaling, params = out.pop("rope_theta", None), out.pop("rope_scaling", None), out.pop("rope_parameters", None)
+    theta, scaling, params = (
+        out.pop("rope_theta", None),
+        out.pop("rope_scaling", None),
+        out.pop("rope_parameters", None),
+    )
     if params:
         rope = _plain_rope(params)
         rope.setdefault("rope_type", rope.pop("type", "default"))
