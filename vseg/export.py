@@ -88,12 +88,13 @@ def write_adapter_folder(model: Sa2VA, cfg: TrainConfig, tokenizer, folder: Path
     tokenizer.save_pretrained(str(folder))
 
 
-def load_adapter_folder(path: str | Path) -> tuple[TrainConfig, Sa2VA, object]:
-    """Rebuilds the base of an `adapter` export (seeded random init or its `model.path`) and applies it."""
+def load_adapter_folder(path: str | Path, dtype: str | None = None) -> tuple[TrainConfig, Sa2VA, object]:
+    """Rebuilds the base of an `adapter` export (seeded random init or its `model.path`, read in `dtype` when
+    given: `read_in`) and applies it."""
     import lightning as L
     from peft import set_peft_model_state_dict
 
-    from vseg.model.build import build_sa2va
+    from vseg.model.build import build_sa2va, read_in
 
     folder = Path(path)
     config_file = folder / "config.json"
@@ -103,7 +104,7 @@ def load_adapter_folder(path: str | Path) -> tuple[TrainConfig, Sa2VA, object]:
     raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), data["train"])
     cfg: TrainConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     L.seed_everything(cfg.seed, verbose=False)
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    model, tokenizer = build_sa2va(read_in(cfg.model, dtype), cfg.lora)
     result = set_peft_model_state_dict(model.mllm, load_file(str(folder / "adapter_model.safetensors")))
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     modules = load_file(str(folder / MODULES_FILE))

@@ -262,7 +262,7 @@ def load_model(
             model = dispatch(model, device_map)
         model.eval()
     else:
-        model, tokenizer = source.build("cpu")
+        model, tokenizer = source.build("cpu", dtype_name)
         model = prepare(model, opts.merge_lora, dtype)
         if opts.device_map is None:
             model.to(device)

@@ -57,9 +57,12 @@ class ModelSource:
     def describe(self) -> str:
         return f"{self.form}:{self.path}" if self.path else self.form
 
-    def build(self, device: torch.device | str = "cpu") -> tuple[Any, Any]:
-        """(model, tokenizer) with every weight loaded, frozen, on `device` (random: materialised there)."""
-        from vseg.model.build import build_sa2va
+    def build(self, device: torch.device | str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
+        """(model, tokenizer) with every weight loaded, frozen, on `device` (random: materialised there).
+
+        `dtype`: the dtype inference will run in; weights read from files are read in it (`read_in`).
+        """
+        from vseg.model.build import build_sa2va, read_in
 
         if self.form == "random":
             from vseg.inference.placement import build_random
@@ -68,15 +71,15 @@ class ModelSource:
         if self.form == "adapter":
             from vseg.export import load_adapter_folder
 
-            _, model, tokenizer = load_adapter_folder(self.path)  # type: ignore[arg-type]
+            _, model, tokenizer = load_adapter_folder(self.path, dtype)  # type: ignore[arg-type]
         elif self.form in ("native", "official"):
-            model, tokenizer = build_sa2va(self.model_cfg, None)
+            model, tokenizer = build_sa2va(read_in(self.model_cfg, dtype), None)
         else:
             cfg = self.train_cfg
             assert cfg is not None and self.weights_file is not None
             weights = read_trainable(self.form, self.weights_file)
             L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
-            model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+            model, tokenizer = build_sa2va(read_in(cfg.model, dtype), cfg.lora)
             apply_trainable(model, weights, self.weights_file)
         model.requires_grad_(False)
         return model.to(device), tokenizer

@@ -8,6 +8,7 @@ tokens, and the Sa2VA heads. Everything else is frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -75,6 +76,18 @@ def build_sam2(cfg: ModelConfig) -> Sam2Model:
     with torch.no_grad():
         sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     return sam
+
+
+def read_in(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+    """`cfg` set to read its weights in `dtype` (the dtype inference runs in), where that is faithful.
+
+    Weights from files (`cfg.path`) are read straight in `dtype`: reading them in the preset's bfloat16 and
+    casting to float32 afterwards would round them first. A random-init base (no `cfg.path`) keeps the dtype
+    it was trained in: its values were rounded to that dtype when the run built it, so that is what trained.
+    """
+    if dtype is None or cfg.path is None:
+        return cfg
+    return dataclasses.replace(cfg, dtype=dtype)
 
 
 def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
