@@ -53,6 +53,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tests.conftest import tiny_cfg
 from vseg.model.build import build_sa2va
+from vseg.model.grounding import mask_logits_at, masks_at
 from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM_MEAN_BF16, SAM_STD_BF16, normalise
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import IMG_CONTEXT_TOKEN, SEG_TOKEN, load_tokenizer, token_id
@@ -368,6 +369,12 @@ def test_lm_and_mask_logits_match_the_authors_code(authors, pair):
             language_embd=language_embd[None],
         )
         their_masks = step["pred_masks"][:, 0]  # (1, 32, 32) low-res logits, best IoU of 3
+        # Their final mask: SAM-2 upsamples to its input side (128 here, 1024 released), then predict_forward
+        # takes that to the image size; sigmoid > 0.5.
+        height, width = batch["image_sizes"][0]
+        their_final = torch.nn.functional.interpolate(
+            step["pred_masks_high_res"].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[:, 0]
 
         # ---- vseg
         hidden = model.decoder_states(input_ids, attention_mask, batch["mllm_inputs"])
@@ -377,3 +384,43 @@ def test_lm_and_mask_logits_match_the_authors_code(authors, pair):
     assert their_logits.abs().mean() > 1e-2 and their_masks.abs().mean() > 1e-2  # not trivially zero
     torch.testing.assert_close(my_logits, their_logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(mine.mask_logits, their_masks, atol=2e-5, rtol=1e-4)
+    # Final masks at the image size: same logits to float32 noise, same pixels wherever the sign is decided.
+    my_final = mask_logits_at(mine.mask_logits, (height, width), model.grounding.image_size)
+    torch.testing.assert_close(my_final, their_final, atol=1e-4, rtol=1e-4)
+    decided = their_final.abs() > 1e-3
+    assert int(decided.sum()) > 0.99 * decided.numel()
+    assert torch.equal(masks_at(mine.mask_logits, (height, width), model.grounding.image_size)[decided],
+                       (their_final.sigmoid() > 0.5)[decided])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
+    """SAM-2 Hiera-L exactly as their `SAM2()` builds it for every release (random weights): each key loads into vseg's full-size SAM-2 with its shape or is one of the deliberately dropped
+    memory parts, and no tensor of vseg's SAM-2 is left without a source."""
+    from vseg.inference.sources import preset
+    from vseg.model import official
+    from vseg.model.build import build_sam2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = authors.sam2.SAM2()  # their init calls .item(): no meta device for it
+    with torch.device("meta"):
+        mine = build_sam2(preset("sa2va_1b"))
+    native = {official.SAM + k: tuple(v.shape) for k, v in mine.state_dict().items()}
+    layout = official.InternVLLayout("Qwen2ForCausalLM", 14, 2)
+    loaded, dropped = set(), []
+    for key, tensor in theirs.state_dict().items():
+        full = "grounding_encoder." + key
+        if layout.is_dropped(full):
+            dropped.append(full)
+            continue
+        pieces = layout.to_native(full, tensor)
+        assert pieces, f"{full} maps to nothing"
+        for piece in pieces:
+            want = native.get(piece.key)
+            shape = tuple(piece.tensor.shape) if piece.row is None else (want[0], *piece.tensor.shape)
+            assert want == shape and (piece.row is None or piece.row < want[0]), f"{full} -> {piece.key}"
+            loaded.add(piece.key)
+    assert sorted(set(native) - loaded) == []
+    assert len(loaded) > 500
+    assert {k.split(".")[2].split("_")[0] for k in dropped} <= {"memory", "mask", "obj", "maskmem", "no"}
