@@ -68,26 +68,20 @@ def predict_cfg(**values):
 def bench_forward(shape: str, batch: int, iters: int, compile_blocks: bool = False) -> dict:
     import torch
 
-    from vseg.inference.engine import Engine
-    from vseg.inference.inputs import PredictDataset, collate, file_items
-    from vseg.inference.sources import ModelSource, preset
-    from vseg.predict import Options, engine_args, load_model, options
+    from vseg.inference.inputs import collate, file_items
+    from vseg.inference.predictor import Predictor
 
     tmp = Path(tempfile.mkdtemp())
     write_inputs(tmp / "in", batch, distinct=min(batch, 8))
-    opts: Options = options(
-        predict_cfg(ckpt="random", model=SHAPES[shape], output=str(tmp / "out"), compile=compile_blocks)
-    )
-    source = ModelSource("random", None, preset(SHAPES[shape]))
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    model, tokenizer, processor = load_model(source, opts, device)
+    predictor = Predictor.load("random", model=SHAPES[shape], device=device, compile=compile_blocks)
+    model, processor, engine = predictor.model, predictor.processor, predictor.engine()
     sync()
     build = time.perf_counter() - t0
-    engine = Engine(model, tokenizer, **engine_args(opts, source))
     items = file_items(str(tmp / "in"), "Please segment the blood vessels in this image.")
-    data = PredictDataset(items, processor, "It is [SEG].")
+    data = predictor.dataset(items)
     b = collate(processor, [data[i] for i in range(batch)])
     tokens = int(b["attention_mask"].sum(1).float().mean())
     for key in ("input_ids", "attention_mask", "sam_pixel_values"):

@@ -436,15 +436,14 @@ def test_transformers5_rope_parameters_are_read(variant, theta_at_top, tmp_path)
 
 def test_predict_dtype_float32_reads_the_files_float32_values(official_folder):
     """`predict.py dtype=float32` with a bfloat16 preset: the weights are read in float32, not rounded first."""
-    from omegaconf import OmegaConf
-
+    from vseg.inference.predictor import Predictor
     from vseg.inference.sources import ModelSource
-    from vseg.predict import load_model, options
 
     _, cfg, model, _, folder = official_folder
     source = ModelSource("official", folder, dataclasses.replace(cfg, path=str(folder), dtype="bfloat16"))
-    opts = options(OmegaConf.create({"ckpt": str(folder), "dtype": "float32"}))
-    loaded, _, _ = load_model(source, opts, torch.device("cpu"))
+    predictor = Predictor.from_source(source, device="cpu", dtype="float32")
+    assert predictor.dtype == "float32"
+    loaded = predictor.model
     mine, theirs = model.state_dict(), loaded.state_dict()
     assert {t.dtype for t in theirs.values() if t.is_floating_point()} == {torch.float32}
     assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []

@@ -109,7 +109,7 @@ def test_device_map_keeps_blocks_whole_and_uses_every_gpu_budget():
 def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     from vseg.inference.placement import build_meta, devices_of
     from vseg.inference.sources import ModelSource, preset
-    from vseg.predict import load_model, options
+    from vseg.predict import load_predictor, options
 
     assert torch.cuda.device_count() >= 2
     images = _images(tmp_path / "in", 4)
@@ -118,7 +118,7 @@ def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     size = sum(p.numel() * 4 for p in build_meta(preset("tiny"))[0].parameters())
     budget = {0: int(size * 0.55), 1: int(size * 1.0)}
     opts = options(_cfg("ckpt=random", device_map="sequential", max_memory=budget, **common))
-    model, _, _ = load_model(ModelSource("random", None, preset("tiny")), opts, torch.device("cuda:0"))
+    model = load_predictor(ModelSource("random", None, preset("tiny")), opts, torch.device("cuda:0")).model
     placed = devices_of(model)
     assert {"cuda:0", "cuda:1"} <= set(placed), placed
     llm = next(model.mllm.model.language_model.parameters()).device

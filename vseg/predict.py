@@ -15,7 +15,6 @@ attention. `run` returns the summary; predict.py exits 1 when any input failed, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -33,23 +32,18 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from vseg.inference.compile import compile_blocks
-from vseg.inference.engine import MODES, Engine, LoopTimes
-from vseg.inference.inputs import DEFAULT_PROMPT, PredictDataset, PredictItem, collate, dataset_items, file_items
+from vseg.inference.engine import MODES, LoopTimes
+from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
-from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, to_device, write_batch, write_plan
+from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
 from vseg.inference.placement import (
     DEVICE_MAPS,
-    build_meta,
-    dispatch,
-    materialize_random,
     parse_max_memory,
-    plan_device_map,
     resolve_device,
 )
+from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
 from vseg.inference.sources import ModelSource, apply_trainable, resolve_source
 from vseg.model.build import DTYPES, build_sa2va
-from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -228,62 +222,21 @@ def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple
 
 
 # ------------------------------------------------------------------------------------ model
-def inference_dtype(opts: Options, source: ModelSource, device: torch.device) -> str:
-    """`dtype=auto`: bfloat16 on GPUs, the checkpoint's own dtype on CPU."""
-    if opts.dtype != "auto":
-        return opts.dtype
-    return "bfloat16" if device.type == "cuda" else source.model_cfg.dtype
-
-
-def prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
-    """Frozen, eval mode, adapters folded into the base (one matmul per layer instead of three), in `dtype`."""
-    if merge_lora and hasattr(model.mllm, "merge_and_unload"):
-        from vseg.export import merge_adapters
-
-        merge_adapters(model)
-    model.requires_grad_(False)
-    return model.to(dtype).eval()
-
-
-def load_model(
-    source: ModelSource, opts: Options, device: torch.device, out: Path | None = None
-) -> tuple[Any, Any, Any]:
-    """(model ready for inference, tokenizer, processor) on `device`, or split by `opts.device_map`."""
-    dtype_name = inference_dtype(opts, source, device)
-    dtype = DTYPES[dtype_name]
-    cfg = dataclasses.replace(source.model_cfg, dtype=dtype_name)
-    if source.form == "random":
-        model, tokenizer = build_meta(cfg)
-        if opts.device_map is None:
-            materialize_random(model, {"": str(device)}, dtype)
-        else:
-            device_map = plan_device_map(model, opts.device_map, opts.max_memory, dtype)
-            materialize_random(model, device_map, dtype)
-            model = dispatch(model, device_map)
-        model.eval()
-    else:
-        model, tokenizer = source.build("cpu", dtype_name)
-        model = prepare(model, opts.merge_lora, dtype)
-        if opts.device_map is None:
-            model.to(device)
-        else:
-            model = dispatch(model, plan_device_map(model, opts.device_map, opts.max_memory, dtype))
-    if opts.compile:
-        compile_blocks(model)
-    max_length = source.train_cfg.data.max_length if source.train_cfg is not None else 4096
-    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, max_length)
-    return model, tokenizer, processor
-
-
-def engine_args(opts: Options, source: ModelSource) -> dict[str, Any]:
-    answer = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg is not None else "It is [SEG].")
-    return {
-        "template": source.template,
-        "mode": opts.answer,
-        "answer": answer,
-        "max_new_tokens": opts.max_new_tokens,
-        "threshold": opts.threshold,
-    }
+def load_predictor(source: ModelSource, opts: Options, device: torch.device) -> Predictor:
+    """The `Predictor` of `source` on `device` (or split by `opts.device_map`) with the options' answer settings."""
+    return Predictor.from_source(
+        source,
+        device=device,
+        device_map=opts.device_map,
+        max_memory=opts.max_memory,
+        dtype=opts.dtype,
+        compile=opts.compile,
+        merge_lora=opts.merge_lora,
+        answer=opts.answer,
+        answer_text=opts.answer_text,
+        max_new_tokens=opts.max_new_tokens,
+        threshold=opts.threshold,
+    )
 
 
 # ------------------------------------------------------------------------------------ run
@@ -307,15 +260,15 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         and not (opts.max_memory or {}).keys() <= {"cpu", "disk"}
     ):
         raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
-    args = engine_args(opts, source)
+    answer_text = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg else DEFAULT_ANSWER)
     fingerprint = {
         "ckpt": source.describe(),
         "answer": opts.answer,
-        "answer_text": args["answer"] if opts.answer == "teacher_forced" else None,
+        "answer_text": answer_text if opts.answer == "teacher_forced" else None,
         "max_new_tokens": opts.max_new_tokens if opts.answer == "generate" else None,
         "prompt": opts.prompt,
         "threshold": opts.threshold,
-        "dtype": inference_dtype(opts, source, device),
+        "dtype": inference_dtype(opts.dtype, source, device),
     }
     plan_file = os.environ.get(PLAN_ENV)
     child = parallel and plan_file is not None
@@ -338,9 +291,8 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
             os.environ[PLAN_ENV] = str(plan)
         try:
             rank, predict_seconds = predict_data_parallel(
-                load=lambda dev: load_model(source, opts, dev, out),
+                load=lambda dev: load_predictor(source, opts, dev),
                 items=todo,
-                engine_args=args,
                 root=out,
                 accelerator=accelerator,
                 devices=opts.devices,
@@ -360,15 +312,13 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         load_seconds = time.perf_counter() - begin - predict_seconds
     elif todo:
         started = time.perf_counter()
-        model, tokenizer, processor = load_model(source, opts, device, out)
+        predictor = load_predictor(source, opts, device)
         load_seconds = time.perf_counter() - started
-        engine = Engine(model, tokenizer, **args)
-        dataset = PredictDataset(todo, processor, args["answer"] if opts.answer == "teacher_forced" else None, data)
         loader = DataLoader(
-            dataset,
+            predictor.dataset(todo, data),
             batch_size=opts.batch_size,
             num_workers=opts.num_workers,
-            collate_fn=partial(collate, processor),
+            collate_fn=partial(collate, predictor.processor),
             pin_memory=device.type == "cuda",
         )
         store.open()
@@ -384,7 +334,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
                     if batch is None:
                         break
                     with loop.measure("model"):
-                        predictions = engine(batch)
+                        predictions = predictor(batch)
                     with loop.measure("writing"):
                         write_batch(store, batch, predictions, opts.answer)
                     bar.update(len(batch["items"]) + len(batch["failed"]))

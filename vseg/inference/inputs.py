@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from vseg.config import ConfigError, DataConfig
 from vseg.data.io import is_image_file, read_image, read_mask
+from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SEG_TOKEN
 
@@ -48,11 +49,14 @@ class PredictItem:
     mask_path: str | None = None  # ground truth for file inputs (list files)
     record: Any = None  # a vseg.data VesselRecord for dataset inputs
     object_index: int | None = None  # per_object datasets: which object is the target
+    pixels: Any = field(default=None, compare=False)  # an in-memory image (HxWx3 uint8 array or PIL image)
 
     @property
     def source(self) -> str:
         if self.image_path is not None:
             return self.image_path
+        if self.pixels is not None:
+            return f"<{type(self.pixels).__name__} {self.id}>"
         record = self.record
         return str(getattr(record, "image_path", None) or getattr(record, "id", self.id))
 
@@ -204,7 +208,7 @@ class PredictDataset(Dataset):
             if has_truth:
                 truth = sample.masks.any(axis=0) if item.object_index is None else sample.masks[item.object_index]
             return sample.image, truth, sample.fov
-        image = read_image(item.image_path or "")
+        image = np.asarray(to_pil(item.pixels)) if item.pixels is not None else read_image(item.image_path or "")
         truth = None
         if item.mask_path is not None:
             truth = read_mask(item.mask_path)

@@ -24,9 +24,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
-from vseg.inference.engine import Engine, LoopTimes
-from vseg.inference.inputs import PredictDataset, PredictItem, collate
+from vseg.inference.engine import LoopTimes
+from vseg.inference.inputs import PredictItem, collate
 from vseg.inference.outputs import OutputStore
+from vseg.inference.predictor import Predictor, to_device
 
 PLAN_ENV = "VSEG_PREDICT_PLAN"
 
@@ -44,18 +45,6 @@ class ShardSampler(Sampler[int]):
         return iter(range(self.rank, self.length, self.world))
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its model tensors on `device` (non-blocking from pinned memory)."""
-    if not batch.get("items"):
-        return batch
-    moved = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "sam_pixel_values"):
-        if key in moved:
-            moved[key] = moved[key].to(device, non_blocking=True)
-    moved["mllm_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["mllm_inputs"].items()}
-    return moved
-
-
 def write_plan(path: Path, indices: list[int]) -> None:
     from vseg.inference.outputs import atomic_text
 
@@ -70,29 +59,26 @@ class PredictModule(L.LightningModule):
     """Builds the model in `configure_model` (inside each launched process) and predicts batches.
 
     Args:
-        load: device -> (ready model, tokenizer, processor); the same loader as single-device prediction.
+        load: device -> its `Predictor`; the same loader as single-device prediction.
         items: the inputs still to predict, in input order.
-        engine_args: keyword arguments of `Engine` (mode, answer, threshold, ...) besides model/tokenizer.
         batch_size, num_workers: per process.
         data: dataset config for dataset inputs.
     """
 
     def __init__(
         self,
-        load: Callable[[torch.device], tuple[Any, Any, Any]],
+        load: Callable[[torch.device], Predictor],
         items: list[PredictItem],
-        engine_args: dict[str, Any],
         batch_size: int,
         num_workers: int,
         data: Any = None,
         times: LoopTimes | None = None,
     ):
         super().__init__()
-        self.load, self.items, self.engine_args = load, items, engine_args
+        self.load, self.items = load, items
         self.batch_size, self.num_workers, self.data = batch_size, num_workers, data
         self.model: torch.nn.Module | None = None
-        self.engine: Engine | None = None
-        self.processor = None
+        self.predictor: Predictor | None = None
         self.started = self.ended = 0.0
         self.times = times if times is not None else LoopTimes()
 
@@ -103,19 +89,17 @@ class PredictModule(L.LightningModule):
         # Random init of a run's base must match single-device prediction: build where the loader says
         # (on CPU, seeded), not under Lightning's default-device context.
         with torch.device("cpu"):
-            model, tokenizer, self.processor = self.load(device)
-        self.model = model
-        self.engine = Engine(model, tokenizer, **self.engine_args)
+            self.predictor = self.load(device)
+        self.model = self.predictor.model
 
     def predict_dataloader(self) -> DataLoader:
-        answer = self.engine_args["answer"] if self.engine_args["mode"] == "teacher_forced" else None
-        dataset = PredictDataset(self.items, self.processor, answer, self.data)
+        assert self.predictor is not None
         return DataLoader(
-            dataset,
+            self.predictor.dataset(self.items, self.data),
             batch_size=self.batch_size,
-            sampler=ShardSampler(len(dataset), self.global_rank, self.trainer.world_size),
+            sampler=ShardSampler(len(self.items), self.global_rank, self.trainer.world_size),
             num_workers=self.num_workers,
-            collate_fn=partial(collate, self.processor),
+            collate_fn=partial(collate, self.predictor.processor),
             pin_memory=self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=False,
         )
@@ -137,8 +121,8 @@ class PredictModule(L.LightningModule):
         self.times.lap("inputs")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Any]:
-        assert self.engine is not None
-        predictions = self.engine(batch)
+        assert self.predictor is not None
+        predictions = self.predictor(batch)
         self.times.lap("model")
         return predictions
 
@@ -183,9 +167,8 @@ def write_batch(store: OutputStore, batch: dict[str, Any], predictions: list[Any
 
 def predict_data_parallel(
     *,
-    load: Callable[[torch.device], tuple[Any, Any, Any]],
+    load: Callable[[torch.device], Predictor],
     items: list[PredictItem],
-    engine_args: dict[str, Any],
     root: Path,
     accelerator: str,
     devices: int,
@@ -202,7 +185,7 @@ def predict_data_parallel(
 
     `times` receives this process's split of the loop (`LoopTimes`).
     """
-    module = PredictModule(load, items, engine_args, batch_size, num_workers, data, times)
+    module = PredictModule(load, items, batch_size, num_workers, data, times)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,

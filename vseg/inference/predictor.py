@@ -1,0 +1,246 @@
+"""`Predictor`: a Sa2VA loaded once for inference, the one object under every front door.
+
+`predict.py` (one device, data-parallel ranks, model-parallel), `bench/` and Python code all load a model
+through `Predictor.load` and run it through the same `Engine`, so a mask is computed one way everywhere::
+
+    from vseg import Predictor
+
+    predictor = Predictor.load("runs/2026-11-29_tiny")          # any ckpt= form predict.py accepts
+    results = predictor.predict(["scan.png", pil_image, array], prompts="Please segment the blood vessels.")
+    results[0].mask            # HxW bool at the input's own size
+    results[0].answer          # the answer text ("It is [SEG]." or generated with answer="generate")
+
+Loading: the checkpoint form is resolved (`vseg.inference.sources`), the weights are read in the dtype
+inference runs in, LoRA and trained token rows are merged into the base (`merge_lora`), and the model is
+placed on one device or split by `device_map` (+ `max_memory`); `compile=True` compiles its repeated blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vseg.config import ConfigError, DataConfig, ModelConfig
+from vseg.inference.compile import compile_blocks
+from vseg.inference.engine import MODES, Engine, ItemPrediction
+from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
+from vseg.inference.placement import (
+    DEVICE_MAPS,
+    build_meta,
+    dispatch,
+    materialize_random,
+    plan_device_map,
+    resolve_device,
+)
+from vseg.inference.sources import ModelSource, resolve_source
+from vseg.model.build import DTYPES
+from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sa2va import Sa2VA
+
+DEFAULT_ANSWER = "It is [SEG]."
+ImageInput = str | Path | np.ndarray | Image.Image
+
+
+def inference_dtype(dtype: str, source: ModelSource, device: torch.device) -> str:
+    """`dtype=auto`: bfloat16 on GPUs, the checkpoint's own dtype on CPU; anything else as asked."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        return dtype
+    return "bfloat16" if device.type == "cuda" else source.model_cfg.dtype
+
+
+def _prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
+    """Frozen, eval mode, adapters folded into the base (one matmul per layer instead of three), in `dtype`."""
+    if merge_lora and hasattr(model.mllm, "merge_and_unload"):
+        from vseg.export import merge_adapters
+
+        merge_adapters(model)
+    model.requires_grad_(False)
+    return model.to(dtype).eval()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its model tensors on `device` (non-blocking from pinned memory)."""
+    if not batch.get("items"):
+        return batch
+    moved = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels", "sam_pixel_values"):
+        if key in moved:
+            moved[key] = moved[key].to(device, non_blocking=True)
+    moved["mllm_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["mllm_inputs"].items()}
+    return moved
+
+
+class Predictor:
+    """A model ready for inference with its tokenizer, processor and answer settings.
+
+    Build it with `Predictor.load` (or `from_source`). `predict` takes images from Python; front doors that
+    stream many inputs (predict.py) build their loader from `dataset` and call the predictor on each batch.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        model: Sa2VA,
+        tokenizer: Any,
+        processor: Sa2VAProcessor,
+        *,
+        device: torch.device,
+        dtype: str,
+        device_map: str | None = None,
+        answer: str = "teacher_forced",
+        answer_text: str | None = None,
+        max_new_tokens: int = 32,
+        threshold: float = 0.5,
+    ):
+        if answer not in MODES:
+            raise ConfigError(f"answer={answer!r}: expected one of {MODES}")
+        self.source, self.model, self.tokenizer, self.processor = source, model, tokenizer, processor
+        self.device, self.dtype, self.device_map = device, dtype, device_map
+        self.mode = answer
+        self.answer_text = answer_text or (source.train_cfg.data.answer if source.train_cfg else DEFAULT_ANSWER)
+        if "[SEG]" not in self.answer_text:
+            raise ConfigError(f"answer_text={self.answer_text!r}: the teacher-forced answer needs a [SEG] token")
+        self.max_new_tokens, self.threshold = max_new_tokens, threshold
+        self._engines: dict[str, Engine] = {}
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, ckpt: str | Path, *, model: str | ModelConfig | None = None, **options: Any) -> Predictor:
+        """Loads `ckpt` (run directory, Lightning / DeepSpeed checkpoint, export, released folder, `random`).
+
+        Args:
+            ckpt: what `predict.py ckpt=` accepts.
+            model: a `conf/model` preset name or ModelConfig (needed for `random`; optional for released folders).
+            **options: of `from_source` (device, device_map, max_memory, dtype, compile, merge_lora, answer,
+                answer_text, max_new_tokens, threshold).
+        """
+        if isinstance(model, str):
+            from vseg.inference.sources import preset
+
+            model = preset(model)
+        return cls.from_source(resolve_source(str(ckpt), model), **options)
+
+    @classmethod
+    def from_source(
+        cls,
+        source: ModelSource,
+        *,
+        device: str | torch.device = "auto",
+        device_map: str | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        dtype: str = "auto",
+        compile: bool = False,
+        merge_lora: bool = True,
+        **engine: Any,
+    ) -> Predictor:
+        """Builds the model of a resolved source on `device` (or split by `device_map` + `max_memory`).
+
+        Args:
+            engine: answer (teacher_forced | generate), answer_text, max_new_tokens, threshold.
+        """
+        device = resolve_device(device) if isinstance(device, str) else device
+        if device_map is not None and device_map not in DEVICE_MAPS:
+            raise ConfigError(f"device_map={device_map!r}: expected one of {DEVICE_MAPS} or null")
+        if compile and device_map is not None:
+            raise ConfigError("compile=true compiles blocks on one device; it cannot be combined with device_map")
+        dtype_name = inference_dtype(dtype, source, device)
+        torch_dtype = DTYPES[dtype_name]
+        if source.form == "random":
+            model, tokenizer = build_meta(dataclasses.replace(source.model_cfg, dtype=dtype_name))
+            device_map_plan = {"": str(device)}
+            if device_map is not None:
+                device_map_plan = plan_device_map(model, device_map, max_memory, torch_dtype)
+            materialize_random(model, device_map_plan, torch_dtype)
+            if device_map is not None:
+                model = dispatch(model, device_map_plan)
+            model.eval()
+        else:
+            model, tokenizer = source.build("cpu", dtype_name)
+            model = _prepare(model, merge_lora, torch_dtype)
+            if device_map is None:
+                model.to(device)
+            else:
+                model = dispatch(model, plan_device_map(model, device_map, max_memory, torch_dtype))
+        if compile:
+            compile_blocks(model)
+        max_length = source.train_cfg.data.max_length if source.train_cfg is not None else 4096
+        cfg = dataclasses.replace(source.model_cfg, dtype=dtype_name)
+        processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, max_length)
+        return cls(
+            source, model, tokenizer, processor, device=device, dtype=dtype_name, device_map=device_map, **engine
+        )
+
+    # ------------------------------------------------------------------------------------------ running
+    def engine(self, mode: str | None = None) -> Engine:
+        """The `Engine` of answer mode `mode` (default: the predictor's), built once."""
+        mode = mode or self.mode
+        if mode not in self._engines:
+            self._engines[mode] = Engine(
+                self.model,
+                self.tokenizer,
+                self.source.template,
+                mode=mode,
+                answer=self.answer_text,
+                max_new_tokens=self.max_new_tokens,
+                threshold=self.threshold,
+            )
+        return self._engines[mode]
+
+    def dataset(self, items: list[PredictItem], data: DataConfig | None = None, mode: str | None = None):
+        """The reading-and-encoding dataset of `items` for this model (teacher-forced answers cut after [SEG])."""
+        teacher_forced = (mode or self.mode) == "teacher_forced"
+        return PredictDataset(items, self.processor, self.answer_text if teacher_forced else None, data)
+
+    def __call__(self, batch: dict[str, Any], mode: str | None = None) -> list[ItemPrediction]:
+        """Predictions for one collated batch (`collate`); its tensors go where the model needs them."""
+        if self.device_map is None:
+            batch = to_device(batch, self.device)
+        return self.engine(mode)(batch)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str] | None = None,
+        answer: str | None = None,
+        batch_size: int = 8,
+    ) -> list[ItemPrediction]:
+        """Masks for images given as paths, HxWx3 uint8 arrays or PIL images.
+
+        Args:
+            images: one image or a sequence of them.
+            prompts: one prompt for all, one per image, or None (the default vessel prompt).
+            answer: teacher_forced | generate (default: the predictor's).
+            batch_size: images per forward pass.
+
+        Returns:
+            Per image, in order: the mask at its own size, the answer text, the [SEG] count and mean logit.
+        """
+        single = isinstance(images, str | Path | np.ndarray | Image.Image)
+        images = [images] if single else list(images)  # type: ignore[list-item]
+        if prompts is None or isinstance(prompts, str):
+            prompts = [prompts or DEFAULT_PROMPT] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one, or one per image")
+        items = [
+            PredictItem(i, f"input{i}", p, image_path=str(x))
+            if isinstance(x, str | Path)
+            else PredictItem(i, f"input{i}", p, pixels=x)
+            for i, (x, p) in enumerate(zip(images, prompts, strict=True))
+        ]
+        dataset = self.dataset(items, mode=answer)
+        out: list[ItemPrediction] = []
+        for start in range(0, len(items), max(1, batch_size)):
+            batch = collate(self.processor, [dataset[i] for i in range(start, min(start + batch_size, len(items)))])
+            if batch["failed"]:
+                item, error = batch["failed"][0]
+                raise InputError(f"image {item.index} ({item.source}): {error}")
+            out.extend(self(batch, answer))
+        return out
