@@ -1,6 +1,7 @@
 """Inference: checkpoints of every form -> Sa2VA on one device, on N devices (data-parallel) or split over
 several (model-parallel) -> masks, overlays, metrics. `vseg.predict.run` (predict.py) ties it together.
 
+- `predictor` `Predictor`: a model loaded once (any form, placement, dtype), predicting batches or images
 - `sources`   which checkpoint form `ckpt=` names and how to rebuild its model
 - `inputs`    which images `input=` names (file, folder, glob, list file, dataset config) and reading them
 - `engine`    the batched forward: teacher-forced [SEG] (fast path) or greedy generation
