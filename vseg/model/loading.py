@@ -125,6 +125,7 @@ def _corrupt(path: Path, what: str, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if first.startswith("Weights only load failed"):
         first = "not a zip archive, and not a pickle stream torch can read"
+    first = first.split(". ")[0]  # torch's own advice after the first sentence is not for vseg's users
     if len(first) > 160:
         first = first[:160] + "..."
     size = path.stat().st_size if path.exists() else 0
@@ -138,28 +139,24 @@ def load_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
     """safetensors' load_file; a truncated or foreign file is a CheckpointError ending with `fix`."""
     from safetensors.torch import load_file
 
-    path = Path(path)
     try:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(
-            f"{path}: cannot be read as safetensors ({size} bytes; {first}): the file is truncated or corrupt; {fix}"
-        ) from None
+        raise CheckpointError(_bad_safetensors(Path(path), err, fix)) from None
 
 
 def check_safetensors(path: Path, fix: str) -> None:
     """Reads only the header and checks that the file covers every tensor it lists (a truncated copy fails)."""
     from safetensors import safe_open
 
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(
-            f"{path}: cannot be read as safetensors ({size} bytes; {first}): the file is truncated or corrupt; {fix}"
-        ) from None
+        raise CheckpointError(_bad_safetensors(Path(path), err, fix)) from None
+
+
+def _bad_safetensors(path: Path, err: BaseException, fix: str) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    size = path.stat().st_size if path.exists() else 0
+    return f"{path}: cannot be read as safetensors ({size} bytes; {first}): the file is truncated or corrupt; {fix}"
