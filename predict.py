@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vseg.cli import exit_on_config_error
+from vseg.cli import exit_on_config_error, precheck
 
 
 @hydra.main(config_path="conf", config_name="predict", version_base="1.3")
@@ -23,4 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    precheck("predict", sys.argv[1:])  # Hydra's own errors (bad override, unknown key): one line, exit 2
     main()

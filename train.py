@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vseg.cli import exit_on_config_error
+from vseg.cli import exit_on_config_error, precheck
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -25,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    precheck("train", sys.argv[1:])  # Hydra's own errors (bad override, unknown key): one line, exit 2
     main()

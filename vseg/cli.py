@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from vseg.config import ConfigError
+from vseg.config import ConfigError, one_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -55,7 +55,23 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {err}") from None
+        raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {one_line(err)}") from None
+
+
+def precheck(config_name: str, argv: list[str]) -> None:
+    """Composes `config_name` with the command line as `@hydra.main` will, but reports a bad override, an
+    unknown key or an unknown group option like every other config error: one line, exit status 2.
+
+    (`@hydra.main` prints its own multi-line report and exits 1.) Command lines with Hydra flags (`--help`,
+    `--cfg`, `-m`) or `hydra.*` overrides are left to Hydra.
+    """
+    if any(a.startswith("-") or a.lstrip("+~").startswith(("hydra.", "hydra/")) for a in argv):
+        return
+    try:
+        compose(config_name, argv)
+    except ConfigError as err:
+        print(f"vseg: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _usage() -> str:

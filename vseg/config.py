@@ -242,6 +242,90 @@ class TrainConfig:
     resume: str | None = None  # null: continue a given run_dir's newest checkpoint | auto: also find the run
 
 
+#: ModelConfig fields that change how the same weights run, not which weights exist: a trained model takes
+#: another value of these (predict.py model.attn_implementation=eager); any other difference is another model.
+MODEL_RUNTIME_FIELDS = (
+    "dtype",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "init_device",
+    "sam_feature_cache",
+    "prompt_style",
+    "max_tiles",
+    "image_factor",
+    "min_pixels",
+    "max_pixels",
+)
+#: LoraConfig fields that decide which weights train and their shapes (alpha and dropout do not)
+LORA_SHAPE_FIELDS = (
+    "enabled",
+    "r",
+    "target_modules",
+    "train_projector",
+    "train_mask_decoder",
+    "train_text_hidden_fcs",
+    "train_new_token_rows",
+)
+
+
+def differences(old: Any, new: Any, key: str, only_new_keys: bool = False) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs; `only_new_keys`: keys absent from `new`
+    are not compared (a partial override)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(new) if only_new_keys else sorted(set(old) | set(new), key=str)
+        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{key}.{k}", only_new_keys)]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return [] if old == new else [(key, old, new)]
+
+
+def model_differences(
+    own: ModelConfig, given: dict[str, Any], only_given: bool = True
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(contradictions, runtime changes) between a trained model's config and model options `given`.
+
+    `name` is a label and never compared; an unset `path` / `tokenizer_path` (a preset's null) says nothing.
+    """
+    import dataclasses
+
+    mine = dataclasses.asdict(own)
+    contradictions, runtime = [], []
+    for field_name in given if only_given else mine:
+        if field_name == "name" or field_name not in mine:
+            continue
+        if field_name in ("path", "tokenizer_path") and given.get(field_name) is None:
+            continue
+        found = differences(mine[field_name], given.get(field_name), f"model.{field_name}", only_given)
+        (runtime if field_name in MODEL_RUNTIME_FIELDS else contradictions).extend(found)
+    return contradictions, runtime
+
+
+def describe_differences(found: list[tuple[str, Any, Any]], old: str, new: str, limit: int = 6) -> str:
+    """`model.family: 'qwen3_vl' (run) vs 'internvl' (this command), ...`"""
+    text = ", ".join(f"{k}: {a!r} ({old}) vs {b!r} ({new})" for k, a, b in found[:limit])
+    return text + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages on one line (an option list after "...:" joined by commas;
+    doc links, the config search path and OmegaConf's key/type trailer dropped)."""
+    text = str(getattr(err, "msg", None) or err).split("Config search path:")[0]
+    skip = ("See https://", "full_key:", "object_type=", "reference_type=")
+    lines = [line.strip() for line in text.splitlines()]
+    parts: list[str] = []
+    listing = False
+    for line in (line for line in lines if line and not line.startswith(skip)):
+        if listing and " " not in line:
+            parts[-1] += ("" if parts[-1].endswith(":") else ",") + " " + line
+            continue
+        listing = line.endswith(":")
+        parts.append(line)
+    out = ""
+    for part in parts:
+        out = part if not out else f"{out}{' ' if out.endswith('.') else '; '}{part}"
+    return out or type(err).__name__
+
+
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
     """Merges a composed config into the typed schema and validates it.
 
@@ -253,7 +337,7 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
         merged = OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key `{key}`: {err.msg if hasattr(err, 'msg') else err}") from None
+        raise ConfigError(f"config key `{key}`: {one_line(err)}") from None
     typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(typed)
     return typed
@@ -328,10 +412,147 @@ def _validate_data(d: DataConfig, need) -> None:
     )
 
 
-def _trainer_arguments() -> set[str]:
+def _trainer_arguments() -> dict[str, Any]:
+    """lightning.Trainer.__init__'s argument names -> their annotations."""
     import lightning
 
-    return set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+    params = inspect.signature(lightning.Trainer.__init__).parameters
+    return {name: p.annotation for name, p in params.items() if name != "self"}
+
+
+#: Trainer arguments vseg passes itself (build_trainer); a second value would clash or be ignored.
+TRAINER_OWN = {
+    "strategy": "choose the strategy with `strategy=<name>`, not trainer.strategy",
+    "logger": "vseg logs to TensorBoard under the run directory (logger group)",
+    "callbacks": "vseg sets the callbacks itself (checkpoints, watchdog, progress bar, monitor)",
+    "default_root_dir": "the run directory is `run_dir=`",
+    "use_distributed_sampler": "vseg's DataModule shards the data itself",
+}
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name of a simple annotation: `int`, `int | float | null`, `'value' | 'norm'`."""
+    import types
+    import typing
+
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args]
+        return " | ".join(n for n in names if n)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return ""  # an object (Accelerator, Logger, ...) a config value cannot be
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a config value (None, bool, int, float, str, list, dict) fits annotation `tp`."""
+    import types
+    import typing
+
+    if tp is inspect.Parameter.empty or tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return False  # a class (Accelerator, Logger, timedelta, ...): not something a YAML value can be
+
+
+def _batch_limit_ok(value: Any) -> bool:
+    """Lightning's batch limits: a share in [0.0, 1.0] or a whole number of batches."""
+    if isinstance(value, float):
+        return 0.0 <= value <= 1.0 or (value > 1 and value % 1.0 == 0)
+    return value >= 0
+
+
+def _devices_ok(value: Any) -> bool:
+    """Lightning's `devices`: "auto", a count >= 1, -1 (all), a list of device indices, or those as a string."""
+    import re
+
+    if isinstance(value, str):
+        text = value.strip()
+        return text == "auto" or bool(re.fullmatch(r"-1|[1-9]\d*|\d+(\s*,\s*\d+)*\s*,?", text))
+    if isinstance(value, list):
+        return bool(value) and all(v >= 0 for v in value) and len(set(value)) == len(value)
+    return value == -1 or value >= 1
+
+
+#: trainer argument -> (check on a value of the right type, what it must be); per Lightning's own checks
+TRAINER_RANGES: dict[str, tuple[Any, str]] = {
+    "max_epochs": (lambda v: v >= -1, "an int >= 0, or -1 for no limit"),
+    "min_epochs": (lambda v: v >= 0, "an int >= 0"),
+    "max_steps": (lambda v: v >= -1, "an int >= 0, or -1 for no limit"),
+    "min_steps": (lambda v: v >= 0, "an int >= 0"),
+    "num_nodes": (lambda v: v >= 1, "an int >= 1"),
+    "devices": (_devices_ok, '"auto", a count >= 1, -1 (all), or a list of device indices like [0, 1]'),
+    "accumulate_grad_batches": (lambda v: v >= 1, "an int >= 1"),
+    "check_val_every_n_epoch": (lambda v: v >= 1, "an int >= 1, or null"),
+    "num_sanity_val_steps": (lambda v: v >= -1, "an int >= 0, or -1 for all validation batches"),
+    "log_every_n_steps": (lambda v: v >= 1, "an int >= 1"),
+    "fast_dev_run": (lambda v: v >= 0, "true, false or a number of batches >= 0"),
+    "reload_dataloaders_every_n_epochs": (lambda v: v >= 0, "an int >= 0"),
+    "gradient_clip_val": (lambda v: v >= 0, "a number >= 0, or null"),
+    "gradient_clip_algorithm": (lambda v: v in ("value", "norm"), "value | norm"),
+    "limit_train_batches": (_batch_limit_ok, "a share in [0.0, 1.0] or a whole number of batches"),
+    "limit_val_batches": (_batch_limit_ok, "a share in [0.0, 1.0] or a whole number of batches"),
+    "limit_test_batches": (_batch_limit_ok, "a share in [0.0, 1.0] or a whole number of batches"),
+    "limit_predict_batches": (_batch_limit_ok, "a share in [0.0, 1.0] or a whole number of batches"),
+    "overfit_batches": (_batch_limit_ok, "a share in [0.0, 1.0] or a whole number of batches"),
+    "val_check_interval": (
+        lambda v: not isinstance(v, (int, float)) or (_batch_limit_ok(v) and v != 0),
+        "a share in (0.0, 1.0], a number of batches >= 1, a time 'DD:HH:MM:SS' or null",
+    ),
+}
+
+
+def _validate_trainer(t: dict[str, Any], need) -> None:
+    """Every `trainer.*` value against lightning.Trainer's signature (names, simple types) and its ranges."""
+    import math
+
+    arguments = _trainer_arguments()
+    unknown = sorted(set(t) - set(arguments))
+    need(not unknown, f"trainer: unknown lightning.Trainer arguments {unknown}")
+    for name, why in TRAINER_OWN.items():
+        need(name not in t, f"trainer.{name}: {why}")
+    for name, value in t.items():
+        if name not in arguments or name in TRAINER_OWN:
+            continue
+        tp = arguments[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            need(False, f"trainer.{name}={value}: not a finite number")
+            continue
+        if not _matches(value, tp):
+            need(False, f"trainer.{name}={value!r}: expected {_type_name(tp) or 'a Python object'}")
+            continue
+        check = TRAINER_RANGES.get(name)
+        if check is not None and value is not None and not isinstance(value, bool) and not check[0](value):
+            need(False, f"trainer.{name}={value!r}: must be {check[1]}")
+    if t.get("accelerator") is not None and isinstance(t.get("accelerator"), str):
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        known = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        need(t["accelerator"] in known, f"trainer.accelerator={t['accelerator']!r}: expected one of {known}")
 
 
 def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
@@ -348,9 +569,7 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         if not ok:
             errors.append(message)
 
-    unknown = set(t) - _trainer_arguments()
-    need(not unknown, f"trainer: unknown lightning.Trainer arguments {sorted(unknown)}")
-    need("strategy" not in t, "trainer.strategy: choose the strategy with `strategy=<name>`, not trainer.strategy")
+    _validate_trainer(t, need)
     need(
         cfg.strategy.name in (*STRATEGIES, "auto"),
         f"strategy.name={cfg.strategy.name!r}: expected one of {STRATEGIES} or auto",
@@ -398,12 +617,12 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     need(cfg.resume in (None, "auto", "never"), f"resume={cfg.resume!r}: null | auto | never")
     need(cfg.faults.max_bad_steps >= 0, f"faults.max_bad_steps={cfg.faults.max_bad_steps}: must be >= 0")
     need(cfg.faults.heartbeat_timeout_s > 0, "faults.heartbeat_timeout_s must be > 0")
-    accum = t.get("accumulate_grad_batches", 1)
-    need(isinstance(accum, int) and accum >= 1, f"trainer.accumulate_grad_batches={accum}: must be an int >= 1")
 
     accelerator = str(t.get("accelerator", "auto"))
     devices = t.get("devices", "auto")
     num_nodes = t.get("num_nodes", 1)
+    if any(e.startswith(("trainer.devices=", "trainer.num_nodes=")) for e in errors):
+        devices, num_nodes = "auto", 1  # already reported; the strategy checks below would repeat it
     if not cuda:
         advice = "run on a machine with NVIDIA GPUs, or use strategy=single (or ddp with trainer.accelerator=cpu)"
         need(not cfg.strategy.gpu_only, f"strategy={cfg.strategy.name} needs CUDA GPUs and none is visible: {advice}")

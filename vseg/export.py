@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vseg.config import ConfigError, ModelConfig, TrainConfig
 from vseg.model.checkpoint import (
@@ -38,6 +38,7 @@ from vseg.model.checkpoint import (
     write_native_folder,
     write_official_folder,
 )
+from vseg.model.loading import load_safetensors
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,10 @@ def load_adapter_folder(path: str | Path, dtype: str | None = None) -> tuple[Tra
     cfg: TrainConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     L.seed_everything(cfg.seed, verbose=False)
     model, tokenizer = build_sa2va(read_in(cfg.model, dtype), cfg.lora)
-    result = set_peft_model_state_dict(model.mllm, load_file(str(folder / "adapter_model.safetensors")))
+    fix = "export the run again (`vseg export format=adapter ckpt=RUN out=...`)"
+    result = set_peft_model_state_dict(model.mllm, load_safetensors(folder / "adapter_model.safetensors", fix))
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    modules = load_file(str(folder / MODULES_FILE))
+    modules = load_safetensors(folder / MODULES_FILE, fix)
     expected = set(_adapter_modules(model))
     if set(modules) != expected or unexpected:
         raise ConfigError(

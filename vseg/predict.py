@@ -15,6 +15,7 @@ attention. `run` returns the summary; predict.py exits 1 when any input failed, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,6 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -42,8 +42,9 @@ from vseg.inference.placement import (
     resolve_device,
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
-from vseg.inference.sources import ModelSource, apply_trainable, resolve_source
+from vseg.inference.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
 from vseg.model.build import DTYPES, build_sa2va
+from vseg.model.loading import load_safetensors
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
             )
     raw = OmegaConf.load(config_file)
     cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))  # type: ignore[assignment]
-    return cfg, load_file(weights_file)
+    return cfg, load_safetensors(weights_file, WEIGHTS_FIX.format(run=run_dir))
 
 
 def rebuild_run(run_dir: Path) -> tuple[TrainConfig, Sa2VA, PreTrainedTokenizerBase]:
@@ -179,11 +180,19 @@ def options(pcfg: DictConfig) -> Options:
     return opts
 
 
-def _model_override(pcfg: DictConfig) -> ModelConfig | None:
+def _model_override(pcfg: DictConfig) -> tuple[ModelConfig | None, dict[str, Any] | None]:
+    """(the `model=<preset>` as a ModelConfig, or None; every model key the command line set, or None)."""
     node = pcfg.get("model")
-    if node is None or not isinstance(node, DictConfig) or "name" not in node:
-        return None
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[return-value]
+    if node is None or not isinstance(node, DictConfig) or not len(node):
+        return None, None
+    given: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConfigError(f"model: unknown keys {unknown}; known: {[f.name for f in dataclasses.fields(ModelConfig)]}")
+    if "name" not in node:
+        return None, given
+    model: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[assignment]
+    return model, given
 
 
 def _data_override(pcfg: DictConfig) -> DataConfig | None:
@@ -244,7 +253,8 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
     begin = time.perf_counter()
     opts = options(pcfg)
-    source = resolve_source(opts.ckpt, _model_override(pcfg))
+    source = resolve_source(opts.ckpt, *_model_override(pcfg))
+    check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     items, data = resolve_items(pcfg, opts, source)
     out = opts.output
     if out is None:

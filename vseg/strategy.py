@@ -312,7 +312,12 @@ def trainable_weights_from_checkpoint(path: str | Path) -> dict[str, torch.Tenso
     if is_deepspeed_checkpoint(path):
         state = deepspeed_trainable_weights(path)
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        from vseg.model.loading import load_torch_file
+
+        ckpt = load_torch_file(path)  # UNSAFE pickles, truncated or foreign files: one CheckpointError
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ConfigError(f"ckpt={path}: holds no `state_dict`; not a Lightning checkpoint written by vseg")
+        state = ckpt["state_dict"]
     else:
         raise ConfigError(f"ckpt={path}: neither a checkpoint file nor a DeepSpeed checkpoint directory")
     if not state:
@@ -332,9 +337,9 @@ def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None)
 
     ckpt = Path(ckpt).expanduser().resolve()
     run = Path(run_dir).expanduser().resolve() if run_dir else ckpt.parent.parent
+    weights = trainable_weights_from_checkpoint(ckpt)  # first: a file that is no checkpoint is the problem to name
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: no config.yaml; pass out=RUN_DIR (the run this checkpoint belongs to)")
-    weights = trainable_weights_from_checkpoint(ckpt)
     expected = _expected_trainable(run)
     if expected is not None and set(weights) != expected:
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -14,10 +15,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from vseg.config import ConfigError, TrainConfig, load_config
+from vseg.config import (
+    LORA_SHAPE_FIELDS,
+    ConfigError,
+    TrainConfig,
+    describe_differences,
+    differences,
+    load_config,
+    model_differences,
+    one_line,
+)
 from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
 from vseg.model.build import count_parameters
+from vseg.model.loading import load_torch_file
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
 from vseg.monitor import PerfMonitor
@@ -95,6 +106,87 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return newest
 
 
+def _read_run_config(config_file: Path, role: str) -> TrainConfig:
+    try:
+        raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_file))
+        return OmegaConf.to_object(raw)  # type: ignore[return-value]
+    except Exception as err:  # noqa: BLE001 - unreadable YAML, keys of another vseg version, ...
+        raise ConfigError(
+            f"{config_file}: the {role}'s config cannot be read ({type(err).__name__}: {one_line(err)}); "
+            "choose another run_dir= (nothing was written)"
+        ) from None
+
+
+def run_conflicts(old: TrainConfig, new: TrainConfig) -> list[tuple[str, object, object]]:
+    """What makes `new` a different model from the run `old`: architecture fields and the trainable set."""
+    contradictions, _ = model_differences(old.model, dataclasses.asdict(new.model), only_given=False)
+    if old.model.path != new.model.path:
+        contradictions.append(("model.path", old.model.path, new.model.path))
+    lora = differences(
+        {k: getattr(old.lora, k) for k in LORA_SHAPE_FIELDS},
+        {k: getattr(new.lora, k) for k in LORA_SHAPE_FIELDS},
+        "lora",
+    )
+    return contradictions + lora
+
+
+def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuses to write into a directory that holds the run of another model (its config.yaml says so)."""
+    existing = run_dir / "config.yaml"
+    if not existing.is_file():
+        return
+    other = _read_run_config(existing, "existing run")
+    found = run_conflicts(other, cfg)
+    if found:
+        raise ConfigError(
+            f"run_dir={run_dir} holds a run of model {other.model.name}, and this command trains model "
+            f"{cfg.model.name}: {describe_differences(found, 'that run', 'this command')}; nothing was written: "
+            f"continue that run with its own settings (model={other.model.name}), or choose another run_dir= "
+            "(without ckpt_path= of that run)"
+        )
+
+
+def check_resume(cfg: TrainConfig, ckpt: Path, run_dir: Path) -> None:
+    """Refuses a checkpoint this run cannot continue from, before anything is built or written: missing,
+    unreadable, UNSAFE, or written for another model (its run's config.yaml, else its trainable weights)."""
+    if not ckpt.exists():
+        raise ConfigError(f"ckpt_path={ckpt}: no such file or directory")
+    for config_file in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if config_file.is_file() and config_file != run_dir / "config.yaml":
+            other = _read_run_config(config_file, "checkpoint's run")
+            found = run_conflicts(other, cfg)
+            if found:
+                raise ConfigError(
+                    f"ckpt_path={ckpt} was written by a run of model {other.model.name}, and this command trains "
+                    f"model {cfg.model.name}: {describe_differences(found, 'checkpoint', 'this command')}; nothing "
+                    f"was written: resume with model={other.model.name} (and that run's settings)"
+                )
+            break
+    if ckpt.is_dir():
+        return  # DeepSpeed directory: DeepSpeed itself loads its shards strictly
+    state = load_torch_file(ckpt)  # truncated, foreign or UNSAFE files: one CheckpointError naming the file
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ConfigError(f"ckpt_path={ckpt}: holds no `state_dict`; not a Lightning checkpoint written by vseg")
+    if cfg.model.path is not None:
+        return  # the architecture comes from the folder: Lightning checks the keys when it restores
+    from vseg.model.sizes import build_on_meta
+
+    model, _ = build_on_meta(cfg.model, cfg.lora)
+    expected = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k: tuple(v.shape) for k, v in state["state_dict"].items()}
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    shapes = [
+        f"{k}: {saved[k]} vs {expected[k]}" for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        raise ConfigError(
+            f"ckpt_path={ckpt} holds the trainable weights of another model than this command's model "
+            f"{cfg.model.name} (missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}, "
+            f"other shapes {len(shapes)} {shapes[:3]}); nothing was written: resume with the model and lora settings "
+            "it was trained with"
+        )
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
     """Lightning Trainer with TensorBoard logging under the run dir, atomic step checkpoints that
     survive signals, and (several processes) the rank watchdog."""
@@ -137,6 +229,11 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     cfg = raw_cfg if isinstance(raw_cfg, TrainConfig) else load_config(raw_cfg)
     cfg = prepare_run(cfg)  # data.global_batch_size split, strategy=auto resolved, GPU report (vseg/planner)
     run_dir = resolve_run_dir(cfg)
+    # Every check comes before anything is written: a refused command leaves every run directory as it was.
+    check_run_dir(cfg, run_dir)
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        check_resume(cfg, resume, run_dir)
     # The data is read and checked before the model is built: bad data fails in seconds, with the full list.
     data_report = checked_dataset(cfg.data, progress=_is_rank_zero())
     if _is_rank_zero():
@@ -158,7 +255,6 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
     module = Sa2VAModule(None if builder else model, cfg, builder)
-    resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)

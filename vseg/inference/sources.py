@@ -29,7 +29,6 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from vseg.config import ConfigError, ModelConfig, TrainConfig
 from vseg.model.checkpoint import CheckpointError, folder_architecture, merge_architecture, read_folder
@@ -37,6 +36,11 @@ from vseg.model.checkpoint import CheckpointError, folder_architecture, merge_ar
 log = logging.getLogger(__name__)
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
+#: how to rewrite a run's trainable weights file from its checkpoints
+WEIGHTS_FIX = (
+    "write it again from the run's newest checkpoint with `vseg weights ckpt={run}/checkpoints/last.ckpt` "
+    "(or delete it: predict.py then reads that checkpoint itself)"
+)
 FORMS = ("run", "lightning", "deepspeed", "native", "official", "adapter", "random")
 
 
@@ -177,19 +181,16 @@ class _RestrictedPickle:
 
 
 def _torch_load(path: Path) -> Any:
+    from vseg.model.loading import load_torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return load_torch_file(path)  # UNSAFE pickles and corrupt files: a CheckpointError naming the file
     except pickle.UnpicklingError:
         log.info("%s holds metadata objects weights_only rejects; reading it with a restricted unpickler", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_RestrictedPickle)
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
-    except Exception as err:  # noqa: BLE001 - unpickling errors, truncated zips, ...
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); is it complete, and a vseg training checkpoint?"
-        ) from None
 
 
 def deepspeed_model_states(directory: Path) -> Path | None:
@@ -215,7 +216,9 @@ def deepspeed_model_states(directory: Path) -> Path | None:
 def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     """The trainable weights (Sa2VA parameter names) stored at `path` by a run, Lightning or DeepSpeed."""
     if form == "run":
-        return load_file(str(path))
+        from vseg.model.loading import load_safetensors
+
+        return load_safetensors(path, WEIGHTS_FIX.format(run=path.parent.parent))
     if form == "lightning":
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -289,14 +292,64 @@ def matching_presets(folder_path: Path) -> list[str]:
     return names
 
 
-def resolve_source(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
+def resolve_source(ckpt: str, model: ModelConfig | None = None, given: dict[str, Any] | None = None) -> ModelSource:
     """Recognises the form of `ckpt` (see the module docstring); reads configs only, no weights.
 
     Args:
         ckpt: the `ckpt=` value.
         model: the `model=<preset>` given on the command line, if any (needed for `random`, optional for
-            released folders, an override of the dtype / attention otherwise ignored).
+            released folders).
+        given: the model keys the command line set (`model=<preset>` and/or `model.<key>=...`). For a checkpoint
+            that carries its own model config (run, Lightning, DeepSpeed, native, adapter), one that contradicts
+            it is refused naming both values; runtime fields (`dtype`, `attn_implementation`, ...) are applied
+            and reported.
     """
+    source = _resolve(ckpt, model)
+    if given and source.form in ("run", "lightning", "deepspeed", "native", "adapter"):
+        source = with_model_options(source, given)
+    return source
+
+
+def with_model_options(source: ModelSource, given: dict[str, Any]) -> ModelSource:
+    """`source` with the command line's model options applied, or a ConfigError naming each contradiction."""
+    from vseg.config import describe_differences, model_differences
+
+    own = source.model_cfg
+    contradictions, runtime = model_differences(own, given)
+    if source.form == "adapter":  # its model is rebuilt from the folder's own config: nothing can be changed
+        contradictions, runtime = contradictions + runtime, []
+    named = f"model={given['name']}" if given.get("name") else "model options"
+    if contradictions:
+        raise ConfigError(
+            f"{named} contradicts ckpt={source.path}, a {source.form} checkpoint of model {own.name}: "
+            f"{describe_differences(contradictions, 'checkpoint', 'given')}; drop the model option to use the "
+            "checkpoint's own model, or pass a checkpoint of that model"
+        )
+    if not runtime:
+        return source
+    changes = {key.split(".")[1]: given[key.split(".")[1]] for key, _, _ in runtime}
+    model_cfg = dataclasses.replace(own, **changes)
+    train_cfg = dataclasses.replace(source.train_cfg, model=model_cfg) if source.train_cfg is not None else None
+    print(
+        f"vseg: applied to ckpt={source.path}: {describe_differences(runtime, 'checkpoint', 'given', 20)}", flush=True
+    )
+    return dataclasses.replace(source, model_cfg=model_cfg, train_cfg=train_cfg)
+
+
+def check_weights_file(source: ModelSource) -> None:
+    """Reads what can be read cheaply before anything is written: the trained weights file of a run (header)
+    or a Lightning checkpoint (mmap). A truncated, corrupt or UNSAFE file is a CheckpointError naming it."""
+    from vseg.model.loading import check_safetensors
+
+    if source.weights_file is None:
+        return
+    if source.form == "run":
+        check_safetensors(source.weights_file, WEIGHTS_FIX.format(run=source.path))
+    elif source.form == "lightning":
+        _torch_load(source.weights_file)
+
+
+def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
     if ckpt == "random":
         if model is None:
             raise ConfigError("ckpt=random needs model=<preset> (the architecture to build with random weights)")
@@ -326,7 +379,7 @@ def resolve_source(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
                 f"{path / 'checkpoints'}; pass a training run directory that has trained weights"
             )
         log.info("run %s has no final weights yet: using its newest checkpoint %s", path, newest.name)
-        return resolve_source(str(newest), model)
+        return _resolve(str(newest), model)
     states = deepspeed_model_states(path)
     if states is not None:
         cfg = _train_config(_run_config_near(path))
