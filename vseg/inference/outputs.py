@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vseg.config import ConfigError
+from vseg.files import atomic_write
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks
@@ -41,20 +42,8 @@ log = logging.getLogger(__name__)
 OWNED = ("run.json", "masks", "overlays", "progress", "results.jsonl", "summary.json")
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Calls `write(tmp_path)` and renames the result onto `path` (never a partial file under `path`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text), "prediction file")
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
+from vseg.data.workers import WorkerInit
 from vseg.inference.engine import Engine, LoopTimes
 from vseg.inference.inputs import PredictDataset, PredictItem, collate
 from vseg.inference.outputs import OutputStore
@@ -116,6 +117,7 @@ class PredictModule(L.LightningModule):
             sampler=ShardSampler(len(dataset), self.global_rank, self.trainer.world_size),
             num_workers=self.num_workers,
             collate_fn=partial(collate, self.processor),
+            worker_init_fn=WorkerInit(),  # workers end with this rank, even after kill -9
             pin_memory=self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=False,
         )
