@@ -262,6 +262,43 @@ def test_atomic_write_turns_refused_writes_into_one_message_and_leaves_no_tempor
     assert list(target.parent.iterdir()) == []  # neither the file nor its temporary
 
 
+def test_a_full_disk_during_prediction_is_one_message(tmp_path, monkeypatch):
+    """A mask write and a journal append that hit a full disk both surface as the StorageError predict.py
+    prints (exit 5); no temporary PNG is left."""
+    import numpy as np
+
+    import vseg.inference.outputs as outputs
+    from vseg.inference.engine import ItemPrediction
+    from vseg.inference.inputs import PredictItem
+
+    png = outputs._png
+
+    def full(array):
+        def write(p: Path) -> None:
+            png(array)(p)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+        return write
+
+    monkeypatch.setattr(outputs, "_png", full)
+    store = outputs.OutputStore(tmp_path / "out", overlays=False, workers=1).open()
+    item = PredictItem(index=0, id="im0", prompt="vessels", image_path="im0.png")
+    prediction = ItemPrediction(mask=np.zeros((4, 4), bool), answer="It is [SEG].", seg_tokens=1, mean_logit=0.0)
+    store.submit(item, prediction, np.zeros((4, 4, 3), np.uint8), None, None, "teacher_forced")
+    with pytest.raises(StorageError, match=r"cannot write the mask .*masks/im0.png: no space left on the device"):
+        store.close()
+    assert list((tmp_path / "out" / "masks").iterdir()) == []
+
+    class FullJournal:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = outputs.OutputStore(tmp_path / "out", workers=1).open()
+    store._journal = FullJournal()
+    with pytest.raises(StorageError, match=r"cannot write the prediction journal .*rank0.jsonl: no space left"):
+        store.fail(item, "unreadable")
+
+
 def _disk_full_at(name: str) -> str:
     """Python code that makes every checkpoint write named `name` hit a full disk half way."""
     return (

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vseg.config import ConfigError
-from vseg.files import atomic_write
+from vseg.files import atomic_write, storage_error
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks
@@ -143,8 +143,11 @@ class OutputStore:
     def _append(self, record: dict[str, Any]) -> None:
         with self._lock:
             assert self._journal is not None, "open() first"
-            self._journal.write(json.dumps(record) + "\n")
-            self._journal.flush()
+            try:
+                self._journal.write(json.dumps(record) + "\n")
+                self._journal.flush()
+            except OSError as err:  # a full disk: the same one-line StorageError as the PNGs' writes
+                raise (storage_error(err, self.journal_path, "prediction journal") or err) from None
 
     def fail(self, item: PredictItem, error: str) -> None:
         log.warning("input %s failed: %s", item.source, error)
@@ -176,7 +179,7 @@ class OutputStore:
 
     def _write(self, item, prediction, image, truth, fov, mode) -> None:
         mask_rel = f"masks/{item.id}.png"
-        atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255))
+        atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255), "mask")
         record: dict[str, Any] = {
             "index": item.index,
             "id": item.id,
@@ -193,7 +196,7 @@ class OutputStore:
         }
         if self.overlays:
             overlay_rel = f"overlays/{item.id}.png"
-            atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)))
+            atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)), "overlay")
             record["overlay"] = overlay_rel
         if truth is not None:
             record.update(score_masks(prediction.mask, truth, fov))
