@@ -173,7 +173,7 @@ def _not_built(*args, **kwargs):
 def test_train_refuses_an_unwritable_run_directory_before_building_anything(tmp_path, monkeypatch, kind, setting):
     target = _unwritable(kind, tmp_path)
     monkeypatch.setattr("vseg.train.model_for_run", _not_built)
-    monkeypatch.delenv("VSEG_RUN_DIR", raising=False)
+    monkeypatch.setenv("VSEG_RUN_DIR", "")  # unset, and restored afterwards (run() sets it)
     with pytest.raises(StorageError) as caught:
         run(tiny_cfg([f"{setting}={target}"]))
     message = str(caught.value)

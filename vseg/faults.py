@@ -4,7 +4,8 @@ What lives here (FAULTS.md tells the whole story and how each part is tested):
 
 - `save_checkpoint_atomic` writes a checkpoint under a temporary name and commits it with `os.replace`
   (files) or a completion marker plus a rename (DeepSpeed directories), after fsync. A write killed half
-  way never replaces the last good checkpoint and is never taken for the newest one.
+  way never replaces the last good checkpoint and is never taken for the newest one; a write the file system
+  refuses (full, read-only) removes the temporary and raises `vseg.files.StorageError` (one message, exit 5).
 - `complete_checkpoints` / `newest_checkpoint` / `rotate_checkpoints` pick and prune only complete ones.
 - `RunCheckpoint` (Lightning callback): step checkpoints every N optimizer steps, keep-last-K rotation,
   SIGINT / SIGTERM / SIGUSR1 turned into "finish this optimizer step, save on every rank, stop", the
@@ -309,6 +310,7 @@ class PlainCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
