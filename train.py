@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vseg.cli import exit_on_config_error, precheck
+from vseg.cli import exit_on_config_error, exit_on_storage_error, precheck
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -14,7 +14,8 @@ def main(cfg: DictConfig) -> None:
     from vseg.planner import exit_on_oom
     from vseg.train import run
 
-    with exit_on_config_error(), exit_on_oom():  # an OOM: advice and exit status 4, no stack trace
+    # an OOM: advice and exit status 4; a full or read-only disk: one message and status 5; no stack trace
+    with exit_on_config_error(), exit_on_oom(), exit_on_storage_error():
         try:
             result = run(cfg)
         except NonFiniteError as err:

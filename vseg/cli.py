@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vseg.config import ConfigError, one_line
+from vseg.files import StorageError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -40,6 +41,16 @@ def exit_on_config_error() -> Iterator[None]:
     except ConfigError as err:
         print(f"vseg: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def exit_on_storage_error() -> Iterator[None]:
+    """Turns a StorageError (a write the file system refused) into its message and exit status 5, no stack trace."""
+    try:
+        yield
+    except StorageError as err:
+        print(f"vseg: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -96,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vseg {name}: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"vseg {name}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

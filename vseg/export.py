@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from vseg.config import ConfigError, ModelConfig, TrainConfig
+from vseg.files import save_safetensors
 from vseg.model.checkpoint import (
     DTYPES,
     folder_architecture,
@@ -83,7 +83,7 @@ def write_adapter_folder(model: Sa2VA, cfg: TrainConfig, tokenizer, folder: Path
     if not hasattr(model.mllm, "peft_config"):
         raise ConfigError("format=adapter: this run has no PEFT adapter (lora.enabled=false, no token rows)")
     model.mllm.save_pretrained(str(folder))
-    save_file(_adapter_modules(model), str(folder / MODULES_FILE), metadata={"format": "pt"})
+    save_safetensors(_adapter_modules(model), folder / MODULES_FILE, metadata={"format": "pt"})
     train = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     write_json(folder / "config.json", {"vseg_format": ADAPTER_FORMAT, "train": train})
     tokenizer.save_pretrained(str(folder))

@@ -4,7 +4,8 @@ What lives here (FAULTS.md tells the whole story and how each part is tested):
 
 - `save_checkpoint_atomic` writes a checkpoint under a temporary name and commits it with `os.replace`
   (files) or a completion marker plus a rename (DeepSpeed directories), after fsync. A write killed half
-  way never replaces the last good checkpoint and is never taken for the newest one.
+  way never replaces the last good checkpoint and is never taken for the newest one; a write the file system
+  refuses (full, read-only) removes the temporary and raises `vseg.files.StorageError` (one message, exit 5).
 - `complete_checkpoints` / `newest_checkpoint` / `rotate_checkpoints` pick and prune only complete ones.
 - `RunCheckpoint` (Lightning callback): step checkpoints every N optimizer steps, keep-last-K rotation,
   SIGINT / SIGTERM / SIGUSR1 turned into "finish this optimizer step, save on every rank, stop", the
@@ -54,7 +55,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+
+from vseg.files import StorageError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +298,35 @@ def _commit(tmp: Path, path: Path, step: int) -> None:
     _fsync(path.parent)
 
 
+class PlainCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint file straight to the path it is given, with a plain `open()`.
+
+    `save_checkpoint_atomic` already writes under a temporary name next to the checkpoint and renames it.
+    Lightning's own atomic save would first stage a full copy in the system temp directory (fsspec's
+    `tempfile.mkstemp`) and move it: twice the I/O, a disk-full error naming the wrong file system, and a
+    0600 file until fsspec fixes the mode.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _bytes_of(path: Path | None) -> int | None:
+    """Size of a checkpoint file or directory (what the next checkpoint will need, roughly)."""
+    if path is None:
+        return None
+    try:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return None
+
+
 def trainable_finite(module: torch.nn.Module) -> bool:
     """Whether every trainable parameter (this rank's shard under ZeRO-3) is finite."""
     for p in module.parameters():
@@ -311,6 +344,8 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path, faults: TestFaults | 
 
     Raises:
         NonFiniteError: some rank's trainable weights are NaN/Inf; nothing is written.
+        StorageError: the file system refused the write (full, read-only, no permission); the temporary
+            file is removed and the newest complete checkpoint stays the newest.
     """
     path = Path(path)
     strategy = trainer.strategy
@@ -322,17 +357,27 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path, faults: TestFaults | 
             f"The last good checkpoint is kept: {newest_checkpoint(path.parent)}"
         )
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)  # left by a write that was killed
-    strategy.barrier("vseg_checkpoint_prepare")
-    trainer.save_checkpoint(tmp)  # collective; ends with a barrier
-    if trainer.is_global_zero:
-        delay = (faults or TestFaults()).checkpoint_delay_s
-        if delay:
-            log.warning("VSEG_TEST_CHECKPOINT_DELAY_S: holding %s for %.1f s before committing it", tmp, delay)
-            time.sleep(delay)
-        _commit(tmp, path, trainer.global_step)
+    try:
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # left by a write that was killed
+        strategy.barrier("vseg_checkpoint_prepare")
+        trainer.save_checkpoint(tmp)  # collective; ends with a barrier
+        if trainer.is_global_zero:
+            delay = (faults or TestFaults()).checkpoint_delay_s
+            if delay:
+                log.warning("VSEG_TEST_CHECKPOINT_DELAY_S: holding %s for %.1f s before committing it", tmp, delay)
+                time.sleep(delay)
+            _commit(tmp, path, trainer.global_step)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            _remove(tmp)  # nothing half-written stays behind (every rank: DeepSpeed shards are written by all)
+        newest = newest_checkpoint(path.parent)
+        error = storage_error(err, path, "checkpoint", needed=_bytes_of(newest))
+        if error is None:
+            raise
+        kept = f"the newest complete checkpoint is still {newest}" if newest else "no complete checkpoint exists yet"
+        raise StorageError(f"{error}; {kept}") from None
     strategy.barrier("vseg_checkpoint_commit")
     return path
 
@@ -639,6 +684,9 @@ class RankWatchdog(Callback):
         if oom:  # the planner's explanation and advice instead of a stack trace, as on a single device
             message = f"{OOM_PREFIX}rank {self._rank} ran out of GPU memory at step {trainer.global_step}"
             text = explain(exception) + "\n"
+        elif isinstance(exception, StorageError):  # the message says it all, as on a single device
+            message = f"rank {self._rank} failed at step {trainer.global_step}: {exception}"
+            text = ""
         else:
             message = f"rank {self._rank} failed at step {trainer.global_step}: {type(exception).__name__}: {exception}"
             text = "".join(traceback.format_exception(exception))
@@ -654,7 +702,7 @@ class RankWatchdog(Callback):
         for logger in trainer.loggers:
             with contextlib.suppress(Exception):
                 logger.finalize("failed")
-        self._exit(None, OOM_EXIT_CODE if oom else 1)
+        self._exit(None, OOM_EXIT_CODE if oom else getattr(exception, "exit_code", 1))
 
     def _exit(self, reason: str | None, code: int = 1) -> None:
         """Leaves the process now; a rank stopped because another ran out of memory exits with the OOM status."""

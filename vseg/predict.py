@@ -32,6 +32,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from vseg.data.workers import WorkerInit
+from vseg.files import check_writable
 from vseg.inference.engine import MODES, LoopTimes
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
@@ -261,6 +263,8 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         if source.form != "run" or source.path is None:
             raise ConfigError("output= is required (only a run directory has a default: <run>/predictions)")
         out = source.path / "predictions"
+    if out.is_dir() or not out.exists():  # (a file there: OutputStore.prepare's configuration error)
+        check_writable(out, "prediction output (output=)")  # before the model is loaded
     parallel = opts.devices > 1
     accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = resolve_device(opts.device) if not parallel else torch.device("cuda" if accelerator == "gpu" else "cpu")
@@ -329,6 +333,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
             batch_size=opts.batch_size,
             num_workers=opts.num_workers,
             collate_fn=partial(collate, predictor.processor),
+            worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
             pin_memory=device.type == "cuda",
         )
         store.open()

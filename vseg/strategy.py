@@ -331,9 +331,7 @@ def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None)
     `run_dir` defaults to the checkpoint's run (`RUN/checkpoints/<ckpt>`). The result is what a finished run
     leaves, so `predict.py ckpt=RUN` and `vseg export ckpt=RUN` work on it. The file is replaced atomically.
     """
-    import os
-
-    from safetensors.torch import save_file
+    from vseg.files import atomic_write, save_safetensors
 
     ckpt = Path(ckpt).expanduser().resolve()
     run = Path(run_dir).expanduser().resolve() if run_dir else ckpt.parent.parent
@@ -347,10 +345,7 @@ def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None)
             f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
         )
     target = run / WEIGHTS_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"source": str(ckpt)})
-    os.replace(tmp, target)
+    atomic_write(target, lambda p: save_safetensors(weights, p, {"source": str(ckpt)}), "trained weights")
     return target
 
 

@@ -13,7 +13,6 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from vseg.config import (
     LORA_SHAPE_FIELDS,
@@ -26,7 +25,16 @@ from vseg.config import (
     one_line,
 )
 from vseg.data.datamodule import VesselDataModule, checked_dataset
-from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, newest_checkpoint, save_checkpoint_atomic
+from vseg.faults import (
+    PlainCheckpointIO,
+    RankWatchdog,
+    RunCheckpoint,
+    TestFaults,
+    checkpoint_step,
+    newest_checkpoint,
+    save_checkpoint_atomic,
+)
+from vseg.files import atomic_write, check_writable, save_safetensors
 from vseg.model.build import count_parameters
 from vseg.model.loading import load_torch_file
 from vseg.model.processor import Sa2VAProcessor
@@ -187,9 +195,14 @@ def check_resume(cfg: TrainConfig, ckpt: Path, run_dir: Path) -> None:
         )
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: TrainConfig, run_dir: Path, resume_step: int | None = None) -> L.Trainer:
     """Lightning Trainer with TensorBoard logging under the run dir, atomic step checkpoints that
-    survive signals, and (several processes) the rank watchdog."""
+    survive signals, and (several processes) the rank watchdog.
+
+    `resume_step`: the global step of the checkpoint the run continues from. TensorBoard then drops the
+    earlier events from that step on (`purge_step`): after a kill -9 the steps run since the last
+    checkpoint were logged once already and run again, and the curves must show each step once.
+    """
     ckpt = cfg.checkpoint
     callbacks: list[L.Callback] = [
         OOMGuard(),  # first: records phase, step and GPU memory before the others react to an OOM
@@ -206,11 +219,15 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
     callbacks.append(PerfMonitor.from_config(cfg.callbacks))  # memory, samples/s, tokens/s, MFU (vseg/monitor)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
+    purge = {"purge_step": resume_step} if resume_step else {}
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False, **purge)
+    strategy = build_strategy(cfg.strategy, micro_batch=cfg.data.batch_size)
     return L.Trainer(
-        strategy=build_strategy(cfg.strategy, micro_batch=cfg.data.batch_size),
+        strategy=strategy,
         logger=logger,
         callbacks=callbacks,
+        # Checkpoint files written in place under vseg's temporary name (DeepSpeed writes its own directories).
+        plugins=[] if is_deepspeed(strategy) else [PlainCheckpointIO()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # VesselDataModule shards the data itself
         # RunCheckpoint writes the checkpoints; Lightning's default ModelCheckpoint would add non-atomic
@@ -231,9 +248,12 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     run_dir = resolve_run_dir(cfg)
     # Every check comes before anything is written: a refused command leaves every run directory as it was.
     check_run_dir(cfg, run_dir)
+    # Chosen before any rank can write a new checkpoint, so every rank picks the same one.
     resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
         check_resume(cfg, resume, run_dir)
+    if _is_rank_zero():  # before anything is read or built: an unwritable run directory fails in a second
+        check_writable(run_dir, "run directory (run_dir= / runs_root=)")
     # The data is read and checked before the model is built: bad data fails in seconds, with the full list.
     data_report = checked_dataset(cfg.data, progress=_is_rank_zero())
     if _is_rank_zero():
@@ -244,7 +264,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned
     # model inside configure_model; otherwise `model` is the model (builder None).
     model, tokenizer, builder = model_for_run(cfg)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, checkpoint_step(resume) if resume is not None else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
@@ -289,10 +309,13 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     if trainer.is_global_zero:
         last = run_dir / "checkpoints" / "last.ckpt"
         gathered = trainable_weights_from_checkpoint(last) if deepspeed_run and last.is_dir() else None
-        weights = run_dir / "weights"
-        weights.mkdir(exist_ok=True)
         state = gathered or {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(module.model).items()}
-        save_file(state, weights / "trainable.safetensors", metadata={"global_step": str(trainer.global_step)})
+        metadata = {"global_step": str(trainer.global_step)}
+        atomic_write(
+            run_dir / "weights" / "trainable.safetensors",
+            lambda p: save_safetensors(state, p, metadata),
+            "trained weights",
+        )
         print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return RunResult(

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from vseg.config import DataConfig
 from vseg.data.check import DatasetProblems, DatasetReport, check_dataset
 from vseg.data.dataset import SegmentationDataset, expand
+from vseg.data.workers import WorkerInit
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import IGNORE_INDEX
 
@@ -196,6 +197,7 @@ class VesselDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG out of data loading
             collate_fn=self.processor.collate,
             num_workers=self.cfg.num_workers,
+            worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
             pin_memory=torch.cuda.is_available(),
         )
         windowed = WindowedLoader(loader, self.accumulate)
@@ -229,6 +231,7 @@ class VesselDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.processor.collate,
             num_workers=self.cfg.num_workers,
+            worker_init_fn=WorkerInit(),
             pin_memory=torch.cuda.is_available(),
         )
 

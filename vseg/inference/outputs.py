@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vseg.config import ConfigError
+from vseg.files import atomic_write, storage_error
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks
@@ -41,20 +42,8 @@ log = logging.getLogger(__name__)
 OWNED = ("run.json", "masks", "overlays", "progress", "results.jsonl", "summary.json")
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Calls `write(tmp_path)` and renames the result onto `path` (never a partial file under `path`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text), "prediction file")
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
@@ -154,8 +143,11 @@ class OutputStore:
     def _append(self, record: dict[str, Any]) -> None:
         with self._lock:
             assert self._journal is not None, "open() first"
-            self._journal.write(json.dumps(record) + "\n")
-            self._journal.flush()
+            try:
+                self._journal.write(json.dumps(record) + "\n")
+                self._journal.flush()
+            except OSError as err:  # a full disk: the same one-line StorageError as the PNGs' writes
+                raise (storage_error(err, self.journal_path, "prediction journal") or err) from None
 
     def fail(self, item: PredictItem, error: str) -> None:
         log.warning("input %s failed: %s", item.source, error)
@@ -187,7 +179,7 @@ class OutputStore:
 
     def _write(self, item, prediction, image, truth, fov, mode) -> None:
         mask_rel = f"masks/{item.id}.png"
-        atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255))
+        atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255), "mask")
         record: dict[str, Any] = {
             "index": item.index,
             "id": item.id,
@@ -204,7 +196,7 @@ class OutputStore:
         }
         if self.overlays:
             overlay_rel = f"overlays/{item.id}.png"
-            atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)))
+            atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)), "overlay")
             record["overlay"] = overlay_rel
         if truth is not None:
             record.update(score_masks(prediction.mask, truth, fov))

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
+from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes
 from vseg.inference.inputs import PredictItem, collate
 from vseg.inference.outputs import OutputStore
@@ -100,6 +101,7 @@ class PredictModule(L.LightningModule):
             sampler=ShardSampler(len(self.items), self.global_rank, self.trainer.world_size),
             num_workers=self.num_workers,
             collate_fn=partial(collate, self.predictor.processor),
+            worker_init_fn=WorkerInit(),  # workers end with this rank, even after kill -9
             pin_memory=self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=False,
         )

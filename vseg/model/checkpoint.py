@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from vseg.config import ConfigError, ModelConfig
+from vseg.files import save_safetensors
 from vseg.model import official
 from vseg.model.official import InternVLLayout, Piece, QwenVLLayout
 
@@ -518,7 +518,7 @@ def write_safetensors(
 
     def flush() -> None:
         name = f"part-{len(names):05d}.safetensors.tmp"
-        save_file(current, str(folder / name), metadata={"format": "pt", **(metadata or {})})
+        save_safetensors(current, folder / name, metadata={"format": "pt", **(metadata or {})})
         names.append(name)
         shards.append({k: torch.empty(0) for k in current})
 
