@@ -182,8 +182,8 @@ def profile(model_name: str, batches: list[int], steps: int = 6) -> None:
     from torch.profiler import profile as torch_profile
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from vseg.artifacts import build_sa2va
     from vseg.config import load_config
-    from vseg.model.build import build_sa2va
     from vseg.model.processor import Sa2VAProcessor
 
     from conftest import compose_cfg

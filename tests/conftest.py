@@ -63,7 +63,7 @@ def built(cfg):
     """(model, tokenizer, processor) for the tiny config."""
     import torch
 
-    from vseg.model.build import build_sa2va
+    from vseg.artifacts import build_sa2va
     from vseg.model.processor import Sa2VAProcessor
 
     torch.manual_seed(0)

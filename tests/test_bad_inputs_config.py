@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from vseg.artifacts.folders import CheckpointError
 from vseg.config import ConfigError
-from vseg.model.checkpoint import CheckpointError
 
 from conftest import ROOT, tiny_cfg
 
@@ -210,7 +210,7 @@ def test_resume_with_another_model_is_refused_and_the_run_untouched(run_copy):
     assert "'qwen3_vl'" in message and "'internvl'" in message  # both values named
     assert snapshot(run_copy) == before
     # and the run still predicts as itself
-    from vseg.inference.sources import resolve_source
+    from vseg.artifacts.sources import resolve_source
 
     assert resolve_source(str(run_copy)).model_cfg.name == "tiny_qwen3vl"
 
@@ -319,7 +319,7 @@ def test_predict_refuses_a_contradicting_model_and_writes_nothing(run_copy):
     ],
 )
 def test_contradicting_model_options_name_both_values(qwen_run, given, words):
-    from vseg.inference.sources import resolve_source
+    from vseg.artifacts.sources import resolve_source
 
     with pytest.raises(ConfigError) as err:
         resolve_source(str(qwen_run), None, given)
@@ -327,7 +327,7 @@ def test_contradicting_model_options_name_both_values(qwen_run, given, words):
 
 
 def test_compatible_model_options_are_applied_and_reported(qwen_run, capsys):
-    from vseg.inference.sources import resolve_source
+    from vseg.artifacts.sources import resolve_source
     from vseg.predict import _model_override
 
     pcfg = OmegaConf.create({"model": {**OmegaConf.load(ROOT / "conf/model/tiny_qwen3vl.yaml").model}})
@@ -410,7 +410,7 @@ def test_a_pickle_that_runs_code_is_reported_unsafe_and_never_run(run_copy, tmp_
 
 
 def test_unsafe_detection_reads_plain_pickles_too(tmp_path):
-    from vseg.model.loading import load_torch_file, unsafe_globals
+    from vseg.artifacts.loading import load_torch_file, unsafe_globals
 
     marker = tmp_path / "PWNED"
     _Evil.marker = str(marker)

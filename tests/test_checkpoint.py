@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import random_batch, tiny_cfg
-from vseg.model.build import build_sa2va
-from vseg.model.checkpoint import CheckpointError, write_official_folder
-from vseg.model.official import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
+from vseg.artifacts import build_sa2va
+from vseg.artifacts.folders import CheckpointError, write_official_folder
+from vseg.artifacts.official import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
 from vseg.model.processor import Sa2VAProcessor
 
 INTERNLM2 = [
@@ -259,7 +259,7 @@ def test_sam2_memory_tensors_are_dropped_and_logged(official_folder, tmp_path, c
         tensors[attention] = torch.ones(8, 4)
 
     _edit_shard(folder, "mlp1.1.weight", add)
-    with caplog.at_level(logging.INFO, logger="vseg.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="vseg.artifacts.folders"):
         loaded, _ = _load(cfg, folder)
     assert "dropped 1 tensors under grounding_encoder.sam2_model.memory_encoder." in caplog.text
     assert "dropped 1 tensors under grounding_encoder.sam2_model.memory_attention." in caplog.text
@@ -319,7 +319,7 @@ def test_folder_of_another_family_is_refused(official_folder):
 def test_loading_reads_one_tensor_at_a_time(official_folder, monkeypatch):
     """Nothing loads whole shards: every tensor comes from safe_open.get_tensor, each at most once."""
     _, cfg, _, _, folder = official_folder
-    import vseg.model.checkpoint as checkpoint
+    import vseg.artifacts.folders as checkpoint
 
     reads: list[str] = []
 
@@ -397,7 +397,7 @@ def test_plain_base_mllm_gets_the_tokens_and_grown_rows(tmp_path, caplog):
     config["llm_config"]["vocab_size"] = rows - 5
     (folder / "config.json").write_text(json.dumps(config))
 
-    with caplog.at_level(logging.INFO, logger="vseg.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="vseg.artifacts.folders"):
         loaded, loaded_tokenizer = _load(cfg, folder)
     assert "embed_tokens.weight: 404 -> 409 rows" in caplog.text
     assert [token_id(loaded_tokenizer, t) for t in SA2VA_ADDED_TOKENS] == list(range(rows - 5, rows))
@@ -436,8 +436,8 @@ def test_transformers5_rope_parameters_are_read(variant, theta_at_top, tmp_path)
 
 def test_predict_dtype_float32_reads_the_files_float32_values(official_folder):
     """`predict.py dtype=float32` with a bfloat16 preset: the weights are read in float32, not rounded first."""
+    from vseg.artifacts.sources import ModelSource
     from vseg.inference.predictor import Predictor
-    from vseg.inference.sources import ModelSource
 
     _, cfg, model, _, folder = official_folder
     source = ModelSource("official", folder, dataclasses.replace(cfg, path=str(folder), dtype="bfloat16"))

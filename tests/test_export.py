@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import tiny_cfg
 from tests.test_checkpoint import model_outputs
+from vseg.artifacts import build_sa2va
+from vseg.artifacts.folders import write_native_folder
 from vseg.cli import main as cli
 from vseg.export import load_adapter_folder, merge_adapters
-from vseg.model.build import build_sa2va
-from vseg.model.checkpoint import write_native_folder
 from vseg.module import trainable_state_dict
 from vseg.predict import rebuild_run
 
@@ -138,7 +138,7 @@ def test_export_rejects_bad_arguments(run_dir, tmp_path, capsys):
 def test_qwen_run_from_a_released_folder_exports_official_and_loads_back(tmp_path, overrides):
     """A LoRA run started from a (tiny) released Qwen-VL folder -> `vseg export format=official` -> the released
     layout again (the release's config.json and processor files kept), loading back bit-exactly."""
-    from vseg.model.checkpoint import write_official_folder
+    from vseg.artifacts.folders import write_official_folder
 
     base_cfg = tiny_cfg(overrides).model
     torch.manual_seed(0)

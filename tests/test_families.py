@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vseg.model.build import build_sa2va
+from vseg.artifacts import build_sa2va
 from vseg.model.families import get_family, smart_resize, vocab_size
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import IGNORE_INDEX

@@ -52,7 +52,7 @@ from torch.nn import CrossEntropyLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tests.conftest import tiny_cfg
-from vseg.model.build import build_sa2va
+from vseg.artifacts import build_sa2va
 from vseg.model.grounding import mask_logits_at, masks_at
 from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM_MEAN_BF16, SAM_STD_BF16, normalise
 from vseg.model.processor import Sa2VAProcessor
@@ -397,8 +397,8 @@ def test_lm_and_mask_logits_match_the_authors_code(authors, pair):
 def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
     """SAM-2 Hiera-L exactly as their `SAM2()` builds it for every release (random weights): each key loads into vseg's full-size SAM-2 with its shape or is one of the deliberately dropped
     memory parts, and no tensor of vseg's SAM-2 is left without a source."""
-    from vseg.inference.sources import preset
-    from vseg.model import official
+    from vseg.artifacts import official
+    from vseg.artifacts.sources import preset
     from vseg.model.build import build_sam2
 
     with warnings.catch_warnings():

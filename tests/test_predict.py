@@ -405,7 +405,7 @@ def test_compile_gives_the_same_masks_and_the_summary_splits_the_loop_time(train
     assert all((a[k] == b[k]).mean() > 0.999 for k in a)
     # the compiled regions: SAM-2's Hiera blocks, the LLM's decoder layers (and the vision tower's, which the
     # tiny model has only one of), the mask decoder's two-way blocks; never bare torch.nn layers
-    from vseg.model.build import build_sa2va
+    from vseg.artifacts import build_sa2va
 
     model, _ = build_sa2va(tiny_cfg().model, None)
     names = {type(b).__name__ for b in repeated_blocks(model)}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_cfg
-from vseg.model.build import build_sa2va
+from vseg.artifacts import build_sa2va
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import get_template
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vseg.model.build import build_sa2va
+from vseg.artifacts import build_sa2va
 from vseg.train import run
 
 from conftest import ROOT, tiny_cfg

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from vseg.artifacts.files import StorageError
 from vseg.config import ConfigError, one_line
-from vseg.files import StorageError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -6,7 +6,7 @@ The run's model is rebuilt exactly as `predict.py` does (`vseg.predict.rebuild_r
   vseg's own key layout: safetensors shards + index, `config.json` (`vseg_format: native` + the model
   config), tokenizer files. `model.path=DIR` loads it back bit-exactly (same dtype).
 * `official` — the same merged weights under the released Sa2VA key names with the authors'
-  `Sa2VAChatConfig` config.json (see `vseg.model.checkpoint.write_official_folder`); `model.path` loads it too.
+  `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write_official_folder`); `model.path` loads it too.
 * `adapter`  — small: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the trained
   non-LoRA modules (`vseg_modules.safetensors`: projector, mask decoder, text_hidden_fcs), the run config and
   the tokenizer. `load_adapter_folder` rebuilds the base the same way and applies them.
@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vseg.config import ConfigError, ModelConfig, TrainConfig
-from vseg.files import save_safetensors
-from vseg.model.checkpoint import (
+from vseg.artifacts.files import save_safetensors
+from vseg.artifacts.folders import (
     DTYPES,
     folder_architecture,
     merge_architecture,
@@ -38,7 +37,8 @@ from vseg.model.checkpoint import (
     write_native_folder,
     write_official_folder,
 )
-from vseg.model.loading import load_safetensors
+from vseg.artifacts.loading import load_safetensors
+from vseg.config import ConfigError, ModelConfig, TrainConfig
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def load_adapter_folder(path: str | Path, dtype: str | None = None) -> tuple[Tra
     import lightning as L
     from peft import set_peft_model_state_dict
 
-    from vseg.model.build import build_sa2va, read_in
+    from vseg.artifacts import build_sa2va
+    from vseg.model.build import read_in
 
     folder = Path(path)
     config_file = folder / "config.json"

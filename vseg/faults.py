@@ -5,7 +5,7 @@ What lives here (FAULTS.md tells the whole story and how each part is tested):
 - `save_checkpoint_atomic` writes a checkpoint under a temporary name and commits it with `os.replace`
   (files) or a completion marker plus a rename (DeepSpeed directories), after fsync. A write killed half
   way never replaces the last good checkpoint and is never taken for the newest one; a write the file system
-  refuses (full, read-only) removes the temporary and raises `vseg.files.StorageError` (one message, exit 5).
+  refuses (full, read-only) removes the temporary and raises `vseg.artifacts.files.StorageError` (one message, exit 5).
 - `complete_checkpoints` / `newest_checkpoint` / `rotate_checkpoints` pick and prune only complete ones.
 - `RunCheckpoint` (Lightning callback): step checkpoints every N optimizer steps, keep-last-K rotation,
   SIGINT / SIGTERM / SIGUSR1 turned into "finish this optimizer step, save on every rank, stop", the
@@ -58,7 +58,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from vseg.files import StorageError, storage_error
+from vseg.artifacts.files import StorageError, storage_error
 
 log = logging.getLogger(__name__)
 

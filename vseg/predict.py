@@ -7,7 +7,7 @@
     python predict.py ckpt=RUN_DIR input=scans/ devices=4            # data-parallel over 4 GPUs
     python predict.py ckpt=... input=... device_map=balanced max_memory='{0: 12GB, 1: 12GB}'   # model-parallel
 
-The checkpoint forms are `vseg.inference.sources`, the input forms `vseg.inference.inputs`, the output
+The checkpoint forms are `vseg.artifacts.sources`, the input forms `vseg.inference.inputs`, the output
 folder `vseg.inference.outputs`. The model is prepared once for inference: LoRA and trained token rows are
 merged into the base (`merge_lora`), everything is cast to `dtype` (bf16 on GPUs by default) with SDPA
 attention. `run` returns the summary; predict.py exits 1 when any input failed, 2 on a configuration error.
@@ -31,9 +31,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from vseg.artifacts import build_sa2va
+from vseg.artifacts.files import check_writable
+from vseg.artifacts.loading import load_safetensors
+from vseg.artifacts.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from vseg.data.workers import WorkerInit
-from vseg.files import check_writable
 from vseg.inference.engine import MODES, LoopTimes
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
@@ -44,9 +47,7 @@ from vseg.inference.placement import (
     resolve_device,
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
-from vseg.inference.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
-from vseg.model.build import DTYPES, build_sa2va
-from vseg.model.loading import load_safetensors
+from vseg.model.build import DTYPES
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)

@@ -211,7 +211,8 @@ def build_sa2va_zero3(model_cfg: Any, lora: Any, ds_config: dict[str, Any], base
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from vseg.model.build import apply_training_setup, build_sa2va, build_tokenizer
+    from vseg.artifacts import build_sa2va
+    from vseg.model.build import apply_training_setup, build_tokenizer
 
     hf_ds = HfDeepSpeedConfig(ds_config)
     if base is None:
@@ -312,7 +313,7 @@ def trainable_weights_from_checkpoint(path: str | Path) -> dict[str, torch.Tenso
     if is_deepspeed_checkpoint(path):
         state = deepspeed_trainable_weights(path)
     elif path.is_file():
-        from vseg.model.loading import load_torch_file
+        from vseg.artifacts.loading import load_torch_file
 
         ckpt = load_torch_file(path)  # UNSAFE pickles, truncated or foreign files: one CheckpointError
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -331,7 +332,7 @@ def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None)
     `run_dir` defaults to the checkpoint's run (`RUN/checkpoints/<ckpt>`). The result is what a finished run
     leaves, so `predict.py ckpt=RUN` and `vseg export ckpt=RUN` work on it. The file is replaced atomically.
     """
-    from vseg.files import atomic_write, save_safetensors
+    from vseg.artifacts.files import atomic_write, save_safetensors
 
     ckpt = Path(ckpt).expanduser().resolve()
     run = Path(run_dir).expanduser().resolve() if run_dir else ckpt.parent.parent
@@ -384,7 +385,7 @@ def model_for_run(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
     """
     import os
 
-    from vseg.model.build import build_sa2va
+    from vseg.artifacts import build_sa2va
 
     if cfg.strategy.stage == 3:
         if cfg.model.path is None:

@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from vseg.artifacts.files import atomic_write, check_writable, save_safetensors
+from vseg.artifacts.loading import load_torch_file
 from vseg.config import (
     LORA_SHAPE_FIELDS,
     ConfigError,
@@ -34,9 +36,7 @@ from vseg.faults import (
     newest_checkpoint,
     save_checkpoint_atomic,
 )
-from vseg.files import atomic_write, check_writable, save_safetensors
 from vseg.model.build import count_parameters
-from vseg.model.loading import load_torch_file
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
 from vseg.monitor import PerfMonitor

@@ -28,9 +28,10 @@ torch.cuda.current_device = lambda: 0
 
 import deepspeed  # noqa: E402
 
+from vseg.artifacts import build_sa2va  # noqa: E402
 from vseg.config import StrategyConfig  # noqa: E402
 from vseg.losses import LossSums  # noqa: E402
-from vseg.model.build import apply_training_setup, build_sa2va  # noqa: E402
+from vseg.model.build import apply_training_setup  # noqa: E402
 from vseg.model.processor import Sa2VAProcessor  # noqa: E402
 from vseg.module import Sa2VAModule, _one_dtype_for_zero3  # noqa: E402
 from vseg.strategy import build_sa2va_zero3, deepspeed_config, lora_init_report  # noqa: E402
@@ -92,7 +93,7 @@ def main() -> None:
     # The checkpoint directory as a ZeRO-3 run writes it, read back the way predict.py reads a `ckpt=` directory.
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from vseg.inference.sources import deepspeed_model_states, read_trainable
+    from vseg.artifacts.sources import deepspeed_model_states, read_trainable
 
     ckpt = Path(tempfile.mkdtemp()) / "step.ckpt"
     engine.save_checkpoint(str(ckpt), tag="checkpoint", exclude_frozen_parameters=True)

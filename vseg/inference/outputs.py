@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vseg.artifacts.files import atomic_write, storage_error
 from vseg.config import ConfigError
-from vseg.files import atomic_write, storage_error
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks

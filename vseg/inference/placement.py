@@ -133,8 +133,8 @@ def _fill(param: torch.Tensor, name: str, generator: torch.Generator) -> None:
 
 def build_meta(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """The architecture of `cfg` with its parameters on the meta device (buffers real), and its tokenizer."""
-    from vseg.model.build import build_sa2va
-    from vseg.model.checkpoint import parameters_on_meta
+    from vseg.artifacts import build_sa2va
+    from vseg.artifacts.folders import parameters_on_meta
 
     with parameters_on_meta():
         return build_sa2va(cfg, None)
@@ -146,7 +146,7 @@ def materialize_random(model: nn.Module, device_map: dict[str, Any], dtype: torc
     N(0, 0.02) for matrices and biases, 1 for norm scales; tied parameters stay one tensor. Nothing is
     created on the host, so an 8B model is ready in seconds on the GPUs that will run it.
     """
-    from vseg.model.checkpoint import _alias_groups, _set_tensor
+    from vseg.artifacts.folders import _alias_groups, _set_tensor
 
     aliases = _alias_groups(model)
     done: set[str] = set()

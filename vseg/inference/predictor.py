@@ -10,7 +10,7 @@ through `Predictor.load` and run it through the same `Engine`, so a mask is comp
     results[0].mask            # HxW bool at the input's own size
     results[0].answer          # the answer text ("It is [SEG]." or generated with answer="generate")
 
-Loading: the checkpoint form is resolved (`vseg.inference.sources`), the weights are read in the dtype
+Loading: the checkpoint form is resolved (`vseg.artifacts.sources`), the weights are read in the dtype
 inference runs in, LoRA and trained token rows are merged into the base (`merge_lora`), and the model is
 placed on one device or split by `device_map` (+ `max_memory`); `compile=True` compiles its repeated blocks.
 """
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig
 from vseg.inference.compile import compile_blocks
 from vseg.inference.engine import MODES, Engine, ItemPrediction
@@ -38,7 +39,6 @@ from vseg.inference.placement import (
     plan_device_map,
     resolve_device,
 )
-from vseg.inference.sources import ModelSource, resolve_source
 from vseg.model.build import DTYPES
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import Sa2VA
@@ -123,7 +123,7 @@ class Predictor:
                 answer_text, max_new_tokens, threshold).
         """
         if isinstance(model, str):
-            from vseg.inference.sources import preset
+            from vseg.artifacts.sources import preset
 
             model = preset(model)
         return cls.from_source(resolve_source(str(ckpt), model), **options)

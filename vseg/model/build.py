@@ -90,36 +90,29 @@ def read_in(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
     return dataclasses.replace(cfg, dtype=dtype)
 
 
-def build_sa2va(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
-    """Builds Sa2VA (random weights at the sizes in `cfg`, or `cfg.path`'s weights) and applies the training setup.
+def new_sa2va(cfg: ModelConfig) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
+    """Sa2VA at the sizes in `cfg` with random weights (frozen, in `cfg.dtype`), and its tokenizer.
 
-    Args:
-        cfg: architecture and dtype.
-        lora: what trains; None builds a fully frozen model (inference).
-
-    Returns:
-        The model (frozen parts in `cfg.dtype`, trainable parts in float32) and its tokenizer.
+    Weights from a checkpoint folder (`cfg.path`) are loaded by `vseg.artifacts.build_sa2va`, which reads
+    files; this module only builds networks.
     """
-    if cfg.path is not None:
-        # A checkpoint folder: architecture from its config.json (checked against the preset), weights loaded
-        # shard by shard into a meta-built model (vseg.model.checkpoint).
-        from vseg.model.checkpoint import load_sa2va
+    tokenizer, _ = build_tokenizer(cfg)
+    family = get_family(cfg.family)
+    mllm = family.build(cfg, tokenizer)
+    model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
+    model.requires_grad_(False)
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 shards already have their dtype
+        model.to(DTYPES[cfg.dtype])
+    return model, tokenizer
 
-        model, tokenizer, cfg = load_sa2va(cfg)
-    else:
-        tokenizer, _ = build_tokenizer(cfg)
-        family = get_family(cfg.family)
-        mllm = family.build(cfg, tokenizer)
-        model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
-        model.requires_grad_(False)
-        if not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 shards already have their dtype
-            model.to(DTYPES[cfg.dtype])
+
+def finish_build(model: Sa2VA, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, lora: LoraConfig | None) -> None:
+    """The training setup of `lora` (None: fully frozen, for inference) and gradient checkpointing per `cfg`."""
     if lora is not None:
         apply_training_setup(model, lora, tokenizer)
     if cfg.gradient_checkpointing:
         model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("Sa2VA[%s]: %s", cfg.name, count_parameters(model))
-    return model, tokenizer
 
 
 def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -67,7 +67,7 @@ class SizeReport:
 
 def build_on_meta(model_cfg: ModelConfig, lora: LoraConfig | None):
     """The Sa2VA network with every tensor on the meta device (shapes only), and its tokenizer."""
-    from vseg.model.build import build_sa2va
+    from vseg.artifacts import build_sa2va
 
     if model_cfg.path is not None:
         raise ValueError("sizes are computed from the architecture: leave model.path unset (model.path=null)")

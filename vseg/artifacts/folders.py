@@ -40,10 +40,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vseg.artifacts import official
+from vseg.artifacts.files import save_safetensors
+from vseg.artifacts.official import InternVLLayout, Piece, QwenVLLayout
 from vseg.config import ConfigError, ModelConfig
-from vseg.files import save_safetensors
-from vseg.model import official
-from vseg.model.official import InternVLLayout, Piece, QwenVLLayout
 
 log = logging.getLogger(__name__)
 

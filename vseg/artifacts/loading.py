@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vseg.model.checkpoint import CheckpointError
+from vseg.artifacts.folders import CheckpointError
 
 #: top-level packages whose classes may appear in a checkpoint's metadata (never run by weights_only loading)
 KNOWN_PACKAGES = {

@@ -30,8 +30,8 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from vseg.artifacts.folders import CheckpointError, folder_architecture, merge_architecture, read_folder
 from vseg.config import ConfigError, ModelConfig, TrainConfig
-from vseg.model.checkpoint import CheckpointError, folder_architecture, merge_architecture, read_folder
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class ModelSource:
 
         `dtype`: the dtype inference will run in; weights read from files are read in it (`read_in`).
         """
-        from vseg.model.build import build_sa2va, read_in
+        from vseg.artifacts import build_sa2va
+        from vseg.model.build import read_in
 
         if self.form == "random":
             from vseg.inference.placement import build_random
@@ -181,7 +182,7 @@ class _RestrictedPickle:
 
 
 def _torch_load(path: Path) -> Any:
-    from vseg.model.loading import load_torch_file
+    from vseg.artifacts.loading import load_torch_file
 
     try:
         return load_torch_file(path)  # UNSAFE pickles and corrupt files: a CheckpointError naming the file
@@ -216,7 +217,7 @@ def deepspeed_model_states(directory: Path) -> Path | None:
 def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     """The trainable weights (Sa2VA parameter names) stored at `path` by a run, Lightning or DeepSpeed."""
     if form == "run":
-        from vseg.model.loading import load_safetensors
+        from vseg.artifacts.loading import load_safetensors
 
         return load_safetensors(path, WEIGHTS_FIX.format(run=path.parent.parent))
     if form == "lightning":
@@ -339,7 +340,7 @@ def with_model_options(source: ModelSource, given: dict[str, Any]) -> ModelSourc
 def check_weights_file(source: ModelSource) -> None:
     """Reads what can be read cheaply before anything is written: the trained weights file of a run (header)
     or a Lightning checkpoint (mmap). A truncated, corrupt or UNSAFE file is a CheckpointError naming it."""
-    from vseg.model.loading import check_safetensors
+    from vseg.artifacts.loading import check_safetensors
 
     if source.weights_file is None:
         return
