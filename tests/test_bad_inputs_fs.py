@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vseg.artifacts.checkpoints import newest_checkpoint
 from vseg.artifacts.files import STORAGE_EXIT_CODE, StorageError, atomic_write, check_writable, file_mode
 from vseg.data.synthetic import generate_vessels
-from vseg.faults import newest_checkpoint
 from vseg.train import run
 
 from conftest import ROOT, tiny_cfg

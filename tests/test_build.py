@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import random_batch, tiny_cfg
 from vseg.artifacts import build_sa2va
-from vseg.export import merge_adapters
+from vseg.artifacts.adapters import merge_adapters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, token_id
 

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import tiny_cfg
 from tests.test_checkpoint import model_outputs
 from vseg.artifacts import build_sa2va
+from vseg.artifacts.adapters import load_adapter_folder, merge_adapters
 from vseg.artifacts.folders import write_native_folder
+from vseg.artifacts.runs import rebuild_run
 from vseg.cli import main as cli
-from vseg.export import load_adapter_folder, merge_adapters
 from vseg.module import trainable_state_dict
-from vseg.predict import rebuild_run
 
 
 def _move_trainable(model) -> None:

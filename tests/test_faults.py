@@ -21,13 +21,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vseg.faults import (
-    COMPLETE_MARKER,
-    NonFiniteError,
-    complete_checkpoints,
-    newest_checkpoint,
-    rotate_checkpoints,
-)
+from vseg.artifacts.checkpoints import COMPLETE_MARKER, complete_checkpoints, newest_checkpoint, rotate_checkpoints
+from vseg.faults import NonFiniteError
 from vseg.train import run
 
 from conftest import ROOT, tiny_cfg

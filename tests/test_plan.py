@@ -231,7 +231,7 @@ def test_oom_inside_a_training_step_ends_with_advice_and_a_clean_exit(tmp_path):
     assert "the GPU has 24.0 GB" in err and "est." in err and "GB/GPU" in err
     assert "1. " in err and "last good checkpoint is untouched" in err
     # The checkpoint written before the failure is complete and nothing was written after it.
-    from vseg.faults import checkpoint_step, complete_checkpoints
+    from vseg.artifacts.checkpoints import checkpoint_step, complete_checkpoints
 
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["step0000001.ckpt"], names

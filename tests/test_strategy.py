@@ -98,7 +98,7 @@ DS_SCRIPT = textwrap.dedent(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from vseg.strategy import trainable_weights_from_checkpoint
+    from vseg.artifacts.deepspeed import trainable_weights_from_checkpoint
     for stage in (2, 3):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))

@@ -24,7 +24,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("vseg.data.check", "check a dataset: report, problems, optional dump of samples as the model sees them"),
     "export": ("vseg.export", "write a trained run as a model folder: format=native|official|adapter"),
-    "weights": ("vseg.strategy", "a checkpoint (file or DeepSpeed directory) -> RUN/weights/trainable.safetensors"),
+    "weights": (
+        "vseg.artifacts.deepspeed",
+        "a checkpoint (file or DeepSpeed directory) -> RUN/weights/trainable.safetensors",
+    ),
     "info": (
         "vseg.model.sizes",
         "parameter table of a model config (built on the meta device): parts, total, trainable",

@@ -1,6 +1,6 @@
 """`vseg export ckpt=RUN_DIR out=DIR format=official|native|adapter`: a trained run as a standalone model folder.
 
-The run's model is rebuilt exactly as `predict.py` does (`vseg.predict.rebuild_run`), then:
+The run's model is rebuilt exactly as `predict.py` does (`vseg.artifacts.runs.rebuild_run`), then:
 
 * `native`   — LoRA and the trained token rows folded into the base (PEFT `merge_and_unload`), written in
   vseg's own key layout: safetensors shards + index, `config.json` (`vseg_format: native` + the model
@@ -9,7 +9,7 @@ The run's model is rebuilt exactly as `predict.py` does (`vseg.predict.rebuild_r
   `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write_official_folder`); `model.path` loads it too.
 * `adapter`  — small: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the trained
   non-LoRA modules (`vseg_modules.safetensors`: projector, mask decoder, text_hidden_fcs), the run config and
-  the tokenizer. `load_adapter_folder` rebuilds the base the same way and applies them.
+  the tokenizer. `vseg.artifacts.adapters` writes and loads it.
 
 The folder is written to a temporary sibling and renamed into place; a non-empty `out` is refused unless
 `overwrite=true`.
@@ -18,44 +18,29 @@ The folder is written to a temporary sibling and renamed into place; a non-empty
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vseg.artifacts.files import save_safetensors
+from vseg.artifacts.adapters import merge_adapters, write_adapter_folder
 from vseg.artifacts.folders import (
     DTYPES,
     folder_architecture,
     merge_architecture,
     read_folder,
-    write_json,
     write_native_folder,
     write_official_folder,
 )
-from vseg.artifacts.loading import load_safetensors
-from vseg.config import ConfigError, ModelConfig, TrainConfig
+from vseg.artifacts.runs import rebuild_run
+from vseg.config import ConfigError, ModelConfig
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("official", "native", "adapter")
-ADAPTER_FORMAT = "adapter"
-MODULES_FILE = "vseg_modules.safetensors"
-
-
-def merge_adapters(model: Sa2VA) -> Sa2VA:
-    """Folds LoRA and the trainable token rows into the base weights, in place; leaves a plain model."""
-    if hasattr(model.mllm, "merge_and_unload"):
-        model.mllm = model.mllm.merge_and_unload()
-    leftover = [n for n, _ in model.named_parameters() if "lora_" in n or "trainable_tokens_" in n]
-    if leftover:
-        raise RuntimeError(f"adapters left after merge_and_unload: {leftover[:5]}")
-    return model
 
 
 def effective_model_config(cfg: ModelConfig, model: Sa2VA) -> ModelConfig:
@@ -67,58 +52,6 @@ def effective_model_config(cfg: ModelConfig, model: Sa2VA) -> ModelConfig:
         cfg = merge_architecture(cfg, folder, arch)
     rows = int(model.family.input_embeddings(model.base_mllm).weight.shape[0])
     return dataclasses.replace(cfg, text={**cfg.text, "vocab_size": rows})
-
-
-def _adapter_modules(model: Sa2VA) -> dict[str, torch.Tensor]:
-    """Trained parameters that PEFT's adapter file does not hold (projector, mask decoder, text_hidden_fcs)."""
-    return {
-        n: p.detach().cpu().contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad and "lora_" not in n and "trainable_tokens_" not in n
-    }
-
-
-def write_adapter_folder(model: Sa2VA, cfg: TrainConfig, tokenizer, folder: Path) -> None:
-    """PEFT adapter + the other trained modules + the run config: rebuild the base, apply, done."""
-    if not hasattr(model.mllm, "peft_config"):
-        raise ConfigError("format=adapter: this run has no PEFT adapter (lora.enabled=false, no token rows)")
-    model.mllm.save_pretrained(str(folder))
-    save_safetensors(_adapter_modules(model), folder / MODULES_FILE, metadata={"format": "pt"})
-    train = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    write_json(folder / "config.json", {"vseg_format": ADAPTER_FORMAT, "train": train})
-    tokenizer.save_pretrained(str(folder))
-
-
-def load_adapter_folder(path: str | Path, dtype: str | None = None) -> tuple[TrainConfig, Sa2VA, object]:
-    """Rebuilds the base of an `adapter` export (seeded random init or its `model.path`, read in `dtype` when
-    given: `read_in`) and applies it."""
-    import lightning as L
-    from peft import set_peft_model_state_dict
-
-    from vseg.artifacts import build_sa2va
-    from vseg.model.build import read_in
-
-    folder = Path(path)
-    config_file = folder / "config.json"
-    data = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if data.get("vseg_format") != ADAPTER_FORMAT:
-        raise ConfigError(f"{folder}: not a `vseg export format=adapter` folder (config.json says otherwise)")
-    raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), data["train"])
-    cfg: TrainConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
-    L.seed_everything(cfg.seed, verbose=False)
-    model, tokenizer = build_sa2va(read_in(cfg.model, dtype), cfg.lora)
-    fix = "export the run again (`vseg export format=adapter ckpt=RUN out=...`)"
-    result = set_peft_model_state_dict(model.mllm, load_safetensors(folder / "adapter_model.safetensors", fix))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    modules = load_safetensors(folder / MODULES_FILE, fix)
-    expected = set(_adapter_modules(model))
-    if set(modules) != expected or unexpected:
-        raise ConfigError(
-            f"{folder}: adapter does not fit the model of its config (missing {sorted(expected - set(modules))[:5]}, "
-            f"unexpected {sorted(set(modules) - expected)[:5] + unexpected[:5]})"
-        )
-    model.load_state_dict(modules, strict=False)
-    return cfg, model, tokenizer
 
 
 def _staging(out: Path, run_dir: Path, overwrite: bool) -> Path:
@@ -147,7 +80,6 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def run(pcfg: DictConfig) -> Path:
     """Exports the run `pcfg.ckpt` to `pcfg.out` in `pcfg.format`; returns the folder."""
-    from vseg.predict import rebuild_run
 
     if pcfg.format not in FORMATS:
         raise ConfigError(f"format={pcfg.format!r}: expected one of {FORMATS}")

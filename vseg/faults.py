@@ -6,7 +6,7 @@ What lives here (FAULTS.md tells the whole story and how each part is tested):
   (files) or a completion marker plus a rename (DeepSpeed directories), after fsync. A write killed half
   way never replaces the last good checkpoint and is never taken for the newest one; a write the file system
   refuses (full, read-only) removes the temporary and raises `vseg.artifacts.files.StorageError` (one message, exit 5).
-- `complete_checkpoints` / `newest_checkpoint` / `rotate_checkpoints` pick and prune only complete ones.
+- which checkpoints are complete, the newest, rotation: `vseg.artifacts.checkpoints`.
 - `RunCheckpoint` (Lightning callback): step checkpoints every N optimizer steps, keep-last-K rotation,
   SIGINT / SIGTERM / SIGUSR1 turned into "finish this optimizer step, save on every rank, stop", the
   RNG state of every rank saved and restored, and no checkpoint ever written from non-finite weights.
@@ -39,14 +39,11 @@ import json
 import logging
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,17 +52,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from vseg.artifacts.checkpoints import TMP_SUFFIX, bytes_of, commit, newest_checkpoint, remove, rotate_checkpoints
 from vseg.artifacts.files import StorageError, storage_error
 
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
-OLD_SUFFIX = ".old"
-COMPLETE_MARKER = "vseg_complete.json"
-STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
 SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 
@@ -178,155 +171,6 @@ class TestFaults:
             f.write(json.dumps(line) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------- files
-def _fsync(path: Path) -> None:
-    """Flushes a file's (or a directory entry's) data to disk; directories are best effort."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
-
-
-def is_complete(path: Path) -> bool:
-    """Whether `path` is a fully written checkpoint (cheap: no tensors are read).
-
-    Files: committed by rename, checked to end with a zip directory (torch.save writes it last).
-    DeepSpeed directories: hold the completion marker written after every rank finished.
-    """
-    if path.name.endswith(TMP_SUFFIX):
-        return False
-    if path.is_dir():
-        return (path / COMPLETE_MARKER).is_file()
-    return path.is_file() and zipfile.is_zipfile(path)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The global step stored in a complete checkpoint; None when it is incomplete or unreadable."""
-    if not is_complete(path):
-        return None
-    try:
-        if path.is_dir():
-            return int(json.loads((path / COMPLETE_MARKER).read_text())["global_step"])
-        # mmap: only the small pickled structure is read, tensors stay on disk.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt["global_step"])
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is simply not a candidate
-        log.warning("ignoring unreadable checkpoint %s: %s", path, err)
-        return None
-
-
-def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(global_step, path) of every complete checkpoint in `directory`, oldest first.
-
-    Step checkpoints are named `step<N>.ckpt`; `last.ckpt` (and a `last.ckpt.old` left by a directory
-    swap that was cut short) are read for their step. Ties go to the most recently written one.
-    """
-    if not directory.is_dir():
-        return []
-    found: list[tuple[int, float, Path]] = []
-    for path in directory.iterdir():
-        if path.name.endswith(TMP_SUFFIX) or not path.name.endswith((".ckpt", ".ckpt" + OLD_SUFFIX)):
-            continue
-        match = STEP_NAME.match(path.name)
-        named = int(match.group(1)) if match and is_complete(path) else None
-        step = named if match else checkpoint_step(path)
-        if step is not None:
-            found.append((step, path.stat().st_mtime, path))
-    found.sort(key=lambda t: (t[0], t[1]))
-    return [(step, path) for step, _, path in found]
-
-
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The complete checkpoint with the highest global step in `directory`, or None."""
-    found = complete_checkpoints(directory)
-    return found[-1][1] if found else None
-
-
-def rotate_checkpoints(directory: Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Deletes complete `step<N>.ckpt` checkpoints beyond the newest `keep`; returns what it deleted.
-
-    Only complete checkpoints count towards `keep`, so the newest good one always stays; incomplete
-    step files are left alone (they are never picked), and `protect` is never deleted.
-    """
-    steps = [(s, p) for s, p in complete_checkpoints(directory) if STEP_NAME.match(p.name)]
-    doomed = [p for _, p in steps[: max(len(steps) - max(keep, 1), 0)] if p != protect]
-    for path in doomed:
-        _remove(path)
-    return doomed
-
-
-def _write_marker(directory: Path, payload: dict[str, Any]) -> None:
-    tmp = directory / (COMPLETE_MARKER + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / COMPLETE_MARKER)
-
-
-def _commit(tmp: Path, path: Path, step: int) -> None:
-    """Rank 0: makes a finished temporary checkpoint the real one (atomic for files)."""
-    if tmp.is_dir():
-        for sub in sorted(tmp.rglob("*")):
-            if sub.is_file():
-                _fsync(sub)
-        _write_marker(tmp, {"global_step": step, "time": time.time()})
-        _fsync(tmp)
-        old = path.with_name(path.name + OLD_SUFFIX)
-        if path.exists():
-            _remove(old)
-            os.replace(path, old)  # a directory cannot replace a non-empty one in one rename
-        os.replace(tmp, path)
-        _remove(old)
-    else:
-        _fsync(tmp)
-        os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-class PlainCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint file straight to the path it is given, with a plain `open()`.
-
-    `save_checkpoint_atomic` already writes under a temporary name next to the checkpoint and renames it.
-    Lightning's own atomic save would first stage a full copy in the system temp directory (fsspec's
-    `tempfile.mkstemp`) and move it: twice the I/O, a disk-full error naming the wrong file system, and a
-    0600 file until fsspec fixes the mode.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _bytes_of(path: Path | None) -> int | None:
-    """Size of a checkpoint file or directory (what the next checkpoint will need, roughly)."""
-    if path is None:
-        return None
-    try:
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    except OSError:
-        return None
-
-
 def trainable_finite(module: torch.nn.Module) -> bool:
     """Whether every trainable parameter (this rank's shard under ZeRO-3) is finite."""
     for p in module.parameters():
@@ -360,7 +204,7 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path, faults: TestFaults | 
     try:
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)  # left by a write that was killed
+            remove(tmp)  # left by a write that was killed
         strategy.barrier("vseg_checkpoint_prepare")
         trainer.save_checkpoint(tmp)  # collective; ends with a barrier
         if trainer.is_global_zero:
@@ -368,12 +212,12 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path, faults: TestFaults | 
             if delay:
                 log.warning("VSEG_TEST_CHECKPOINT_DELAY_S: holding %s for %.1f s before committing it", tmp, delay)
                 time.sleep(delay)
-            _commit(tmp, path, trainer.global_step)
+            commit(tmp, path, trainer.global_step)
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
-            _remove(tmp)  # nothing half-written stays behind (every rank: DeepSpeed shards are written by all)
+            remove(tmp)  # nothing half-written stays behind (every rank: DeepSpeed shards are written by all)
         newest = newest_checkpoint(path.parent)
-        error = storage_error(err, path, "checkpoint", needed=_bytes_of(newest))
+        error = storage_error(err, path, "checkpoint", needed=bytes_of(newest))
         if error is None:
             raise
         kept = f"the newest complete checkpoint is still {newest}" if newest else "no complete checkpoint exists yet"

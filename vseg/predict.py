@@ -24,18 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
-from vseg.artifacts import build_sa2va
 from vseg.artifacts.files import check_writable
-from vseg.artifacts.loading import load_safetensors
-from vseg.artifacts.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
-from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
+from vseg.config import ConfigError, DataConfig, ModelConfig
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import MODES, LoopTimes
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
@@ -48,32 +44,8 @@ from vseg.inference.placement import (
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
 from vseg.model.build import DTYPES
-from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------ shared with export
-def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The run's typed config and trainable weights; a ConfigError says what is missing."""
-    config_file, weights_file = run_dir / "config.yaml", run_dir / "weights" / "trainable.safetensors"
-    for path in (config_file, weights_file):
-        if not path.is_file():
-            raise ConfigError(
-                f"ckpt={run_dir}: {path.name} not found at {path}; pass a finished training run directory"
-            )
-    raw = OmegaConf.load(config_file)
-    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))  # type: ignore[assignment]
-    return cfg, load_safetensors(weights_file, WEIGHTS_FIX.format(run=run_dir))
-
-
-def rebuild_run(run_dir: Path) -> tuple[TrainConfig, Sa2VA, PreTrainedTokenizerBase]:
-    """The run's model as training left it: base rebuilt (seeded random init, or `model.path`), trained weights in."""
-    cfg, weights = load_run(run_dir)
-    L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
-    apply_trainable(model, weights, run_dir / "weights" / "trainable.safetensors")
-    return cfg, model, tokenizer
 
 
 # ------------------------------------------------------------------------------------ options

@@ -14,8 +14,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from vseg.artifacts.checkpoints import PlainCheckpointIO, checkpoint_step, newest_checkpoint
+from vseg.artifacts.deepspeed import trainable_weights_from_checkpoint
 from vseg.artifacts.files import atomic_write, check_writable, save_safetensors
 from vseg.artifacts.loading import load_torch_file
+from vseg.artifacts.runs import load_train_config
 from vseg.config import (
     LORA_SHAPE_FIELDS,
     ConfigError,
@@ -24,24 +27,15 @@ from vseg.config import (
     differences,
     load_config,
     model_differences,
-    one_line,
 )
 from vseg.data.datamodule import VesselDataModule, checked_dataset
-from vseg.faults import (
-    PlainCheckpointIO,
-    RankWatchdog,
-    RunCheckpoint,
-    TestFaults,
-    checkpoint_step,
-    newest_checkpoint,
-    save_checkpoint_atomic,
-)
+from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.module import Sa2VAModule, trainable_state_dict
 from vseg.monitor import PerfMonitor
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
-from vseg.strategy import build_strategy, is_deepspeed, model_for_run, trainable_weights_from_checkpoint
+from vseg.strategy import build_strategy, is_deepspeed, model_for_run
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +108,6 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return newest
 
 
-def _read_run_config(config_file: Path, role: str) -> TrainConfig:
-    try:
-        raw = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_file))
-        return OmegaConf.to_object(raw)  # type: ignore[return-value]
-    except Exception as err:  # noqa: BLE001 - unreadable YAML, keys of another vseg version, ...
-        raise ConfigError(
-            f"{config_file}: the {role}'s config cannot be read ({type(err).__name__}: {one_line(err)}); "
-            "choose another run_dir= (nothing was written)"
-        ) from None
-
-
 def run_conflicts(old: TrainConfig, new: TrainConfig) -> list[tuple[str, object, object]]:
     """What makes `new` a different model from the run `old`: architecture fields and the trainable set."""
     contradictions, _ = model_differences(old.model, dataclasses.asdict(new.model), only_given=False)
@@ -143,7 +126,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     existing = run_dir / "config.yaml"
     if not existing.is_file():
         return
-    other = _read_run_config(existing, "existing run")
+    other = load_train_config(existing, "existing run")
     found = run_conflicts(other, cfg)
     if found:
         raise ConfigError(
@@ -161,7 +144,7 @@ def check_resume(cfg: TrainConfig, ckpt: Path, run_dir: Path) -> None:
         raise ConfigError(f"ckpt_path={ckpt}: no such file or directory")
     for config_file in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"):
         if config_file.is_file() and config_file != run_dir / "config.yaml":
-            other = _read_run_config(config_file, "checkpoint's run")
+            other = load_train_config(config_file, "checkpoint's run")
             found = run_conflicts(other, cfg)
             if found:
                 raise ConfigError(

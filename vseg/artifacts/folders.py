@@ -42,8 +42,9 @@ from torch import nn
 
 from vseg.artifacts import official
 from vseg.artifacts.files import save_safetensors
+from vseg.artifacts.loading import CheckpointError
 from vseg.artifacts.official import InternVLLayout, Piece, QwenVLLayout
-from vseg.config import ConfigError, ModelConfig
+from vseg.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ NATIVE_FORMAT = "native"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint folder that cannot be loaded as asked; the message says what is wrong and where."""
 
 
 @dataclass

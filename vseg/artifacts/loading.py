@@ -8,15 +8,25 @@ only carries metadata classes of a known library (DeepSpeed, Lightning), which c
 
 from __future__ import annotations
 
+import importlib
+import logging
 import pickle
 import pickletools
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vseg.artifacts.folders import CheckpointError
+from vseg.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file or folder that cannot be loaded as asked; the message says what is wrong and where."""
+
 
 #: top-level packages whose classes may appear in a checkpoint's metadata (never run by weights_only loading)
 KNOWN_PACKAGES = {
@@ -99,8 +109,11 @@ def unsafe_message(path: Path, unsafe: list[str]) -> str:
     )
 
 
-def load_torch_file(path: Path, what: str = "checkpoint") -> Any:
+def load_torch_file(path: Path, what: str = "checkpoint", allow: Iterable[Any] = ()) -> Any:
     """torch.load(weights_only=True, mmap) of a vseg checkpoint file; refusals and corrupt files as CheckpointError.
+
+    `allow`: classes the file may hold besides tensors and plain containers (DeepSpeed's loss scaler, ...),
+    reconstructed by weights_only's own unpickler, never by running the file's code.
 
     A `pickle.UnpicklingError` without unsafe globals (metadata classes of a known library) is re-raised for
     callers that read such files another way.
@@ -109,7 +122,8 @@ def load_torch_file(path: Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         unsafe = unsafe_globals(path)
         if unsafe:
@@ -160,3 +174,70 @@ def _bad_safetensors(path: Path, err: BaseException, fix: str) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     size = path.stat().st_size if path.exists() else 0
     return f"{path}: cannot be read as safetensors ({size} bytes; {first}): the file is truncated or corrupt; {fix}"
+
+
+_TORCH_OK = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "device"}
+
+
+_SAFE = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("collections", "defaultdict"),
+}
+
+
+class _Opaque:
+    """Stands in for any non-tensor object of a checkpoint's metadata; absorbs whatever unpickling gives it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuilding and container globals; every other global becomes `_Opaque`.
+
+    No function or class of the checkpoint's choosing is ever called, so this is as safe as
+    `weights_only=True`, but tolerates metadata objects (DeepSpeed / Lightning config classes) it does not know.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module
+        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module == "torch" and name in _TORCH_OK):
+            return getattr(importlib.import_module(module), name)
+        if (module, name) in _SAFE:
+            return getattr(importlib.import_module(module), name)
+        return _Opaque
+
+
+class _RestrictedPickle:
+    """A `pickle_module` for torch.load whose Unpickler is `_RestrictedUnpickler`."""
+
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "vseg_restricted_pickle"
+
+
+def load_checkpoint(path: Path) -> Any:
+    try:
+        return load_torch_file(path)  # UNSAFE pickles and corrupt files: a CheckpointError naming the file
+    except pickle.UnpicklingError:
+        log.info("%s holds metadata objects weights_only rejects; reading it with a restricted unpickler", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_RestrictedPickle)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None

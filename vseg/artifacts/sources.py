@@ -6,7 +6,7 @@
 | Lightning checkpoint | a `.ckpt` file | the run's `config.yaml` (next to `checkpoints/`) + the checkpoint's trainable `state_dict` |
 | DeepSpeed checkpoint | a directory with `<tag>/mp_rank_00_model_states.pt` (what Lightning's DeepSpeedStrategy writes, frozen parameters excluded) | the run's `config.yaml` + the module weights saved there (ZeRO-1/2) |
 | native / official export | `config.json` with `vseg_format: native` / `model_type: sa2va_chat` | the folder (`model.path`) |
-| adapter export | `config.json` with `vseg_format: adapter` | `vseg.export.load_adapter_folder` |
+| adapter export | `config.json` with `vseg_format: adapter` | `vseg.artifacts.adapters.load_adapter_folder` |
 | released Sa2VA folder | `config.json` `model_type: sa2va_chat` | the folder, zero-shot; `model=<preset>` or the preset whose architecture it matches |
 | `random` | the word | random weights of `model=<preset>` (benchmarks, smoke tests) |
 
@@ -18,10 +18,8 @@ adapter setup) is refused with the keys that differ.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +29,13 @@ import torch
 from omegaconf import OmegaConf
 
 from vseg.artifacts.folders import CheckpointError, folder_architecture, merge_architecture, read_folder
+from vseg.artifacts.loading import load_checkpoint
+from vseg.artifacts.runs import WEIGHTS_FIX, apply_trainable, config_near, load_train_config
 from vseg.config import ConfigError, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
-#: how to rewrite a run's trainable weights file from its checkpoints
-WEIGHTS_FIX = (
-    "write it again from the run's newest checkpoint with `vseg weights ckpt={run}/checkpoints/last.ckpt` "
-    "(or delete it: predict.py then reads that checkpoint itself)"
-)
 FORMS = ("run", "lightning", "deepspeed", "native", "official", "adapter", "random")
 
 
@@ -74,7 +69,7 @@ class ModelSource:
 
             return build_random(self.model_cfg, {"": str(device)})
         if self.form == "adapter":
-            from vseg.export import load_adapter_folder
+            from vseg.artifacts.adapters import load_adapter_folder
 
             _, model, tokenizer = load_adapter_folder(self.path, dtype)  # type: ignore[arg-type]
         elif self.form in ("native", "official"):
@@ -88,110 +83,6 @@ class ModelSource:
             apply_trainable(model, weights, self.weights_file)
         model.requires_grad_(False)
         return model.to(device), tokenizer
-
-
-# ------------------------------------------------------------------------------------------- trained weights
-def apply_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
-    """Loads a trainable-only state dict, refusing any key or shape that does not fit the model."""
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    # DeepSpeed (frozen parameters excluded) still saves the module's persistent buffers and the second name of
-    # tied tensors (a tied lm_head's token adapter); they are rebuilt or shared, not loaded.
-    known = set(model.state_dict(keep_vars=True))
-    extra = sorted(k for k in weights if k in known and k not in expected)
-    if extra:
-        log.info("%s: %d saved tensors are buffers or tied aliases (not loaded), e.g. %s", where, len(extra), extra[:3])
-    weights = {k: v for k, v in weights.items() if k not in known or k in expected}
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    shapes = [
-        f"{k}: {tuple(weights[k].shape)} vs {tuple(params[k].shape)}"
-        for k in sorted(set(weights) & expected)
-        if tuple(weights[k].shape) != tuple(params[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{where} does not match the model its run config builds (a checkpoint of another model family, size or "
-            f"adapter setup?): missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}, "
-            f"mismatched shapes {shapes[:5]}"
-        )
-    model.load_state_dict(weights, strict=False)
-
-
-def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
-class _Opaque:
-    """Stands in for any non-tensor object of a checkpoint's metadata; absorbs whatever unpickling gives it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only tensor-rebuilding and container globals; every other global becomes `_Opaque`.
-
-    No function or class of the checkpoint's choosing is ever called, so this is as safe as
-    `weights_only=True`, but tolerates metadata objects (DeepSpeed / Lightning config classes) it does not know.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        module = "builtins" if module == "__builtin__" else module
-        if (module == "torch._utils" and name.startswith("_rebuild_")) or (module == "torch" and name in _TORCH_OK):
-            return getattr(importlib.import_module(module), name)
-        if (module, name) in _SAFE:
-            return getattr(importlib.import_module(module), name)
-        return _Opaque
-
-
-_TORCH_OK = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "device"}
-_SAFE = {
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "complex"),
-    ("collections", "defaultdict"),
-}
-
-
-class _RestrictedPickle:
-    """A `pickle_module` for torch.load whose Unpickler is `_RestrictedUnpickler`."""
-
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(pickle.load)
-    __name__ = "vseg_restricted_pickle"
-
-
-def _torch_load(path: Path) -> Any:
-    from vseg.artifacts.loading import load_torch_file
-
-    try:
-        return load_torch_file(path)  # UNSAFE pickles and corrupt files: a CheckpointError naming the file
-    except pickle.UnpicklingError:
-        log.info("%s holds metadata objects weights_only rejects; reading it with a restricted unpickler", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_RestrictedPickle)
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
 
 
 def deepspeed_model_states(directory: Path) -> Path | None:
@@ -221,7 +112,7 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
 
         return load_safetensors(path, WEIGHTS_FIX.format(run=path.parent.parent))
     if form == "lightning":
-        ckpt = _torch_load(path)
+        ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise CheckpointError(f"{path}: a .ckpt without a state_dict; not a Lightning checkpoint")
         if "vseg" not in ckpt:
@@ -230,13 +121,13 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     if any(path.parent.glob("*optim_states.pt")):
         # The optimizer's fp32 partitions: exact for any ZeRO stage (the module weights are bf16 copies, and
         # empty under ZeRO-3). The same reader as `vseg weights`.
-        from vseg.strategy import deepspeed_trainable_weights
+        from vseg.artifacts.deepspeed import deepspeed_trainable_weights
 
         return {
             k.removeprefix("model."): v
             for k, v in deepspeed_trainable_weights(path.parent.parent, path.parent.name).items()
         }
-    states = _torch_load(path)
+    states = load_checkpoint(path)
     module = states.get("module") if isinstance(states, dict) else None
     if not isinstance(module, dict):
         raise CheckpointError(f"{path}: no `module` weights in this DeepSpeed checkpoint")
@@ -253,22 +144,6 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- resolving ckpt=
-def _train_config(config_file: Path) -> TrainConfig:
-    raw = OmegaConf.load(config_file)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))  # type: ignore[return-value]
-
-
-def _run_config_near(ckpt: Path) -> Path:
-    """config.yaml of the run a checkpoint belongs to: RUN/checkpoints/<ckpt> -> RUN/config.yaml."""
-    for folder in (ckpt.parent, ckpt.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise ConfigError(
-        f"ckpt={ckpt}: a training checkpoint holds only the trained weights, and its run's config.yaml was not "
-        f"found in {ckpt.parent} or {ckpt.parent.parent}; pass the run directory (ckpt=RUN_DIR) instead"
-    )
-
-
 def preset(name: str) -> ModelConfig:
     """The ModelConfig of conf/model/<name>.yaml."""
     path = CONF_MODEL / f"{name}.yaml"
@@ -347,7 +222,7 @@ def check_weights_file(source: ModelSource) -> None:
     if source.form == "run":
         check_safetensors(source.weights_file, WEIGHTS_FIX.format(run=source.path))
     elif source.form == "lightning":
-        _torch_load(source.weights_file)
+        load_checkpoint(source.weights_file)
 
 
 def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
@@ -360,18 +235,18 @@ def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
         raise ConfigError(f"ckpt={ckpt}: no such file or directory")
     if path.is_file():
         if path.suffix == ".ckpt":
-            cfg = _train_config(_run_config_near(path))
+            cfg = load_train_config(config_near(path))
             return ModelSource("lightning", path, cfg.model, cfg, path)
         raise ConfigError(
             f"ckpt={ckpt}: a {path.suffix or 'suffix-less'} file is not a checkpoint form vseg reads; pass a run "
             "directory, a Lightning .ckpt, a DeepSpeed checkpoint directory or an exported / released model folder"
         )
     if (path / "config.yaml").is_file():
-        cfg = _train_config(path / "config.yaml")
+        cfg = load_train_config(path / "config.yaml")
         weights = path / "weights" / "trainable.safetensors"
         if weights.is_file():
             return ModelSource("run", path, cfg.model, cfg, weights)
-        from vseg.faults import newest_checkpoint
+        from vseg.artifacts.checkpoints import newest_checkpoint
 
         newest = newest_checkpoint(path / "checkpoints")
         if newest is None:
@@ -383,7 +258,7 @@ def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
         return _resolve(str(newest), model)
     states = deepspeed_model_states(path)
     if states is not None:
-        cfg = _train_config(_run_config_near(path))
+        cfg = load_train_config(config_near(path))
         return ModelSource("deepspeed", path, cfg.model, cfg, states)
     if (path / "config.json").is_file():
         try:
@@ -419,3 +294,13 @@ def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
         f"mp_rank_00_model_states.pt); expected one of: run directory, Lightning .ckpt, DeepSpeed checkpoint "
         "directory, native/official/adapter export, released Sa2VA folder, or `random` with model=<preset>"
     )
+
+
+def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out

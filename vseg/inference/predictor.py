@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vseg.artifacts.adapters import merge_adapters
 from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig
 from vseg.inference.compile import compile_blocks
@@ -59,8 +60,6 @@ def inference_dtype(dtype: str, source: ModelSource, device: torch.device) -> st
 def _prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
     """Frozen, eval mode, adapters folded into the base (one matmul per layer instead of three), in `dtype`."""
     if merge_lora and hasattr(model.mllm, "merge_and_unload"):
-        from vseg.export import merge_adapters
-
         merge_adapters(model)
     model.requires_grad_(False)
     return model.to(dtype).eval()
