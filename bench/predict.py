@@ -58,7 +58,7 @@ def write_inputs(folder: Path, count: int, distinct: int = 32) -> None:
 def predict_cfg(**values):
     from omegaconf import OmegaConf
 
-    from vseg.cli import compose
+    from vseg.config import compose
 
     overrides = [f"model={values.pop('model')}"] if "model" in values else []
     cfg = compose("predict", overrides)

@@ -32,7 +32,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import vseg.train as train
-    from vseg.cli import compose
+    from vseg.config import compose
 
     def sync() -> None:
         if torch.cuda.is_available():

@@ -347,7 +347,7 @@ def test_compatible_model_options_are_applied_and_reported(qwen_run, capsys):
 
 # ----------------------------------------------------------------------------- 6. corrupt and unsafe weights
 def _predict_cfg(ckpt: Path, out: Path):
-    from vseg.cli import compose
+    from vseg.config import compose
 
     return compose("predict", [f"ckpt={ckpt}", f"output={out}", "num_workers=0", "limit=1"])
 

@@ -202,7 +202,7 @@ def test_train_py_says_so_in_one_line_and_exits_5(tmp_path):
 
 @pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
 def test_predict_refuses_an_unwritable_output_before_loading_the_model(tmp_path, monkeypatch, kind):
-    from vseg.cli import compose
+    from vseg.config import compose
     from vseg.predict import run as predict
 
     target = _unwritable(kind, tmp_path)

@@ -14,8 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vseg.cli import compose
-from vseg.config import ConfigError
+from vseg.config import ConfigError, compose
 from vseg.data.synthetic import generate_vessels
 from vseg.export import run as export
 from vseg.inference.scoring import cldice, score_masks

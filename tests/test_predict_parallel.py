@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vseg.cli import compose
+from vseg.config import compose
 from vseg.data.synthetic import generate_vessels
 from vseg.predict import run as predict
 
@@ -88,7 +88,8 @@ def test_data_parallel_over_two_cpu_processes_equals_one(tmp_path):
 
 def test_device_map_keeps_blocks_whole_and_uses_every_gpu_budget():
     from vseg.artifacts.sources import preset
-    from vseg.inference.placement import build_meta, no_split_classes, plan_device_map
+    from vseg.inference.placement import no_split_classes, plan_device_map
+    from vseg.model.random_init import build_meta
 
     model, _ = build_meta(preset("tiny"))
     classes = no_split_classes(model)
@@ -108,7 +109,8 @@ def test_device_map_keeps_blocks_whole_and_uses_every_gpu_budget():
 @multigpu
 def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     from vseg.artifacts.sources import ModelSource, preset
-    from vseg.inference.placement import build_meta, devices_of
+    from vseg.inference.placement import devices_of
+    from vseg.model.random_init import build_meta
     from vseg.predict import load_predictor, options
 
     assert torch.cuda.device_count() >= 2

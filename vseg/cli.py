@@ -11,14 +11,9 @@ import contextlib
 import importlib
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-
-from omegaconf import DictConfig
 
 from vseg.artifacts.files import StorageError
-from vseg.config import ConfigError, one_line
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from vseg.config import CONF_DIR, ConfigError, compose  # noqa: F401  (CONF_DIR, compose: the CLI's API)
 
 #: command -> (module with `main(overrides) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,22 +49,6 @@ def exit_on_storage_error() -> Iterator[None]:
     except StorageError as err:
         print(f"vseg: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-
-
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Composes `conf/<config_name>.yaml` with command-line overrides; a bad override is a ConfigError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not CONF_DIR.is_dir():
-        raise ConfigError(f"config directory {CONF_DIR} not found; install vseg from its repository (pip install -e .)")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {one_line(err)}") from None
 
 
 def precheck(config_name: str, argv: list[str]) -> None:

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SEG_TOKEN = "[SEG]"
+#: chat templates vseg knows (`vseg.model.tokenizer.TEMPLATES` defines them; a test keeps the two equal)
+TEMPLATE_NAMES = ("qwen_chat", "phi3_chat", "internlm2_chat")
 
 STRATEGIES = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
 MODEL_FAMILIES = ("internvl", "qwen2_5_vl", "qwen3_vl")  # keys of vseg.model.families.FAMILIES
@@ -343,7 +349,7 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
     return typed
 
 
-def _validate_data(d: DataConfig, need) -> None:
+def validate_data(d: DataConfig, need) -> None:
     """Source-specific required fields and paths; file-level problems are `vseg check`'s job."""
     import re
     from pathlib import Path
@@ -559,8 +565,6 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     """Collects every impossible setting and raises one ConfigError listing them all."""
     import torch
 
-    from vseg.model.tokenizer import SEG_TOKEN, TEMPLATES
-
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     errors: list[str] = []
     t = cfg.trainer
@@ -582,7 +586,10 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         f"model.min_pixels={cfg.model.min_pixels}, max_pixels={cfg.model.max_pixels}, "
         f"image_factor={cfg.model.image_factor}: need 0 < min_pixels <= max_pixels and image_factor > 0",
     )
-    need(cfg.model.template in TEMPLATES, f"model.template={cfg.model.template!r}: expected one of {sorted(TEMPLATES)}")
+    need(
+        cfg.model.template in TEMPLATE_NAMES,
+        f"model.template={cfg.model.template!r}: expected one of {sorted(TEMPLATE_NAMES)}",
+    )
     need(cfg.model.prompt_style in ("train", "chat"), f"model.prompt_style={cfg.model.prompt_style!r}: train|chat")
     need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -607,7 +614,7 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")
     d = cfg.data
-    _validate_data(d, need)
+    validate_data(d, need)
     need(d.answer.count(SEG_TOKEN) == 1, f"data.answer={d.answer!r}: must contain {SEG_TOKEN} exactly once")
     need(cfg.loss.mask_size in ("low_res", "image"), f"loss.mask_size={cfg.loss.mask_size!r}: low_res|image")
     need(min(cfg.loss.mask_weight, cfg.loss.dice_weight, cfg.loss.llm_weight) >= 0, "loss weights must be >= 0")
@@ -641,3 +648,19 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         errors.append("strategy.offload_parameters needs ZeRO stage 3 (strategy=zero3_offload)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Composes `conf/<config_name>.yaml` with command-line overrides; a bad override is a ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config directory {CONF_DIR} not found; install vseg from its repository (pip install -e .)")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {one_line(err)}") from None

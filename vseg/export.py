@@ -118,7 +118,7 @@ def run(pcfg: DictConfig) -> Path:
 
 def main(overrides: list[str]) -> int:
     """`vseg export ...`: compose conf/export.yaml with the overrides and export."""
-    from vseg.cli import compose
+    from vseg.config import compose
 
     run(compose("export", overrides))
     return 0

@@ -171,14 +171,14 @@ def _model_override(pcfg: DictConfig) -> tuple[ModelConfig | None, dict[str, Any
 
 
 def _data_override(pcfg: DictConfig) -> DataConfig | None:
-    from vseg.config import _validate_data
+    from vseg.config import validate_data
 
     node = pcfg.get("data")
     if node is None or not isinstance(node, DictConfig) or "source" not in node:
         return None
     data: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))  # type: ignore[assignment]
     errors: list[str] = []
-    _validate_data(data, lambda ok, message: errors.append(message) if not ok else None)
+    validate_data(data, lambda ok, message: errors.append(message) if not ok else None)
     if errors:
         raise ConfigError("invalid data config:\n  - " + "\n  - ".join(errors))
     return data

@@ -25,13 +25,12 @@ Loading (`model.path=DIR`, used by `build_sa2va`):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from vseg.artifacts.files import save_safetensors
 from vseg.artifacts.loading import CheckpointError
 from vseg.artifacts.official import InternVLLayout, Piece, QwenVLLayout
 from vseg.config import ModelConfig
+from vseg.model.random_init import alias_groups, parameters_on_meta, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -204,52 +204,6 @@ def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -
 # ---- building on meta, loading tensors ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def parameters_on_meta(enabled: bool = True) -> Iterator[None]:
-    """Modules created inside get their parameters on the meta device; buffers (rotary tables) stay real.
-
-    Parameters are allocated uninitialised and moved at registration, so a 26B model costs no host memory
-    and no random-init time; the loader then gives every parameter its real tensor.
-    """
-    if not enabled:
-        yield
-        return
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _alias_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Every state-dict name -> all names of the same tensor (tied embeddings share one parameter)."""
-    by_id: dict[int, list[str]] = defaultdict(list)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_id[id(tensor)].append(name)
-    return {name: names for names in by_id.values() for name in names}
-
-
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Puts `value` in place of parameter or buffer `name` (a Parameter is kept as is: tied names share it)."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = (
-            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
-        )
-    elif leaf in module._buffers:
-        module._buffers[leaf] = value
-    else:
-        raise KeyError(name)
-
-
 def _grow_rows(old: torch.Tensor, rows: int) -> torch.Tensor:
     """`old` with extra rows, each the mean of the old rows (accumulated in fp32, 4096 rows at a time)."""
     total = torch.zeros(old.shape[1:], dtype=torch.float32, device=old.device)
@@ -297,7 +251,7 @@ def load_tensors(
         CheckpointError: listing missing, unexpected and shape-mismatched keys (nothing is loaded then).
     """
     targets = model.state_dict(keep_vars=True)
-    aliases = _alias_groups(model)
+    aliases = alias_groups(model)
     covered: dict[str, set[int] | None] = {}  # canonical native key -> None (whole) or rows filled
     unexpected, mismatched, duplicated = [], [], []
     dropped: Counter[str] = Counter()
@@ -376,7 +330,7 @@ def load_tensors(
         if isinstance(targets[canonical], nn.Parameter):
             value = nn.Parameter(value, requires_grad=False)
         for alias in aliases[name]:
-            _set_tensor(model, alias, value)
+            set_tensor(model, alias, value)
         targets.update({alias: value for alias in aliases[name]})
         assigned.add(canonical)
 
@@ -551,7 +505,7 @@ def write_safetensors(
 
 def native_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Persistent tensors of an unwrapped Sa2VA, each tied group under its first name only."""
-    aliases = _alias_groups(model)
+    aliases = alias_groups(model)
     out = {}
     for name, tensor in model.state_dict().items():
         if aliases[name][0] == name:

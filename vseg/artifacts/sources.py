@@ -65,7 +65,7 @@ class ModelSource:
         from vseg.model.build import read_in
 
         if self.form == "random":
-            from vseg.inference.placement import build_random
+            from vseg.model.random_init import build_random
 
             return build_random(self.model_cfg, {"": str(device)})
         if self.form == "adapter":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -209,8 +208,7 @@ def _dump(sample: Sample, cfg: DataConfig, out: Path) -> None:
 
 def main(overrides: list[str]) -> int:
     """`vseg check data=... [key=value ...] [dump=DIR] [workers=N]`."""
-    from vseg.cli import compose
-    from vseg.config import load_config
+    from vseg.config import compose, load_config
 
     own = {"dump": None, "workers": None}
     rest = []
@@ -228,9 +226,3 @@ def main(overrides: list[str]) -> int:
     if report.bad or report.split_error:
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    from vseg.cli import main as cli_main
-
-    sys.exit(cli_main(["check", *sys.argv[1:]]))

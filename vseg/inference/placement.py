@@ -16,14 +16,13 @@ when a model does not fit.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from vseg.config import ConfigError, ModelConfig
+from vseg.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,70 +118,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name}: no CUDA GPU is visible; use device=cpu or run on a GPU machine")
     return device
-
-
-# ------------------------------------------------------------------------------------------- random weights
-def _fill(param: torch.Tensor, name: str, generator: torch.Generator) -> None:
-    if param.ndim >= 2:
-        param.normal_(0.0, 0.02, generator=generator)
-    elif name.endswith("weight") or name.endswith("scale") or name.endswith("lambda1"):
-        param.fill_(1.0)
-    else:
-        param.normal_(0.0, 0.02, generator=generator)
-
-
-def build_meta(cfg: ModelConfig) -> tuple[nn.Module, Any]:
-    """The architecture of `cfg` with its parameters on the meta device (buffers real), and its tokenizer."""
-    from vseg.artifacts import build_sa2va
-    from vseg.artifacts.folders import parameters_on_meta
-
-    with parameters_on_meta():
-        return build_sa2va(cfg, None)
-
-
-def materialize_random(model: nn.Module, device_map: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Allocates every meta parameter on its `device_map` device and fills it there (random weights).
-
-    N(0, 0.02) for matrices and biases, 1 for norm scales; tied parameters stay one tensor. Nothing is
-    created on the host, so an 8B model is ready in seconds on the GPUs that will run it.
-    """
-    from vseg.artifacts.folders import _alias_groups, _set_tensor
-
-    aliases = _alias_groups(model)
-    done: set[str] = set()
-    for name, _ in list(model.named_parameters(remove_duplicate=False)):
-        canonical = aliases[name][0]
-        if canonical in done:
-            continue
-        device = _device_for(name, device_map)
-        # Seeded per parameter name: the same weights whatever the placement (single GPU == device_map).
-        gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(canonical.encode()))
-        value = torch.empty(model.get_parameter(name).shape, dtype=dtype, device=device)
-        _fill(value, name, gen)
-        tensor = nn.Parameter(value, requires_grad=False)
-        for alias in aliases[name]:
-            _set_tensor(model, alias, tensor)
-        done.add(canonical)
-    for name, buffer in list(model.named_buffers()):
-        _set_tensor(model, name, buffer.to(_device_for(name, device_map)))
-    return model
-
-
-def build_random(cfg: ModelConfig, device_map: dict[str, Any], seed: int = 0) -> tuple[nn.Module, Any]:
-    """`cfg`'s architecture with random weights created directly where `device_map` puts them (`ckpt=random`)."""
-    from vseg.model.build import DTYPES
-
-    model, tokenizer = build_meta(cfg)
-    return materialize_random(model, device_map, DTYPES[cfg.dtype], seed), tokenizer
-
-
-def _device_for(name: str, device_map: dict[str, Any]) -> torch.device:
-    best = None
-    for prefix, device in device_map.items():
-        covers = prefix == "" or name == prefix or name.startswith(prefix + ".")
-        if covers and (best is None or len(prefix) > len(best[0])):
-            best = (prefix, device)
-    if best is None:
-        raise KeyError(f"{name} is not covered by the device map")
-    device = best[1]
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)

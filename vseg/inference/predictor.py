@@ -34,14 +34,13 @@ from vseg.inference.engine import MODES, Engine, ItemPrediction
 from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
 from vseg.inference.placement import (
     DEVICE_MAPS,
-    build_meta,
     dispatch,
-    materialize_random,
     plan_device_map,
     resolve_device,
 )
 from vseg.model.build import DTYPES
 from vseg.model.processor import Sa2VAProcessor
+from vseg.model.random_init import build_meta, materialize_random
 from vseg.model.sa2va import Sa2VA
 
 DEFAULT_ANSWER = "It is [SEG]."

@@ -67,7 +67,7 @@ class SizeReport:
 
 def build_on_meta(model_cfg: ModelConfig, lora: LoraConfig | None):
     """The Sa2VA network with every tensor on the meta device (shapes only), and its tokenizer."""
-    from vseg.artifacts import build_sa2va
+    from vseg.model.build import finish_build, new_sa2va
 
     if model_cfg.path is not None:
         raise ValueError("sizes are computed from the architecture: leave model.path unset (model.path=null)")
@@ -76,7 +76,9 @@ def build_on_meta(model_cfg: ModelConfig, lora: LoraConfig | None):
     quiet.setLevel(logging.WARNING)
     try:
         with torch.device("meta"):
-            return build_sa2va(model_cfg, lora)
+            model, tokenizer = new_sa2va(model_cfg)
+            finish_build(model, tokenizer, model_cfg, lora)
+            return model, tokenizer
     finally:
         quiet.setLevel(level)
 
@@ -141,8 +143,7 @@ def report_for(cfg: TrainConfig) -> SizeReport:
 
 def main(overrides: list[str]) -> int:
     """`vseg info [model=...] [lora=...]`: prints the parameter table of the composed train config."""
-    from vseg.cli import compose
-    from vseg.config import load_config
+    from vseg.config import compose, load_config
 
     cfg = load_config(compose("train", overrides))
     print(report_for(cfg).table())

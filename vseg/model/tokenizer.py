@@ -16,9 +16,10 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, SentencePieceBackend
 
+from vseg.config import SEG_TOKEN, TEMPLATE_NAMES
+
 log = logging.getLogger(__name__)
 
-SEG_TOKEN = "[SEG]"
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -69,6 +70,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         stop_words=("<|im_end|>",),
     ),
 }
+assert tuple(TEMPLATES) == TEMPLATE_NAMES, "vseg.config.TEMPLATE_NAMES must list TEMPLATES' names"
 
 
 def get_template(name: str) -> ChatTemplate:

@@ -390,8 +390,7 @@ def load_for_planning(overrides: list[str]) -> TrainConfig:
     """The train config `train.py trainer=gpu strategy=auto <overrides>` would run, validated as if on GPUs."""
     from omegaconf import OmegaConf
 
-    from vseg.cli import compose
-    from vseg.config import validate
+    from vseg.config import compose, validate
 
     defaults = []
     if not any(o.startswith("trainer=") for o in overrides):
