@@ -14,8 +14,10 @@ from vseg.cli import exit_on_config_error, exit_on_storage_error, precheck
 
 @hydra.main(config_path="conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from vseg.console import setup_console
     from vseg.predict import run
 
+    setup_console()  # Lightning's lines once, no library warnings a user cannot act on
     with exit_on_config_error(), exit_on_storage_error():
         summary = run(cfg)
     if summary.get("failed") or summary.get("missing"):

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vseg: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from vseg.console import setup_console
+
+    setup_console()
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(overrides) or 0)

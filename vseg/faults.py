@@ -206,7 +206,9 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path, faults: TestFaults | 
             path.parent.mkdir(parents=True, exist_ok=True)
             remove(tmp)  # left by a write that was killed
         strategy.barrier("vseg_checkpoint_prepare")
-        trainer.save_checkpoint(tmp)  # collective; ends with a barrier
+        # weights_only=False: the full resumable state (optimizer, schedulers, loops, callbacks); collective,
+        # ends with a barrier
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             delay = (faults or TestFaults()).checkpoint_delay_s
             if delay:

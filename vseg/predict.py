@@ -373,4 +373,5 @@ def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
     if split:
         rank = " (rank 0)" if summary.get("placement", "").startswith("data") else ""
         line += f"\ntime in the prediction loop{rank}: {split}"
+    line += f"\nper input: {out / 'results.jsonl'}\nsummary:   {out / 'summary.json'}"
     print(line, flush=True)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vseg.artifacts.checkpoints import PlainCheckpointIO, checkpoint_step, newest_checkpoint
 from vseg.artifacts.deepspeed import trainable_weights_from_checkpoint
@@ -28,6 +29,7 @@ from vseg.config import (
     load_config,
     model_differences,
 )
+from vseg.console import ModelSummary, ProgressBar
 from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.model.build import count_parameters
@@ -200,7 +202,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resume_step: int | None = Non
     if cfg.faults.watchdog:
         callbacks.append(RankWatchdog(heartbeat_timeout_s=cfg.faults.heartbeat_timeout_s))
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
+        callbacks.append(ProgressBar(refresh_rate=int(cfg.callbacks.get("progress_refresh_rate", 1))))
+    if cfg.trainer.get("enable_model_summary", False):
+        callbacks.append(ModelSummary())  # Lightning's table without its always-zero FLOPs (vseg/console)
     callbacks.append(PerfMonitor.from_config(cfg.callbacks))  # memory, samples/s, tokens/s, MFU (vseg/monitor)
     purge = {"purge_step": resume_step} if resume_step else {}
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False, **purge)
@@ -216,6 +220,17 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resume_step: int | None = Non
         # RunCheckpoint writes the checkpoints; Lightning's default ModelCheckpoint would add non-atomic
         # epoch checkpoints under tensorboard/checkpoints.
         **{"enable_checkpointing": False, **cfg.trainer},
+    )
+
+
+def finished_message(run_dir: Path) -> str:
+    """What a finished training prints last: where the run is, how to look at it, what to run next."""
+    ckpt = shlex.quote(f"ckpt={run_dir}")
+    return (
+        f"\nrun directory: {run_dir}\n"
+        f"TensorBoard:   tensorboard --logdir {shlex.quote(str(run_dir))}\n"
+        f"predict:       python predict.py {ckpt} input=<image|folder|glob> output=<dir>\n"
+        f"               (without input= and output=: its validation images, into {run_dir / 'predictions'})\n"
     )
 
 
@@ -260,7 +275,16 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     module = Sa2VAModule(None if builder else model, cfg, builder)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    # weights_only=True: a vseg checkpoint holds tensors and plain values only (torch's own default, said
+    # explicitly so that Lightning does not announce a default).
+    # Log lines go through tqdm.write while training: printed between the progress bars, not over them.
+    with logging_redirect_tqdm():
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(resume) if resume is not None else None,
+            weights_only=True,
+        )
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
     if checkpoints.stopped_by:
         signum = checkpoints.stop.signum or 15
@@ -299,7 +323,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
             lambda p: save_safetensors(state, p, metadata),
             "trained weights",
         )
-        print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir}\n", flush=True)
+        print(finished_message(run_dir), flush=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return RunResult(
         run_dir=run_dir, global_step=trainer.global_step, metrics=metrics, module=module, resumed_from=resume

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,18 @@ def finish_build(model: Sa2VA, tokenizer: PreTrainedTokenizerBase, cfg: ModelCon
         apply_training_setup(model, lora, tokenizer)
     if cfg.gradient_checkpointing:
         model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("Sa2VA[%s]: %s", cfg.name, count_parameters(model))
+    log.debug("Sa2VA[%s]: %s", cfg.name, count_parameters(model))  # train.py logs the count once, at start-up
+
+
+def _peft_model(mllm: nn.Module, config: PeftLoraConfig | TrainableTokensConfig, upcast: bool) -> nn.Module:
+    """`get_peft_model`, without the FutureWarning its own code causes.
+
+    PEFT 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates
+    (FutureWarning on every build). The read is inside PEFT, so only that one warning is silenced, here only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(mllm, config, autocast_adapter_dtype=upcast)
 
 
 def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -136,13 +148,13 @@ def apply_training_setup(model: Sa2VA, lora: LoraConfig, tokenizer: PreTrainedTo
             trainable_token_indices=dict.fromkeys(token_modules, new_ids) if new_ids else None,
             bias="none",
         )
-        model.mllm = get_peft_model(model.mllm, peft_config, autocast_adapter_dtype=upcast)
+        model.mllm = _peft_model(model.mllm, peft_config, upcast)
     elif new_ids:
         # No LoRA (lora=heads_only): a LoraConfig without target modules is refused by PEFT
         # (NoMatchingPeftModuleError), so the token rows get PEFT's own trainable-tokens adapter; it ties the
         # LM head to the embedding when the model ties them, exactly as LoRA's `trainable_token_indices` does.
         peft_config = TrainableTokensConfig(target_modules=token_modules, token_indices=new_ids)
-        model.mllm = get_peft_model(model.mllm, peft_config, autocast_adapter_dtype=upcast)
+        model.mllm = _peft_model(model.mllm, peft_config, upcast)
     base = model.base_mllm
     if lora.train_projector:
         for name, p in base.named_parameters():
