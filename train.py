@@ -11,9 +11,9 @@ from vseg.cli import exit_on_config_error, exit_on_storage_error, precheck
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from vseg.console import setup_console
-    from vseg.faults import NonFiniteError
     from vseg.planner import exit_on_oom
-    from vseg.train import run
+    from vseg.training.faults import NonFiniteError
+    from vseg.training.run import run
 
     setup_console()  # Lightning's lines once, no library warnings a user cannot act on
     # an OOM: advice and exit status 4; a full or read-only disk: one message and status 5; no stack trace

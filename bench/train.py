@@ -2,7 +2,7 @@
 
 Every configuration runs the real entry point (`python train.py ...`, Lightning, the chosen strategy) on
 synthetic 512-px vessel images (1 InternVL tile + 1024-px SAM-2 input, random weights) for a few optimizer
-steps; `vseg.monitor.PerfMonitor` writes the median samples/s after warm-up, the counted FLOPs and every
+steps; `vseg.training.monitor.PerfMonitor` writes the median samples/s after warm-up, the counted FLOPs and every
 GPU's peak memory, and this script collects one JSON row per configuration into `--out` (rewritten after
 each row, so a run cut short keeps what it measured). `--cap-gb 23` caps each process's CUDA allocator to
 mimic a 24 GB card. Example (one H200):

@@ -1,6 +1,6 @@
 """Where a Lightning training step's time goes: host (Python, kernel launches) or GPU.
 
-Runs `train.py`'s own `vseg.train.run` with the given overrides plus one callback that profiles training
+Runs `train.py`'s own `vseg.training.run.run` with the given overrides plus one callback that profiles training
 steps `--first`..`--last` (torch.profiler, CPU + CUDA) and prints, per step, the wall time and the time
 the GPU spent in kernels, then the heaviest operators by GPU and by host time. A GPU time well below the
 wall time means the step is bound by the host, and a faster GPU kernel would not shorten it.
@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import vseg.train as train
+    import vseg.training.run as train
     from vseg.config import compose
 
     def sync() -> None:

@@ -74,7 +74,7 @@ def evil_checkpoint(path: Path, marker: Path) -> Path:
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory) -> Path:
     """A finished 2-step tiny_qwen3vl run (config.yaml, tensorboard/, checkpoints/, weights/)."""
-    from vseg.train import RUN_DIR_ENV, run
+    from vseg.training.run import RUN_DIR_ENV, run
 
     run_dir = tmp_path_factory.mktemp("runs") / "qwen"
     old = os.environ.pop(RUN_DIR_ENV, None)
@@ -225,7 +225,7 @@ def test_resume_with_another_model_is_refused_and_the_run_untouched(run_copy):
     ],
 )
 def test_train_refuses_another_model_in_a_run_dir_and_writes_nothing(run_copy, overrides, words):
-    from vseg.train import RUN_DIR_ENV, run
+    from vseg.training.run import RUN_DIR_ENV, run
 
     before = snapshot(run_copy)
     try:
@@ -238,7 +238,7 @@ def test_train_refuses_another_model_in_a_run_dir_and_writes_nothing(run_copy, o
 
 
 def test_a_checkpoint_of_another_model_is_refused_for_a_new_run_dir(run_copy, tmp_path):
-    from vseg.train import RUN_DIR_ENV, run
+    from vseg.training.run import RUN_DIR_ENV, run
 
     before = snapshot(run_copy)
     new = tmp_path / "new_run"
@@ -252,7 +252,7 @@ def test_a_checkpoint_of_another_model_is_refused_for_a_new_run_dir(run_copy, tm
 
 
 def test_a_checkpoint_without_its_run_config_is_checked_by_its_weights(run_copy, tmp_path):
-    from vseg.train import check_resume
+    from vseg.training.run import check_resume
 
     lone = tmp_path / "lone.ckpt"
     shutil.copy(run_copy / "checkpoints" / "last.ckpt", lone)
@@ -263,7 +263,7 @@ def test_a_checkpoint_without_its_run_config_is_checked_by_its_weights(run_copy,
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "random", "no_state_dict"])
 def test_unreadable_resume_checkpoints_are_one_sentence(run_copy, tmp_path, case):
-    from vseg.train import check_resume
+    from vseg.training.run import check_resume
 
     path = tmp_path / f"{case}.ckpt"
     if case == "truncated":
@@ -287,7 +287,7 @@ def test_unreadable_resume_checkpoints_are_one_sentence(run_copy, tmp_path, case
 
 
 def test_resume_never_is_refused_before_the_config_is_rewritten(run_copy):
-    from vseg.train import RUN_DIR_ENV, run
+    from vseg.training.run import RUN_DIR_ENV, run
 
     before = snapshot(run_copy)
     try:
@@ -387,7 +387,7 @@ def test_a_pickle_that_runs_code_is_reported_unsafe_and_never_run(run_copy, tmp_
     marker = tmp_path / "PWNED"
     evil = evil_checkpoint(run_copy / "checkpoints" / "evil.ckpt", marker)
     if entry == "train":
-        from vseg.train import check_resume
+        from vseg.training.run import check_resume
 
         with pytest.raises(CheckpointError) as err:
             check_resume(tiny_cfg(["model=tiny_qwen3vl"]), evil, run_copy)

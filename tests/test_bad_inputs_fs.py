@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from vseg.artifacts.checkpoints import newest_checkpoint
 from vseg.artifacts.files import STORAGE_EXIT_CODE, StorageError, atomic_write, check_writable, file_mode
 from vseg.data.synthetic import generate_vessels
-from vseg.train import run
+from vseg.training.run import run
 
 from conftest import ROOT, tiny_cfg
 
@@ -172,7 +172,7 @@ def _not_built(*args, **kwargs):
 @pytest.mark.parametrize("setting", ["runs_root", "run_dir"])
 def test_train_refuses_an_unwritable_run_directory_before_building_anything(tmp_path, monkeypatch, kind, setting):
     target = _unwritable(kind, tmp_path)
-    monkeypatch.setattr("vseg.train.model_for_run", _not_built)
+    monkeypatch.setattr("vseg.training.run.model_for_run", _not_built)
     monkeypatch.setenv("VSEG_RUN_DIR", "")  # unset, and restored afterwards (run() sets it)
     with pytest.raises(StorageError) as caught:
         run(tiny_cfg([f"{setting}={target}"]))

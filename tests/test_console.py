@@ -119,7 +119,7 @@ def test_predict_console_is_clean_and_names_its_results(trained):
 
 
 def test_finished_message_quotes_a_run_directory_with_spaces(tmp_path):
-    from vseg.train import finished_message
+    from vseg.training.run import finished_message
 
     run_dir = tmp_path / "my runs" / "a"
     assert f"python predict.py 'ckpt={run_dir}' input=" in finished_message(run_dir)

@@ -18,7 +18,7 @@ from vseg.artifacts.adapters import load_adapter_folder, merge_adapters
 from vseg.artifacts.folders import write_native_folder
 from vseg.artifacts.runs import rebuild_run
 from vseg.cli import main as cli
-from vseg.module import trainable_state_dict
+from vseg.training.module import trainable_state_dict
 
 
 def _move_trainable(model) -> None:

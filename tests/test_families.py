@@ -1,5 +1,5 @@
 """Every MLLM family at toy size: builds, one forward gives mask logits and an LLM loss, every trainable
-parameter gets a gradient, LoRA lands only on the LLM, and a short run through `vseg.train.run` works."""
+parameter gets a gradient, LoRA lands only on the LLM, and a short run through `vseg.training.run.run` works."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from vseg.model.families import get_family, smart_resize, vocab_size
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import IGNORE_INDEX
 from vseg.model.tokenizer import QWEN_IMAGE_PAD_TOKEN, build_tiny_tokenizer, token_id
-from vseg.train import run
+from vseg.training.run import run
 
 from conftest import random_batch, tiny_cfg
 

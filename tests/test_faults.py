@@ -1,7 +1,7 @@
 """Runs that survive (issue 8): atomic checkpoints, exact resume, signals, kill -9, NaN steps, failing ranks.
 
 Faults are injected for real: subprocesses running `train.py` are sent SIGTERM or SIGKILL, NaNs come
-from the test-only VSEG_TEST_* hooks (vseg/faults.py), a rank raises in a 2-process gloo run. Resumed
+from the test-only VSEG_TEST_* hooks (vseg/training/faults.py), a rank raises in a 2-process gloo run. Resumed
 runs are compared with an uninterrupted run of the same seed through the per-micro-batch trace
 (VSEG_TEST_TRACE: step, sample ids, loss): the same samples in the same order, and the same losses up
 to CPU float noise (usually bit-identical; see `assert_continues`).
@@ -22,8 +22,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vseg.artifacts.checkpoints import COMPLETE_MARKER, complete_checkpoints, newest_checkpoint, rotate_checkpoints
-from vseg.faults import NonFiniteError
-from vseg.train import run
+from vseg.training.faults import NonFiniteError
+from vseg.training.run import run
 
 from conftest import ROOT, tiny_cfg
 
@@ -211,7 +211,7 @@ def test_injected_nan_steps_are_skipped_counted_and_named(tmp_path, monkeypatch,
             *FAST,
         ]
     )
-    with caplog.at_level("WARNING", logger="vseg.faults"):
+    with caplog.at_level("WARNING", logger="vseg.training.faults"):
         result = run(cfg)
     assert result.global_step == 4
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")

@@ -123,9 +123,9 @@ sys.path.insert(0, "tests")
 import lightning as L
 from conftest import compose_cfg
 from vseg.config import load_config
-from vseg.strategy import lora_init_report
-from vseg.train import run, build_trainer
-import vseg.train as T
+from vseg.training.zero3 import lora_init_report
+from vseg.training.run import run, build_trainer
+import vseg.training.run as T
 
 class Check(L.Callback):
     def on_train_start(self, trainer, pl_module):

@@ -241,7 +241,7 @@ def test_oom_inside_a_training_step_ends_with_advice_and_a_clean_exit(tmp_path):
 
 @pytest.mark.slow  # a short in-process training run up to its first validation
 def test_oom_in_validation_names_the_phase(tmp_path, monkeypatch, capsys):
-    from vseg.train import run
+    from vseg.training.run import run
 
     monkeypatch.setenv("VSEG_TEST_OOM_AT", "val:2")
     cfg = tiny_cfg([f"run_dir={tmp_path}", "trainer.max_steps=4", "plan.gpu_memory=16GB"])

@@ -19,7 +19,7 @@ from vseg.data.synthetic import generate_vessels
 from vseg.export import run as export
 from vseg.inference.scoring import cldice, score_masks
 from vseg.predict import run as predict
-from vseg.train import run as train
+from vseg.training.run import run as train
 
 from conftest import ROOT, tiny_cfg
 

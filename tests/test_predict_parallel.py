@@ -163,7 +163,7 @@ def test_data_parallel_over_two_gpus(tmp_path):
 
 @gpu
 def test_deepspeed_checkpoint_directory_predicts_like_the_run(tmp_path):
-    from vseg.train import run as train
+    from vseg.training.run import run as train
 
     from conftest import tiny_cfg
 

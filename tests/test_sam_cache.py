@@ -7,7 +7,7 @@ import torch
 
 from vseg.config import ConfigError
 from vseg.model.grounding import BackboneCache
-from vseg.train import run
+from vseg.training.run import run
 
 from conftest import random_batch, tiny_cfg
 

@@ -13,8 +13,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import OmegaConf
 
 from vseg.config import StrategyConfig
-from vseg.monitor import flops_of, peak_tflops
-from vseg.strategy import build_strategy, deepspeed_config, lora_init_report, lora_pairs, reinit_lora
+from vseg.strategy import build_strategy, deepspeed_config
+from vseg.training.monitor import flops_of, peak_tflops
+from vseg.training.zero3 import lora_init_report, lora_pairs, reinit_lora
 
 from conftest import CONF, ROOT, compose_cfg
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vseg.artifacts import build_sa2va
-from vseg.train import run
+from vseg.training.run import run
 
 from conftest import ROOT, tiny_cfg
 

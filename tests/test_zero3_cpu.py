@@ -2,7 +2,7 @@
 and its checkpoint directory reads back (predict.py's reader) as the exact fp32 trainable weights.
 
 Guards the reads ZeRO-3 does not see (PEFT's trainable-token layers, SAM-2's embedding tokens and
-no-memory embedding; `vseg.strategy.zero3_register_reads`): without them the first forward fails on an
+no-memory embedding; `vseg.training.zero3.zero3_register_reads`): without them the first forward fails on an
 empty partition. Runs in a subprocess because DeepSpeed picks its accelerator at import.
 """
 

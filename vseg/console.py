@@ -2,7 +2,7 @@
 
 - `setup_console()` is called once by every front door (train.py, predict.py, the `vseg` tool), after the
   logging configuration (Hydra's `job_logging: stdout`) and before Lightning prints anything.
-- `ProgressBar` and `ModelSummary` replace Lightning's own callbacks in `vseg.train.build_trainer`.
+- `ProgressBar` and `ModelSummary` replace Lightning's own callbacks in `vseg.training.run.build_trainer`.
 """
 
 from __future__ import annotations

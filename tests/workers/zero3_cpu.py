@@ -33,8 +33,9 @@ from vseg.config import StrategyConfig  # noqa: E402
 from vseg.losses import LossSums  # noqa: E402
 from vseg.model.build import apply_training_setup  # noqa: E402
 from vseg.model.processor import Sa2VAProcessor  # noqa: E402
-from vseg.module import Sa2VAModule, _one_dtype_for_zero3  # noqa: E402
-from vseg.strategy import build_sa2va_zero3, deepspeed_config, lora_init_report  # noqa: E402
+from vseg.strategy import deepspeed_config  # noqa: E402
+from vseg.training.module import Sa2VAModule, _one_dtype_for_zero3  # noqa: E402
+from vseg.training.zero3 import build_sa2va_zero3, lora_init_report  # noqa: E402
 
 from conftest import random_batch, tiny_cfg  # noqa: E402
 

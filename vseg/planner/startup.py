@@ -1,6 +1,6 @@
 """What training does with the plan before it starts: batch split, `strategy=auto`, the GPU report.
 
-`prepare_run(cfg)` is called once per process at the top of `vseg.train.run`:
+`prepare_run(cfg)` is called once per process at the top of `vseg.training.run.run`:
 
 1. `data.global_batch_size` is split into `data.batch_size` x `trainer.accumulate_grad_batches` for the
    run's device count (the given batch_size is the largest micro-batch allowed).

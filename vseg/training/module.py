@@ -12,11 +12,11 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vseg.config import ConfigError, TrainConfig
-from vseg.faults import NonFiniteGuard, TestFaults
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Sa2VA
+from vseg.training.faults import NonFiniteGuard, TestFaults
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Sa2VAModule(L.LightningModule):
     def __init__(self, model: Sa2VA | None, cfg: TrainConfig, builder: Callable[[Any], Sa2VA] | None = None):
         super().__init__()
         # ZeRO-3: model is None and `builder(strategy)` makes it in configure_model, where DeepSpeed
-        # partitions each parameter as it is created (vseg.strategy.build_sa2va_zero3).
+        # partitions each parameter as it is created (vseg.training.zero3.build_sa2va_zero3).
         self.model = model
         self._builder = builder
         self._val_batches_max: int | None = None  # ZeRO-3: most validation batches of any rank

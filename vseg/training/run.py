@@ -31,13 +31,14 @@ from vseg.config import (
 )
 from vseg.console import ModelSummary, ProgressBar
 from vseg.data.datamodule import VesselDataModule, checked_dataset
-from vseg.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
-from vseg.module import Sa2VAModule, trainable_state_dict
-from vseg.monitor import PerfMonitor
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
-from vseg.strategy import build_strategy, is_deepspeed, model_for_run
+from vseg.strategy import build_strategy, is_deepspeed
+from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
+from vseg.training.module import Sa2VAModule, trainable_state_dict
+from vseg.training.monitor import PerfMonitor
+from vseg.training.zero3 import model_for_run
 
 log = logging.getLogger(__name__)
 
