@@ -207,7 +207,7 @@ def test_predict_refuses_an_unwritable_output_before_loading_the_model(tmp_path,
 
     target = _unwritable(kind, tmp_path)
     images = _images(tmp_path / "in", 2)
-    monkeypatch.setattr("vseg.predict.load_model", _not_built)
+    monkeypatch.setattr("vseg.predict.load_predictor", _not_built)
     with pytest.raises(StorageError) as caught:
         predict(compose("predict", ["ckpt=random", "model=tiny", f"input={images}", f"output={target}"]))
     message = str(caught.value)
