@@ -414,6 +414,6 @@ def test_compile_gives_the_same_masks_and_the_summary_splits_the_loop_time(train
 
 def test_compile_with_device_map_is_refused():
     with pytest.raises(ConfigError, match="compile=true"):
-        from vseg.predict import options
+        from vseg.config import load_predict_config
 
-        options(_cfg("ckpt=random", compile=True, device_map="balanced"))
+        load_predict_config(_cfg("ckpt=random", compile=True, device_map="balanced"))

@@ -109,9 +109,10 @@ def test_device_map_keeps_blocks_whole_and_uses_every_gpu_budget():
 @multigpu
 def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     from vseg.artifacts.sources import ModelSource, preset
-    from vseg.inference.placement import devices_of
+    from vseg.config import load_predict_config
+    from vseg.inference.placement import devices_of, parse_max_memory
     from vseg.model.random_init import build_meta
-    from vseg.predict import load_predictor, options
+    from vseg.predict import load_predictor
 
     assert torch.cuda.device_count() >= 2
     images = _images(tmp_path / "in", 4)
@@ -119,8 +120,9 @@ def test_model_parallel_over_two_gpus_equals_one_gpu(tmp_path):
     one = predict(_cfg("ckpt=random", "model=tiny", output=str(tmp_path / "one"), **common))
     size = sum(p.numel() * 4 for p in build_meta(preset("tiny"))[0].parameters())
     budget = {0: int(size * 0.55), 1: int(size * 1.0)}
-    opts = options(_cfg("ckpt=random", device_map="sequential", max_memory=budget, **common))
-    model = load_predictor(ModelSource("random", None, preset("tiny")), opts, torch.device("cuda:0")).model
+    opts = load_predict_config(_cfg("ckpt=random", device_map="sequential", max_memory=budget, **common))
+    source = ModelSource("random", None, preset("tiny"))
+    model = load_predictor(source, opts, torch.device("cuda:0"), parse_max_memory(opts.max_memory)).model
     placed = devices_of(model)
     assert {"cuda:0", "cuda:1"} <= set(placed), placed
     llm = next(model.mllm.model.language_model.parameters()).device

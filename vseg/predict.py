@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,130 +30,22 @@ from tqdm import tqdm
 
 from vseg.artifacts.files import check_writable
 from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
-from vseg.config import ConfigError, DataConfig, ModelConfig
+from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config
 from vseg.data.workers import WorkerInit
-from vseg.inference.engine import MODES, LoopTimes
+from vseg.inference.engine import LoopTimes
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
 from vseg.inference.placement import (
-    DEVICE_MAPS,
     parse_max_memory,
     resolve_device,
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
-from vseg.model.build import DTYPES
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ options
-@dataclass
-class Options:
-    """predict.yaml, checked (see conf/predict.yaml for each key's meaning)."""
-
-    ckpt: str
-    input: str | None
-    split: str | None
-    output: Path | None
-    prompt: str | None
-    answer: str
-    answer_text: str | None
-    max_new_tokens: int
-    batch_size: int
-    num_workers: int
-    devices: int
-    accelerator: str
-    device: str
-    device_map: str | None
-    max_memory: dict[int | str, int | str] | None
-    dtype: str
-    threshold: float
-    overwrite: bool
-    overlays: bool
-    merge_lora: bool
-    limit: int | None
-    writer_threads: int
-    compile: bool
-
-
-def options(pcfg: DictConfig) -> Options:
-    """Reads and checks predict.yaml's keys; every problem is listed in one ConfigError."""
-    g = pcfg.get
-    errors: list[str] = []
-    if g("out") is not None and g("output") is not None and g("out") != g("output"):
-        errors.append("out= and output= both given; use output=")
-    output = g("output") or g("out")
-    devices = g("devices", 1)
-    if devices in ("auto", -1, "-1"):
-        devices = torch.cuda.device_count() or 1
-    try:
-        devices = int(devices)
-    except (TypeError, ValueError):
-        errors.append(f"devices={devices!r}: expected a number of devices (or auto)")
-        devices = 1
-    opts = Options(
-        ckpt=str(g("ckpt")),
-        input=str(g("input")) if g("input") is not None else None,
-        split=g("split"),
-        output=Path(output).expanduser().resolve() if output else None,
-        prompt=g("prompt"),
-        answer=str(g("answer", "teacher_forced")),
-        answer_text=g("answer_text"),
-        max_new_tokens=int(g("max_new_tokens", 32)),
-        batch_size=int(g("batch_size", 8)),
-        num_workers=int(g("num_workers", 2)),
-        devices=devices,
-        accelerator=str(g("accelerator", "auto")),
-        device=str(g("device", "auto")),
-        device_map=g("device_map"),
-        max_memory=None,
-        dtype=str(g("dtype", "auto")),
-        threshold=float(g("threshold", 0.5)),
-        overwrite=bool(g("overwrite", False)),
-        overlays=bool(g("overlays", True)),
-        merge_lora=bool(g("merge_lora", True)),
-        limit=g("limit"),
-        writer_threads=int(g("writer_threads", 4)),
-        compile=bool(g("compile", False)),
-    )
-    try:
-        raw = g("max_memory")
-        opts.max_memory = parse_max_memory(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
-    except ConfigError as err:
-        errors.append(str(err))
-    if opts.answer not in MODES:
-        errors.append(f"answer={opts.answer!r}: expected one of {MODES}")
-    if opts.split not in (None, "val", "train", "all"):
-        errors.append(f"split={opts.split!r}: expected val, train, all or null")
-    if opts.device_map is not None and opts.device_map not in DEVICE_MAPS:
-        errors.append(f"device_map={opts.device_map!r}: expected one of {DEVICE_MAPS} or null")
-    if opts.device_map is not None and opts.devices > 1:
-        errors.append("device_map (one model split over GPUs) and devices>1 (one model per GPU) exclude each other")
-    if opts.compile and opts.device_map is not None:
-        errors.append(
-            "compile=true compiles blocks on one device; with device_map the blocks carry accelerate's "
-            "device hooks: drop compile or device_map"
-        )
-    if opts.max_memory is not None and opts.device_map is None:
-        errors.append("max_memory is only used with device_map=auto|balanced|sequential")
-    if opts.dtype != "auto" and opts.dtype not in DTYPES:
-        errors.append(f"dtype={opts.dtype!r}: expected auto or one of {sorted(DTYPES)}")
-    if not 0.0 < opts.threshold < 1.0:
-        errors.append(f"threshold={opts.threshold}: must be in (0, 1)")
-    if opts.batch_size < 1 or opts.num_workers < 0 or opts.max_new_tokens < 1 or opts.devices < 1:
-        errors.append("batch_size, max_new_tokens and devices must be >= 1, num_workers >= 0")
-    if opts.writer_threads < 1:
-        errors.append(f"writer_threads={opts.writer_threads}: must be >= 1")
-    if opts.answer_text is not None and opts.answer_text.count("[SEG]") < 1:
-        errors.append(f"answer_text={opts.answer_text!r}: the teacher-forced answer needs a [SEG] token")
-    if opts.ckpt in ("None", "???"):
-        errors.append("ckpt is required: a run directory, checkpoint, exported or released model folder, or random")
-    if errors:
-        raise ConfigError("invalid predict options:\n  - " + "\n  - ".join(errors))
-    return opts
-
-
 def _model_override(pcfg: DictConfig) -> tuple[ModelConfig | None, dict[str, Any] | None]:
     """(the `model=<preset>` as a ModelConfig, or None; every model key the command line set, or None)."""
     node = pcfg.get("model")
@@ -184,13 +75,15 @@ def _data_override(pcfg: DictConfig) -> DataConfig | None:
     return data
 
 
-def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple[list[PredictItem], DataConfig | None]:
+def resolve_items(
+    pcfg: DictConfig, opts: PredictConfig, source: ModelSource
+) -> tuple[list[PredictItem], DataConfig | None]:
     """The inputs in order (and the dataset config they come from, if any)."""
     data = _data_override(pcfg)
     if data is not None and opts.input is not None:
         raise ConfigError("give either input= (files) or data= (a dataset config), not both")
     if opts.input is not None:
-        items = file_items(opts.input, opts.prompt or DEFAULT_PROMPT, exclude=opts.output)
+        items = file_items(opts.input, opts.prompt or DEFAULT_PROMPT, exclude=opts.output_dir)
     elif data is not None:
         items = dataset_items(data, opts.split or "all", opts.prompt)
     elif source.train_cfg is not None:
@@ -206,17 +99,19 @@ def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple
 
 
 # ------------------------------------------------------------------------------------ model
-def load_predictor(source: ModelSource, opts: Options, device: torch.device) -> Predictor:
+def load_predictor(
+    source: ModelSource, opts: PredictConfig, device: torch.device, max_memory: dict[int | str, int | str] | None = None
+) -> Predictor:
     """The `Predictor` of `source` on `device` (or split by `opts.device_map`) with the options' answer settings."""
     return Predictor.from_source(
         source,
         device=device,
         device_map=opts.device_map,
-        max_memory=opts.max_memory,
+        max_memory=max_memory,
         dtype=opts.dtype,
         compile=opts.compile,
         merge_lora=opts.merge_lora,
-        answer=opts.answer,
+        answer=opts.answer_mode,
         answer_text=opts.answer_text,
         max_new_tokens=opts.max_new_tokens,
         threshold=opts.threshold,
@@ -227,32 +122,34 @@ def load_predictor(source: ModelSource, opts: Options, device: torch.device) -> 
 def run(pcfg: DictConfig) -> dict[str, Any]:
     """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
     begin = time.perf_counter()
-    opts = options(pcfg)
+    opts = load_predict_config(pcfg)
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     items, data = resolve_items(pcfg, opts, source)
-    out = opts.output
+    out = opts.output_dir
     if out is None:
         if source.form != "run" or source.path is None:
             raise ConfigError("output= is required (only a run directory has a default: <run>/predictions)")
         out = source.path / "predictions"
     if out.is_dir() or not out.exists():  # (a file there: OutputStore.prepare's configuration error)
         check_writable(out, "prediction output (output=)")  # before the model is loaded
-    parallel = opts.devices > 1
+    devices = (torch.cuda.device_count() or 1) if opts.devices in ("auto", -1, "-1") else int(opts.devices)
+    max_memory = parse_max_memory(opts.max_memory)  # checked here: it names the GPUs of this machine
+    parallel = devices > 1
     accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = resolve_device(opts.device) if not parallel else torch.device("cuda" if accelerator == "gpu" else "cpu")
     if (
         opts.device_map is not None
         and not torch.cuda.is_available()
-        and not (opts.max_memory or {}).keys() <= {"cpu", "disk"}
+        and not (max_memory or {}).keys() <= {"cpu", "disk"}
     ):
         raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
     answer_text = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg else DEFAULT_ANSWER)
     fingerprint = {
         "ckpt": source.describe(),
-        "answer": opts.answer,
-        "answer_text": answer_text if opts.answer == "teacher_forced" else None,
-        "max_new_tokens": opts.max_new_tokens if opts.answer == "generate" else None,
+        "answer": opts.answer_mode,
+        "answer_text": answer_text if opts.answer_mode == "teacher_forced" else None,
+        "max_new_tokens": opts.max_new_tokens if opts.answer_mode == "generate" else None,
         "prompt": opts.prompt,
         "threshold": opts.threshold,
         "dtype": inference_dtype(opts.dtype, source, device),
@@ -278,15 +175,15 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
             os.environ[PLAN_ENV] = str(plan)
         try:
             rank, predict_seconds = predict_data_parallel(
-                load=lambda dev: load_predictor(source, opts, dev),
+                load=lambda dev: load_predictor(source, opts, dev, max_memory),
                 items=todo,
                 root=out,
                 accelerator=accelerator,
-                devices=opts.devices,
+                devices=devices,
                 batch_size=opts.batch_size,
                 num_workers=opts.num_workers,
                 overlays=opts.overlays,
-                mode=opts.answer,
+                mode=opts.answer_mode,
                 data=data,
                 writer_threads=opts.writer_threads,
                 times=loop,
@@ -299,7 +196,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         load_seconds = time.perf_counter() - begin - predict_seconds
     elif todo:
         started = time.perf_counter()
-        predictor = load_predictor(source, opts, device)
+        predictor = load_predictor(source, opts, device, max_memory)
         load_seconds = time.perf_counter() - started
         loader = DataLoader(
             predictor.dataset(todo, data),
@@ -324,7 +221,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
                     with loop.measure("model"):
                         predictions = predictor(batch)
                     with loop.measure("writing"):
-                        write_batch(store, batch, predictions, opts.answer)
+                        write_batch(store, batch, predictions, opts.answer_mode)
                     bar.update(len(batch["items"]) + len(batch["failed"]))
         finally:
             with loop.measure("writing"):
@@ -342,7 +239,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         **loop.report(),
     }
     placement = (
-        f"data-parallel x{opts.devices} ({accelerator})"
+        f"data-parallel x{devices} ({accelerator})"
         if parallel
         else f"model-parallel device_map={opts.device_map}"
         if opts.device_map
@@ -354,7 +251,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "placement": placement,
         "batch_size": opts.batch_size,
         "dtype": fingerprint["dtype"],
-        "answer_mode": opts.answer,
+        "answer_mode": opts.answer_mode,
     }
     summary = store.finish(items, timing, extra)
     _report(summary, out, loop)

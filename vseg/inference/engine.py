@@ -1,9 +1,9 @@
 """The prediction pass: a batch of encoded inputs -> one mask per input at the input's own size, and the answer.
 
-Fast path (`answer=teacher_forced`): the prompt is followed by the answer "It is [SEG]" (the run's
+Fast path (`answer_mode=teacher_forced`): the prompt is followed by the answer "It is [SEG]" (the run's
 `data.answer`, cut after its last [SEG]); one batched forward gives the last-layer state at every [SEG]
 input position, exactly the state a model that generated that answer would have (attention is causal), so
-no token-by-token generation runs. `answer=generate`: greedy generation (KV cache, up to `max_new_tokens`,
+no token-by-token generation runs. `answer_mode=generate`: greedy generation (KV cache, up to `max_new_tokens`,
 one prompt at a time) gives free text; the prompt plus the generated tokens then go through the same
 batched pass, so the masks equal the fast path's whenever the generated tokens equal the teacher-forced
 ones. Several [SEG] in one answer: their masks are merged (union); none: an empty mask.

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SEG_TOKEN = "[SEG]"
 #: chat templates vseg knows (`vseg.model.tokenizer.TEMPLATES` defines them; a test keeps the two equal)
 TEMPLATE_NAMES = ("qwen_chat", "phi3_chat", "internlm2_chat")
@@ -664,3 +664,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{config_name} config with overrides {list(overrides)}: {one_line(err)}") from None
+
+
+# predict.py's schema lives in its own module; imported last, it reads this module's names.
+from vseg.config.predict import PredictConfig as PredictConfig  # noqa: E402
+from vseg.config.predict import load_predict_config as load_predict_config  # noqa: E402
