@@ -44,6 +44,7 @@ from vseg.inference.placement import (
     resolve_device,
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
+from vseg.inference.run_outputs import predict_run_inputs, run_inputs, run_option_errors
 from vseg.inference.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
 from vseg.model.build import DTYPES, build_sa2va
 from vseg.model.loading import load_safetensors
@@ -103,6 +104,12 @@ class Options:
     limit: int | None
     writer_threads: int
     compile: bool
+    video: str = "auto"
+    key_frames: int = 5
+    key_frame_mode: str = "first"
+    frames_on: str = "cpu"
+    overlay_format: str = "mp4"
+    truth: str | None = None
 
 
 def options(pcfg: DictConfig) -> Options:
@@ -144,6 +151,12 @@ def options(pcfg: DictConfig) -> Options:
         limit=g("limit"),
         writer_threads=int(g("writer_threads", 4)),
         compile=bool(g("compile", False)),
+        video=str(g("video", "auto")).lower(),
+        key_frames=int(g("key_frames", 5)),
+        key_frame_mode=str(g("key_frame_mode", "first")),
+        frames_on=str(g("frames_on", "cpu")),
+        overlay_format=str(g("overlay_format", "mp4")),
+        truth=g("truth"),
     )
     try:
         raw = g("max_memory")
@@ -177,6 +190,7 @@ def options(pcfg: DictConfig) -> Options:
         errors.append(f"answer_text={opts.answer_text!r}: the teacher-forced answer needs a [SEG] token")
     if opts.ckpt in ("None", "???"):
         errors.append("ckpt is required: a run directory, checkpoint, exported or released model folder, or random")
+    errors += run_option_errors(opts)
     if errors:
         raise ConfigError("invalid predict options:\n  - " + "\n  - ".join(errors))
     return opts
@@ -257,6 +271,9 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     opts = options(pcfg)
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
+    runs = run_inputs(opts.input, opts.video, exclude=opts.output) if opts.input is not None else None
+    if runs is not None:  # video, cine DICOM, stacks, frame folders: vseg.inference.run_outputs
+        return predict_run_inputs(opts, source, runs)
     items, data = resolve_items(pcfg, opts, source)
     out = opts.output
     if out is None:

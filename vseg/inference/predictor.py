@@ -40,6 +40,7 @@ from vseg.inference.placement import (
 )
 from vseg.inference.sources import ModelSource, resolve_source
 from vseg.model.build import DTYPES
+from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.sa2va import Sa2VA
 
@@ -244,3 +245,39 @@ class Predictor:
                 raise InputError(f"image {item.index} ({item.source}): {error}")
             out.extend(self(batch, answer))
         return out
+
+    def predict_video(
+        self,
+        video: str | Path | np.ndarray | Sequence[ImageInput],
+        prompt: str | None = None,
+        key_frames: int = 5,
+        key_frame_mode: str = "first",
+        frames_on: str = "cpu",
+    ):
+        """Masks for every frame of a run, tracked with SAM-2's memory (`vseg.inference.video`).
+
+        Args:
+            video: a video file, multi-frame DICOM, GIF / TIFF stack or folder of frames; a (T, H, W, 3) uint8
+                array; or a sequence of frames (paths, arrays, PIL images) of one size.
+            prompt: the question (default: the vessel prompt).
+            key_frames: how many frames the MLLM sees (the authors: 5).
+            key_frame_mode: first | uniform (spread over the run).
+            frames_on: cpu (frames streamed to the GPU one at a time) | gpu (all kept there).
+
+        Returns:
+            A `RunPrediction`: (T, H, W) masks, the answer, the key frames, per-frame mean logits.
+        """
+        from vseg.data.io import read_image
+        from vseg.data.runs import Run, frame_names, read_run
+        from vseg.inference.video import predict_run
+
+        if isinstance(video, str | Path):
+            run = read_run(video)
+        else:
+            frames = (
+                video
+                if isinstance(video, np.ndarray)
+                else np.stack([read_image(f) if isinstance(f, str | Path) else np.asarray(to_pil(f)) for f in video])
+            )
+            run = Run("video", "<frames>", np.ascontiguousarray(frames, dtype=np.uint8), frame_names(len(frames)))
+        return predict_run(self, run, prompt or DEFAULT_PROMPT, key_frames, key_frame_mode, frames_on)
