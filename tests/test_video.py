@@ -210,7 +210,8 @@ def test_key_frames_equal_the_image_path_and_memory_changes_later_frames(video_m
         alone = grounding.decode(grounding.encode(frames[[2, 2]]), prompts, torch.tensor([0, 0]))
     assert sorted(out) == [0, 1, 2, 3] and out[3].shape == (2, 32, 32)
     torch.testing.assert_close(out[0], image.float())  # a key frame is exactly an image prediction
-    assert (out[2] - alone.float()).abs().mean() > 1e-3  # tracked frames read the memory
+    # tracked frames read the memory: not the image prediction of the same frame (relative: tiny logits)
+    assert (out[2] - alone.float()).abs().mean() > 0.1 * alone.abs().mean() > 0
 
 
 def test_a_model_without_memory_refuses_runs_with_a_clear_message():
