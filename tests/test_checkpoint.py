@@ -158,15 +158,29 @@ SAM2_NAMES = {
     "sam_mask_decoder.obj_score_token.weight": "mask_decoder.obj_score_token.weight",
     "sam_mask_decoder.conv_s1.weight": "mask_decoder.conv_s1.weight",
 }
-DROPPED_SAM2_NAMES = [
-    "memory_encoder.fuser.layers.0.g_weight",
-    "memory_attention.layers.0.cross_attn_image.k_proj.weight",
-    "maskmem_tpos_enc",
-    "no_mem_pos_enc",
-    "no_obj_ptr",
-    "obj_ptr_proj.layers.0.weight",
-    "mask_downsample.weight",
-]
+# SAM-2 video memory (issue 19: kept for tracking, under transformers' Sam2VideoModel names)
+MEMORY_SAM2_NAMES = {
+    "memory_encoder.fuser.layers.0.g_weight": "memory_encoder.memory_fuser.layers.0.scale",
+    "memory_encoder.fuser.layers.1.pwconv2.bias": "memory_encoder.memory_fuser.layers.1.pointwise_conv2.bias",
+    "memory_encoder.mask_downsampler.encoder.9.weight": "memory_encoder.mask_downsampler.layers.3.conv.weight",
+    "memory_encoder.mask_downsampler.encoder.10.bias": "memory_encoder.mask_downsampler.layers.3.layer_norm.bias",
+    "memory_encoder.mask_downsampler.encoder.12.weight": "memory_encoder.mask_downsampler.final_conv.weight",
+    "memory_encoder.pix_feat_proj.weight": "memory_encoder.feature_projection.weight",
+    "memory_encoder.out_proj.bias": "memory_encoder.projection.bias",
+    "memory_attention.layers.0.cross_attn_image.k_proj.weight": "memory_attention.layers.0.cross_attn_image.k_proj.weight",
+    "memory_attention.layers.2.self_attn.out_proj.weight": "memory_attention.layers.2.self_attn.o_proj.weight",
+    "memory_attention.layers.3.norm2.bias": "memory_attention.layers.3.layer_norm2.bias",
+    "memory_attention.layers.1.linear1.weight": "memory_attention.layers.1.linear1.weight",
+    "memory_attention.norm.weight": "memory_attention.layer_norm.weight",
+    "maskmem_tpos_enc": "memory_temporal_positional_encoding",
+    "no_mem_pos_enc": "no_memory_positional_encoding",
+    "no_obj_ptr": "no_object_pointer",
+    "obj_ptr_proj.layers.0.weight": "object_pointer_proj.proj_in.weight",
+    "obj_ptr_proj.layers.1.bias": "object_pointer_proj.layers.0.bias",
+    "obj_ptr_proj.layers.2.weight": "object_pointer_proj.proj_out.weight",
+    "mask_downsample.weight": "mask_downsample.weight",
+}
+UNUSED_SAM2_NAMES = ["obj_ptr_tpos_proj.weight", "no_obj_embed_spatial"]  # SAM 2.1 only
 
 
 def test_sam2_renames_match_a_hand_listed_sample():
@@ -177,7 +191,15 @@ def test_sam2_renames_match_a_hand_listed_sample():
         assert [p.key for p in pieces] == [f"grounding.sam.{native}"], original
         back = dict(layout.to_official({f"grounding.sam.{native}": t}, tied=False))
         assert list(back) == [f"grounding_encoder.sam2_model.{original}"]
-    for original in DROPPED_SAM2_NAMES:
+    for original, native in MEMORY_SAM2_NAMES.items():
+        key = f"grounding_encoder.sam2_model.{original}"
+        assert not layout.is_dropped(key)
+        assert [p.key for p in layout.to_native(key, t)] == [f"grounding.memory.{native}"], original
+        assert list(dict(layout.to_official({f"grounding.memory.{native}": t}, tied=False))) == [key]
+    for original in UNUSED_SAM2_NAMES:
+        assert layout.is_dropped(f"grounding_encoder.sam2_model.{original}")
+    layout.with_memory = False  # a SAM-2 too narrow for memory (the tiny presets) drops it on import
+    for original in MEMORY_SAM2_NAMES:
         assert layout.is_dropped(f"grounding_encoder.sam2_model.{original}")
     # Four point-embedding rows -> one matrix; one random-Fourier matrix -> both positional buffers.
     rows = layout.to_native("grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.2.weight", t)

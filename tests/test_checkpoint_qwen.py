@@ -191,7 +191,12 @@ def test_layout_renames_by_prefix_only():
     for official, native in pairs.items():
         assert [p.key for p in layout.to_native(official, t)] == [native]
         assert list(dict(layout.to_official({native: t}, tied=False))) == [official]
-    assert layout.is_dropped("grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight")
+    memory = "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight"
+    assert [p.key for p in layout.to_native(memory, t)] == [
+        "grounding.memory.memory_encoder.memory_fuser.layers.0.scale"
+    ]
+    layout.with_memory = False
+    assert layout.is_dropped(memory)
     assert layout.to_native("vision_model.encoder.layers.0.attn.qkv.weight", t) is None  # InternVL names: unknown
 
 

@@ -395,18 +395,20 @@ def test_lm_and_mask_logits_match_the_authors_code(authors, pair):
 
 @pytest.mark.slow
 def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
-    """SAM-2 Hiera-L exactly as their `SAM2()` builds it for every release (random weights): each key loads into vseg's full-size SAM-2 with its shape or is one of the deliberately dropped
-    memory parts, and no tensor of vseg's SAM-2 is left without a source."""
+    """SAM-2 Hiera-L exactly as their `SAM2()` builds it for every release (random weights): each key loads into
+    vseg's full-size SAM-2 and its video memory with its shape (SAM 2.1-only parts excepted), and no tensor of
+    vseg's grounding is left without a source."""
     from vseg.artifacts import official
     from vseg.artifacts.sources import preset
-    from vseg.model.build import build_sam2
+    from vseg.model.build import build_grounding
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = authors.sam2.SAM2()  # their init calls .item(): no meta device for it
     with torch.device("meta"):
-        mine = build_sam2(preset("sa2va_1b"))
-    native = {official.SAM + k: tuple(v.shape) for k, v in mine.state_dict().items()}
+        mine = build_grounding(preset("sa2va_1b"))
+    assert mine.memory is not None
+    native = {"grounding." + k: tuple(v.shape) for k, v in mine.state_dict().items()}
     layout = official.InternVLLayout("Qwen2ForCausalLM", 14, 2)
     loaded, dropped = set(), []
     for key, tensor in theirs.state_dict().items():
@@ -423,4 +425,4 @@ def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
             loaded.add(piece.key)
     assert sorted(set(native) - loaded) == []
     assert len(loaded) > 500
-    assert {k.split(".")[2].split("_")[0] for k in dropped} <= {"memory", "mask", "obj", "maskmem", "no"}
+    assert all(k.startswith(official.UNUSED_SAM2_PREFIXES) for k in dropped), dropped

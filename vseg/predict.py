@@ -32,7 +32,7 @@ from vseg.artifacts.files import check_writable
 from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config
 from vseg.data.workers import WorkerInit
-from vseg.inference.engine import LoopTimes
+from vseg.inference.engine import LoopTimes, to_device
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
@@ -40,7 +40,8 @@ from vseg.inference.placement import (
     parse_max_memory,
     resolve_device,
 )
-from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
+from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype
+from vseg.inference.run_outputs import predict_run_inputs, run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     opts = load_predict_config(pcfg)
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
+    runs = run_inputs(opts.input, opts.video, exclude=opts.output_dir) if opts.input is not None else None
+    if runs is not None:  # video, cine DICOM, stacks, frame folders: vseg.inference.run_outputs
+        return predict_run_inputs(opts, source, runs, lambda dev: load_predictor(source, opts, dev))
     items, data = resolve_items(pcfg, opts, source)
     out = opts.output_dir
     if out is None:

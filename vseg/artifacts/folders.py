@@ -363,12 +363,15 @@ def load_tensors(
 # ---- the model.path entry point --------------------------------------------------------------------------------
 
 
-def layout_for(folder: Folder, cfg: ModelConfig, arch: dict[str, Any]) -> tuple[Converter, Callable[[str], bool]]:
+def layout_for(
+    folder: Folder, cfg: ModelConfig, arch: dict[str, Any], with_memory: bool = True
+) -> tuple[Converter, Callable[[str], bool]]:
     """How keys of `folder` become native keys, and which of them are deliberately left out."""
     if folder.kind == "native":
         return (lambda key, tensor: [Piece(key, tensor)]), (lambda key: False)
     if arch.get("family") in official.QWEN_MODEL_TYPES.values():
         qwen = QwenVLLayout(with_grounding=folder.kind == "sa2va")
+        qwen.with_memory = with_memory
         return qwen.to_native, qwen.is_dropped
     heads = int(cfg.text["num_attention_heads"])
     layout = InternVLLayout(
@@ -377,11 +380,12 @@ def layout_for(folder: Folder, cfg: ModelConfig, arch: dict[str, Any]) -> tuple[
         int(cfg.text.get("num_key_value_heads") or heads),
         with_grounding=folder.kind == "sa2va",
     )
+    layout.with_memory = with_memory
     return layout.to_native, layout.is_dropped
 
 
 def _drop_prefix(key: str) -> str:
-    for prefix in official.DROPPED_SAM2_PREFIXES:
+    for prefix in (*official.DROPPED_SAM2_PREFIXES, *official.UNUSED_SAM2_PREFIXES):
         if key.startswith(prefix):
             return prefix
     return key
@@ -393,9 +397,8 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
     Returns:
         (model, tokenizer, the effective ModelConfig: the preset with the folder's architecture).
     """
-    from vseg.model.build import build_sam2
+    from vseg.model.build import build_grounding
     from vseg.model.families import get_family
-    from vseg.model.grounding import SamGrounding
     from vseg.model.sa2va import Sa2VA
     from vseg.model.tokenizer import SEG_TOKEN, ensure_special_tokens, load_tokenizer, token_id
 
@@ -418,8 +421,14 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
     with parameters_on_meta():
         mllm = family.build(cfg, tokenizer)
     with parameters_on_meta(enabled=not base):
-        model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
-    convert, is_dropped = layout_for(folder, cfg, arch)
+        model = Sa2VA(mllm, family, build_grounding(cfg), token_id(tokenizer, SEG_TOKEN))
+    memory_prefixes = (*official.DROPPED_SAM2_PREFIXES, official.MEMORY)
+    has_memory = any(k.startswith(memory_prefixes) for keys in folder.files.values() for k in keys)
+    if model.grounding.memory is not None and not base and not has_memory:
+        # An export written before memory was kept: images work, runs cannot be tracked (Tracker says so).
+        log.warning("%s has no SAM-2 memory tensors: it predicts images, not runs (video)", folder.path)
+        model.grounding.memory = None
+    convert, is_dropped = layout_for(folder, cfg, arch, with_memory=model.grounding.memory is not None)
     dtype = DTYPES[cfg.dtype]
     report = load_tensors(
         model,
@@ -432,7 +441,7 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
         may_grow=frozenset({official.LANGUAGE + "embed_tokens.weight", official.LM_HEAD + "weight"})
         if base
         else frozenset(),
-        may_miss=(official.SAM, "text_hidden_fcs.") if base else (),
+        may_miss=(official.SAM, official.MEMORY, "text_hidden_fcs.") if base else (),
     )
     model.requires_grad_(False)
     model.to(dtype)
@@ -596,7 +605,7 @@ def write_official_folder(
     tokenizer files (Qwen-VL: and the image processor config).
 
     With `base` (the released folder the run started from), its config.json is kept (vocabulary and dtype
-    updated), the SAM-2 video-memory tensors vseg does not use are copied over unchanged, and the authors'
+    updated), the SAM-2 tensors vseg does not use (SAM 2.1 parts; memory, for a model without it) are copied over unchanged, and the authors'
     `*.py` files are copied too, so the folder loads with their code exactly as the release does. Without
     it, the folder lacks those memory tensors (the authors' `from_pretrained` initialises them) and their
     `*.py` files must be added by hand to use it with `trust_remote_code`.

@@ -9,8 +9,10 @@ Two things are mapped, in both directions, by the same tables:
   (one table of template pairs); a few change shape: InternViT's fused `attn.qkv` splits in thirds,
   InternLM2's `attention.wqkv` splits per GQA group (rows ordered `[q_0 .. q_{G-1}, k, v]` for every KV head),
   SAM-2's four `point_embeddings.N` rows become one `point_embed` matrix, and its random-Fourier matrix
-  feeds two buffers. SAM-2's video-memory parts are not used for single images and are dropped on import
-  (`DROPPED_SAM2_PREFIXES`; the loader logs what it dropped).
+  feeds two buffers. SAM-2's video-memory parts (memory attention and encoder, object pointers) map onto
+  `grounding.memory.*` (transformers' `Sam2VideoModel` names, `vseg.model.tracking`); a model without memory
+  (a SAM-2 too narrow for it) drops them on import (`DROPPED_SAM2_PREFIXES`; the loader logs what it dropped),
+  and parts Sa2VA's SAM 2.0 never builds are always dropped (`UNUSED_SAM2_PREFIXES`).
 * **config.json.** `Sa2VAChatConfig` (`vision_config` InternViT fields, `llm_config` with its architecture,
   `downsample_ratio`, `template`) <-> the architecture fields of `ModelConfig`.
 * **Qwen-VL releases** (`Sa2VAChatModelQwen`, Qwen2.5-VL / Qwen3-VL): the wrapper keeps transformers' own
@@ -40,9 +42,10 @@ PROJECTOR = "mllm.model.multi_modal_projector."
 LANGUAGE = "mllm.model.language_model."
 LM_HEAD = "mllm.lm_head."
 SAM = "grounding.sam."
+MEMORY = "grounding.memory."
 OFFICIAL_SAM = "grounding_encoder.sam2_model."
 
-#: official SAM-2 parts that single-image Sa2VA never runs (video memory, object pointers)
+#: official SAM-2 video-memory parts: loaded into `grounding.memory`, dropped by a model without memory
 DROPPED_SAM2_PREFIXES = tuple(
     OFFICIAL_SAM + p
     for p in (
@@ -50,13 +53,13 @@ DROPPED_SAM2_PREFIXES = tuple(
         "memory_encoder.",
         "mask_downsample.",
         "obj_ptr_proj.",
-        "obj_ptr_tpos_proj.",
         "maskmem_tpos_enc",
         "no_mem_pos_enc",
         "no_obj_ptr",
-        "no_obj_embed_spatial",
     )
 )
+#: SAM 2.1 parts (temporal pointer projection, occlusion embedding) that Sa2VA's SAM 2.0 does not run
+UNUSED_SAM2_PREFIXES = tuple(OFFICIAL_SAM + p for p in ("obj_ptr_tpos_proj.", "no_obj_embed_spatial"))
 
 #: LLM architectures of the release (`llm_config.architectures[0]`) -> transformers model_type vseg builds
 LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama"}
@@ -100,6 +103,34 @@ _INTERNLM2_RULES = [
     ("language_model.output.{rest}", LM_HEAD + "{rest}"),
 ]
 _S, _H = OFFICIAL_SAM, SAM
+_M = MEMORY
+_MA, _ME = _S + "memory_attention.", _S + "memory_encoder."
+# SAM-2's mask downsampler is one Sequential (conv, norm, GELU) x 4 + a 1x1 conv; transformers names the stages.
+_DOWNSAMPLER = [(str(3 * j), f"layers.{j}.conv") for j in range(4)]
+_DOWNSAMPLER += [(str(3 * j + 1), f"layers.{j}.layer_norm") for j in range(4)] + [("12", "final_conv")]
+_MEMORY_RULES = [
+    (_MA + "layers.{i}.{a}.out_proj.{rest}", _M + "memory_attention.layers.{i}.{a}.o_proj.{rest}"),
+    (_MA + "layers.{i}.norm{a}.{rest}", _M + "memory_attention.layers.{i}.layer_norm{a}.{rest}"),
+    (_MA + "layers.{i}.{a}.{rest}", _M + "memory_attention.layers.{i}.{a}.{rest}"),
+    (_MA + "norm.{rest}", _M + "memory_attention.layer_norm.{rest}"),
+    *(
+        (_ME + f"mask_downsampler.encoder.{i}.{{rest}}", _M + f"memory_encoder.mask_downsampler.{name}.{{rest}}")
+        for i, name in _DOWNSAMPLER
+    ),
+    (_ME + "pix_feat_proj.{rest}", _M + "memory_encoder.feature_projection.{rest}"),
+    (_ME + "fuser.layers.{i}.dwconv.{rest}", _M + "memory_encoder.memory_fuser.layers.{i}.depthwise_conv.{rest}"),
+    (_ME + "fuser.layers.{i}.norm.{rest}", _M + "memory_encoder.memory_fuser.layers.{i}.layer_norm.{rest}"),
+    (_ME + "fuser.layers.{i}.pwconv{a}.{rest}", _M + "memory_encoder.memory_fuser.layers.{i}.pointwise_conv{a}.{rest}"),
+    (_ME + "fuser.layers.{i}.g_weight", _M + "memory_encoder.memory_fuser.layers.{i}.scale"),
+    (_ME + "out_proj.{rest}", _M + "memory_encoder.projection.{rest}"),
+    (_S + "maskmem_tpos_enc", _M + "memory_temporal_positional_encoding"),
+    (_S + "no_mem_pos_enc", _M + "no_memory_positional_encoding"),
+    (_S + "no_obj_ptr", _M + "no_object_pointer"),
+    (_S + "obj_ptr_proj.layers.0.{rest}", _M + "object_pointer_proj.proj_in.{rest}"),
+    (_S + "obj_ptr_proj.layers.1.{rest}", _M + "object_pointer_proj.layers.0.{rest}"),
+    (_S + "obj_ptr_proj.layers.2.{rest}", _M + "object_pointer_proj.proj_out.{rest}"),
+    (_S + "mask_downsample.{rest}", _M + "mask_downsample.{rest}"),
+]
 _SAM2_RULES = [
     (_S + "image_encoder.trunk.patch_embed.proj.{rest}", _H + "vision_encoder.backbone.patch_embed.projection.{rest}"),
     (_S + "image_encoder.trunk.pos_embed", _H + "vision_encoder.backbone.pos_embed"),
@@ -164,6 +195,7 @@ _SAM2_RULES = [
     (_S + "sam_mask_decoder.{a}.layers.1.{rest}", _H + "mask_decoder.{a}.layers.0.{rest}"),
     (_S + "sam_mask_decoder.{a}.layers.2.{rest}", _H + "mask_decoder.{a}.proj_out.{rest}"),
     (_S + "sam_mask_decoder.{a}.{rest}", _H + "mask_decoder.{a}.{rest}"),
+    *_MEMORY_RULES,
 ]
 # Special (shape-changing) keys, handled in code.
 _VISION_QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)")
@@ -242,13 +274,17 @@ class _Layout:
 
     rules: list[_Rule]
     with_grounding: bool = True
+    #: the model has SAM-2 memory (`grounding.memory`); without it the memory tensors are dropped on import
+    with_memory: bool = True
     #: official key of the LM head when the model ties it to the embedding (the remote code lists it anyway)
     tied_head_key: str = ""
 
     # ---- official -> native -------------------------------------------------------------------------------
     def is_dropped(self, key: str) -> bool:
-        """True for official tensors vseg does not use (SAM-2 video memory)."""
-        return self.with_grounding and key.startswith(DROPPED_SAM2_PREFIXES)
+        """True for official tensors vseg does not use (SAM 2.1 parts; video memory in a model without it)."""
+        if not self.with_grounding:
+            return False
+        return key.startswith(UNUSED_SAM2_PREFIXES) or (not self.with_memory and key.startswith(DROPPED_SAM2_PREFIXES))
 
     def _own_to_native(self, key: str, tensor: torch.Tensor) -> list[Piece] | None:
         return None

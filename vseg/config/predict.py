@@ -18,6 +18,10 @@ from vseg.config import SEG_TOKEN, ConfigError, one_line
 ANSWER_MODES = ("teacher_forced", "generate")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+VIDEO_MODES = ("auto", "true", "false")  # is an input a run (video, cine DICOM, stack, frame folder)?
+KEY_FRAME_MODES = ("first", "uniform")
+FRAMES_ON = ("cpu", "gpu")
+OVERLAY_FORMATS = ("mp4", "gif")
 #: keys of a composed predict.yaml that are not options: its groups, Hydra's, and the training sections a
 #: model preset sets for train.py (presets are `@package _global_`)
 GROUP_KEYS = ("model", "data", "hydra")
@@ -52,6 +56,12 @@ class PredictConfig:
     limit: int | None = None  #: predict only the first N inputs
     writer_threads: int = 4  #: threads encoding and writing PNGs while the model runs, per process
     compile: bool = False  #: torch.compile every repeated block (pays off on long runs)
+    video: str = "auto"  #: auto: videos, cine DICOM, stacks and frame folders are runs | true | false
+    key_frames: int = 5  #: frames of a run that go through the MLLM (the authors use 5)
+    key_frame_mode: str = "first"  #: first | uniform: which frames are key frames
+    frames_on: str = "cpu"  #: where a run's frames wait: cpu (streamed to the GPU) | gpu
+    overlay_format: str = "mp4"  #: overlay video of a run: mp4 | gif
+    truth: str | None = None  #: ground-truth masks of some frames (named like the frames, or <run id>/ folders)
 
     @property
     def output_dir(self) -> Path | None:
@@ -112,6 +122,21 @@ class PredictConfig:
             self.answer_text is None or SEG_TOKEN in self.answer_text,
             f"answer_text={self.answer_text!r}: the teacher-forced answer needs a {SEG_TOKEN} token",
         )
+        need(str(self.video).lower() in VIDEO_MODES, f"video={self.video!r}: expected one of {VIDEO_MODES}")
+        need(self.key_frames >= 1, f"key_frames={self.key_frames}: must be >= 1 (the authors use 5)")
+        need(
+            self.key_frame_mode in KEY_FRAME_MODES,
+            f"key_frame_mode={self.key_frame_mode!r}: expected one of {KEY_FRAME_MODES}",
+        )
+        need(self.frames_on in FRAMES_ON, f"frames_on={self.frames_on!r}: expected one of {FRAMES_ON}")
+        need(
+            self.overlay_format in OVERLAY_FORMATS,
+            f"overlay_format={self.overlay_format!r}: expected one of {OVERLAY_FORMATS}",
+        )
+        need(
+            self.truth is None or Path(self.truth).expanduser().is_dir(),
+            f"truth={self.truth}: not a folder (masks named like the frames, or <run id>/ subfolders)",
+        )
         if errors:
             raise ConfigError("invalid predict options:\n  - " + "\n  - ".join(errors))
 
@@ -137,5 +162,6 @@ def load_predict_config(node: DictConfig | dict[str, Any]) -> PredictConfig:
         raise ConfigError(f"invalid predict options: {named}{one_line(err)}") from None
     if cfg.answer in ANSWER_MODES and cfg.answer_mode == "teacher_forced":
         cfg.answer_mode = cfg.answer  # the old spelling
+    cfg.video = str(cfg.video).lower()  # YAML reads true / false as booleans
     cfg.validate()
     return cfg

@@ -1,6 +1,6 @@
 """Reading images and masks from disk, with errors that name the file and say what is wrong.
 
-Images: any format Pillow reads (TIF, GIF, PNG, JPG, PPM, BMP, ...), returned as HxWx3 uint8 RGB; 16-bit
+Images: any format Pillow reads (TIF, GIF, PNG, JPG, PPM, BMP, ...) and single-frame DICOM, returned as HxWx3 uint8 RGB; 16-bit
 grey images are scaled to 8 bits. Masks: palette (index > 0 is foreground), 0/255, 0/1 and RGB masks are
 all read as HxW bool; lossy (JPEG) masks are thresholded at half their range, so compression noise around
 0 or 255 does not leak into the labels.
@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm")
+from vseg.data.dicom import DICOM_SUFFIXES
+from vseg.data.errors import DataFileError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", *DICOM_SUFFIXES)
 
 # Vessel datasets are large single images (HRF is 3504x2336); refuse only absurd sizes (decompression bombs).
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
-
-
-class DataFileError(ValueError):
-    """A file that cannot be used as an image or mask; the message names the file."""
 
 
 def _open(path: Path, what: str) -> Image.Image:
@@ -39,6 +38,11 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) read from the header only."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
     with Image.open(path) as image:
         return image.height, image.width
 
@@ -46,6 +50,10 @@ def image_size(path: Path) -> tuple[int, int]:
 def read_image(path: str | Path) -> np.ndarray:
     """The image at `path` as HxWx3 uint8 RGB."""
     path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:  # single-frame DICOM (vseg.data.dicom: windowing, MONOCHROME1)
+        from vseg.data.dicom import read_dicom_image
+
+        return read_dicom_image(path)
     image = _open(path, "image")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)

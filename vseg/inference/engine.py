@@ -86,6 +86,18 @@ class LoopTimes:
         return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in self.seconds.items())
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its model tensors on `device` (non-blocking from pinned memory)."""
+    if not batch.get("items"):
+        return batch
+    moved = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels", "sam_pixel_values"):
+        if key in moved:
+            moved[key] = moved[key].to(device, non_blocking=True)
+    moved["mllm_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["mllm_inputs"].items()}
+    return moved
+
+
 class Engine:
     """Runs the model on batches from `vseg.inference.inputs.collate`.
 

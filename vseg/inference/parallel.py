@@ -25,10 +25,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
 from vseg.data.workers import WorkerInit
-from vseg.inference.engine import LoopTimes
+from vseg.inference.engine import LoopTimes, to_device
 from vseg.inference.inputs import PredictItem, collate
 from vseg.inference.outputs import OutputStore
-from vseg.inference.predictor import Predictor, to_device
+from vseg.inference.predictor import Predictor
 
 PLAN_ENV = "VSEG_PREDICT_PLAN"
 

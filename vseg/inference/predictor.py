@@ -30,7 +30,7 @@ from vseg.artifacts.adapters import merge_adapters
 from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig
 from vseg.inference.compile import compile_blocks
-from vseg.inference.engine import MODES, Engine, ItemPrediction
+from vseg.inference.engine import MODES, Engine, ItemPrediction, to_device
 from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
 from vseg.inference.placement import (
     DEVICE_MAPS,
@@ -39,6 +39,7 @@ from vseg.inference.placement import (
     resolve_device,
 )
 from vseg.model.build import DTYPES
+from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.random_init import build_meta, materialize_random
 from vseg.model.sa2va import Sa2VA
@@ -62,18 +63,6 @@ def _prepare(model: Sa2VA, merge_lora: bool, dtype: torch.dtype) -> Sa2VA:
         merge_adapters(model)
     model.requires_grad_(False)
     return model.to(dtype).eval()
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its model tensors on `device` (non-blocking from pinned memory)."""
-    if not batch.get("items"):
-        return batch
-    moved = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "sam_pixel_values"):
-        if key in moved:
-            moved[key] = moved[key].to(device, non_blocking=True)
-    moved["mllm_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["mllm_inputs"].items()}
-    return moved
 
 
 class Predictor:
@@ -242,3 +231,39 @@ class Predictor:
                 raise InputError(f"image {item.index} ({item.source}): {error}")
             out.extend(self(batch, answer))
         return out
+
+    def predict_video(
+        self,
+        video: str | Path | np.ndarray | Sequence[ImageInput],
+        prompt: str | None = None,
+        key_frames: int = 5,
+        key_frame_mode: str = "first",
+        frames_on: str = "cpu",
+    ):
+        """Masks for every frame of a run, tracked with SAM-2's memory (`vseg.inference.video`).
+
+        Args:
+            video: a video file, multi-frame DICOM, GIF / TIFF stack or folder of frames; a (T, H, W, 3) uint8
+                array; or a sequence of frames (paths, arrays, PIL images) of one size.
+            prompt: the question (default: the vessel prompt).
+            key_frames: how many frames the MLLM sees (the authors: 5).
+            key_frame_mode: first | uniform (spread over the run).
+            frames_on: cpu (frames streamed to the GPU one at a time) | gpu (all kept there).
+
+        Returns:
+            A `RunPrediction`: (T, H, W) masks, the answer, the key frames, per-frame mean logits.
+        """
+        from vseg.data.io import read_image
+        from vseg.data.runs import Run, frame_names, read_run
+        from vseg.inference.video import predict_run
+
+        if isinstance(video, str | Path):
+            run = read_run(video)
+        else:
+            frames = (
+                video
+                if isinstance(video, np.ndarray)
+                else np.stack([read_image(f) if isinstance(f, str | Path) else np.asarray(to_pil(f)) for f in video])
+            )
+            run = Run("video", "<frames>", np.ascontiguousarray(frames, dtype=np.uint8), frame_names(len(frames)))
+        return predict_run(self, run, prompt or DEFAULT_PROMPT, key_frames, key_frame_mode, frames_on)

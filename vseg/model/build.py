@@ -69,14 +69,28 @@ def build_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[str
 
 
 def build_sam2(cfg: ModelConfig) -> Sam2Model:
-    """The transformers SAM-2 of `cfg.sam2` (random weights)."""
-    sam_config = Sam2Config(**cfg.sam2)
+    """The transformers SAM-2 of `cfg.sam2` (random weights); `cfg.sam2.memory` is for `build_grounding`."""
+    sam_config = Sam2Config(**{k: v for k, v in cfg.sam2.items() if k != "memory"})
     sam_config._attn_implementation = cfg.attn_implementation
     sam = Sam2Model(sam_config)
     # One random-Fourier matrix, as in SAM-2 (and in converted checkpoints); random init draws two.
     with torch.no_grad():
         sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     return sam
+
+
+def build_grounding(cfg: ModelConfig) -> SamGrounding:
+    """SAM-2 plus its video memory (`vseg.model.tracking`; absent for SAM-2s too narrow for it)."""
+    from vseg.model.tracking import SamMemory, memory_config
+
+    sam = build_sam2(cfg)
+    config = memory_config(sam.config, cfg.sam2.get("memory"))
+    memory = None
+    if config is not None:
+        # Drawn from a forked RNG: adding the memory changes no other random-init weight of a seeded build.
+        with torch.random.fork_rng(devices=[]):
+            memory = SamMemory(config)
+    return SamGrounding(sam, memory)
 
 
 def read_in(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
@@ -100,7 +114,7 @@ def new_sa2va(cfg: ModelConfig) -> tuple[Sa2VA, PreTrainedTokenizerBase]:
     tokenizer, _ = build_tokenizer(cfg)
     family = get_family(cfg.family)
     mllm = family.build(cfg, tokenizer)
-    model = Sa2VA(mllm, family, SamGrounding(build_sam2(cfg)), token_id(tokenizer, SEG_TOKEN))
+    model = Sa2VA(mllm, family, build_grounding(cfg), token_id(tokenizer, SEG_TOKEN))
     model.requires_grad_(False)
     if not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 shards already have their dtype
         model.to(DTYPES[cfg.dtype])

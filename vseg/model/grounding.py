@@ -4,7 +4,8 @@ transformers' `Sam2Model.forward` takes no extra sparse prompts, so this module 
 vision encoder (frozen), the prompt encoder (frozen, fed no points: it yields the two padding-point
 embeddings and the no-mask dense embedding) and the mask decoder (trained). The [SEG] embedding is
 appended to the sparse prompt, multimask output is on, and the mask with the highest predicted IoU is
-kept, as in Sa2VA. Single images add the no-memory embedding and skip memory attention.
+kept, as in Sa2VA. Single images add the no-memory embedding and skip memory attention; runs (video) are
+tracked with SAM-2's memory parts (`memory`, `vseg.model.tracking`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ class SamFeatures:
 class SamGrounding(nn.Module):
     """Wraps a transformers `Sam2Model`; every tensor is placed on the device of the part that uses it."""
 
-    def __init__(self, sam: Sam2Model):
+    def __init__(self, sam: Sam2Model, memory: nn.Module | None = None):
         super().__init__()
         self.sam = sam
+        self.memory = memory  # SAM-2's video memory (`vseg.model.tracking.SamMemory`); None: images only
 
     @property
     def image_size(self) -> int:
@@ -97,31 +99,52 @@ class SamGrounding(nn.Module):
             (N, h, w) low-resolution mask logits (h = w = `low_res_size`), the highest-IoU of the
             three multimask outputs for each prompt.
         """
-        decoder = self.sam.mask_decoder
-        device = decoder.conv_s0.weight.device
+        device = self.sam.mask_decoder.conv_s0.weight.device
         n = prompts.shape[0]
         if n == 0:
             size = self.low_res_size
             return prompts.new_zeros((0, size, size))
         image_index = image_index.to(device)
-        dtype = features.embeddings.dtype
-        points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
-        labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
-        encoder = self.sam.prompt_encoder
-        sparse, dense = encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
-        sparse = torch.cat([sparse.to(dtype), prompts.to(device=device, dtype=dtype)[:, None, None, :]], dim=2)
-        positional = self.sam.get_image_wide_positional_embeddings().to(device=device, dtype=dtype)
-        masks, iou, _, _ = decoder(
-            image_embeddings=features.embeddings[image_index],
-            image_positional_embeddings=positional.expand(n, -1, -1, -1),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=True,
-            high_resolution_features=[h[image_index] for h in features.high_res],
+        masks, iou, _, _ = self.heads(
+            features.embeddings[image_index], [h[image_index] for h in features.high_res], prompts, n
         )
         # masks: (N, 1, 3, h, w), iou: (N, 1, 3). The choice is not differentiated, as in SAM-2.
         best = iou[:, 0].argmax(dim=-1)
         return masks[torch.arange(n, device=device), 0, best]
+
+    def heads(
+        self, embeddings: torch.Tensor, high_res: list[torch.Tensor], prompts: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt encoder (no points) + mask decoder, multimask on; images and video frames both come here.
+
+        Args:
+            embeddings: (N, C, h, w) top-level features (no-memory embedding added, or memory-conditioned).
+            high_res: the decoder's two projected high-resolution maps, N rows each.
+            prompts: (N, C) embeddings appended to the sparse prompt, or None (a tracked video frame).
+
+        Returns:
+            transformers' decoder outputs: masks (N, 1, 3, h, w), IoU (N, 1, 3), mask tokens (N, 1, 3, C),
+            object scores.
+        """
+        decoder = self.sam.mask_decoder
+        device = decoder.conv_s0.weight.device
+        dtype = embeddings.dtype
+        points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
+        labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        encoder = self.sam.prompt_encoder
+        sparse, dense = encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+        sparse = sparse.to(dtype)
+        if prompts is not None:
+            sparse = torch.cat([sparse, prompts.to(device=device, dtype=dtype)[:, None, None, :]], dim=2)
+        positional = self.sam.get_image_wide_positional_embeddings().to(device=device, dtype=dtype)
+        return decoder(
+            image_embeddings=embeddings.to(device),
+            image_positional_embeddings=positional.expand(n, -1, -1, -1),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=True,
+            high_resolution_features=[h.to(device) for h in high_res],
+        )
 
 
 class BackboneCache:
