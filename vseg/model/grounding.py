@@ -85,13 +85,23 @@ class SamGrounding(nn.Module):
         """SAM-2 image features for a batch of (B, 3, S, S) normalised images."""
         return self.project(self.encode_backbone(pixel_values))
 
-    def decode(self, features: SamFeatures, prompts: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        features: SamFeatures,
+        prompts: torch.Tensor,
+        image_index: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mask logits for each prompt.
 
         Args:
             features: per-image features from `encode`.
             prompts: (N, C) [SEG] embeddings already projected to the SAM prompt width.
             image_index: (N,) which image of `features` each prompt refers to.
+            points: optional (N, P, 2) clicks as x, y in SAM-2 input pixels (0..image_size), sent through the
+                prompt encoder next to the [SEG] embedding (refinement by clicks); None: Sa2VA's no-point prompt.
+            labels: (N, P) 1 = foreground click, 0 = background click (with `points`).
 
         Returns:
             (N, h, w) low-resolution mask logits (h = w = `low_res_size`), the highest-IoU of the
@@ -105,8 +115,12 @@ class SamGrounding(nn.Module):
             return prompts.new_zeros((0, size, size))
         image_index = image_index.to(device)
         dtype = features.embeddings.dtype
-        points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
-        labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        if points is None:
+            points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
+            labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        else:  # the prompt encoder pads a "not a point" entry itself (no boxes), as SAM-2 does for clicks
+            points = points.to(device=device, dtype=dtype)[:, None]
+            labels = labels.to(device=device, dtype=torch.int32)[:, None]
         encoder = self.sam.prompt_encoder
         sparse, dense = encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
         sparse = torch.cat([sparse.to(dtype), prompts.to(device=device, dtype=dtype)[:, None, None, :]], dim=2)
