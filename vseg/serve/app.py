@@ -284,6 +284,20 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
     if jobs is not None:
         jobs.add_routes(app)
 
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus SegmentRequest, which /v1/segment parses itself (JSON or multipart)."""
+        if app.openapi_schema is None:
+            schema = build_openapi()
+            extra = SegmentRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(extra.pop("$defs", {}))
+            components["SegmentRequest"] = extra
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     return app
 
 

@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from vseg.config import ConfigError, ServeConfig, load_config
 from vseg.files import atomic_write
 
@@ -30,6 +32,12 @@ TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 RESERVED = ("run_dir", "runs_root", "resume", "ckpt_path", "hydra", "callbacks.perf_json")
 FINAL = ("done", "failed", "cancelled", "interrupted")
+
+
+class JobRequest(BaseModel):
+    """POST /v1/jobs."""
+
+    overrides: list[str] = Field(default_factory=list, description="train.py overrides, e.g. trainer.max_steps=100")
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
