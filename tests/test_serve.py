@@ -352,7 +352,13 @@ def _wait(url: str, job: str, states: tuple[str, ...], timeout: float = 400) -> 
 @pytest.mark.slow
 def test_jobs_done_cancelled_served_and_after_restart(server):
     url = server["url"]
-    tiny = ["data.num_samples=8", "data.batch_size=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"]
+    tiny = [
+        "data.num_samples=8",
+        "data.batch_size=2",
+        "trainer.val_check_interval=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+    ]
     status, job = call(url, "/v1/jobs", {"overrides": [*tiny, "trainer.max_steps=2", "checkpoint.every_n_steps=2"]})
     assert status == 201, job
     assert call(url, "/v1/jobs", {"overrides": tiny})[0] == 409  # max_jobs=1

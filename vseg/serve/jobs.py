@@ -71,9 +71,10 @@ def progress(run_dir: Path) -> dict[str, Any]:
         tags = acc.Tags().get("scalars", [])
         for tag in tags:
             last = acc.Scalars(tag)[-1]
+            if tag != "epoch":  # Lightning logs the optimizer step as the event step
+                out["step"] = max(out["step"] or 0, int(last.step))
             if tag.startswith("train/loss") or tag == "train/llm_loss":
                 out["losses"][tag.removeprefix("train/")] = last.value
-                out["step"] = max(out["step"] or 0, int(last.step))
             elif tag in ("val/dice", "val/iou", "val/loss"):
                 out[tag.replace("/", "_")] = last.value
     checkpoints = run_dir / "checkpoints"
@@ -127,7 +128,7 @@ class JobManager:
                 raise _api(403, f"{key}={value} is outside the server's roots {[str(r) for r in roots]}")
 
     def submit(self, overrides: list[str]) -> dict[str, Any]:
-        running = [j for j in self.list() if j["state"] == "running"]
+        running = [j for j in self.list() if j["state"] in ("starting", "running")]
         if len(running) >= self.cfg.max_jobs:
             raise _api(409, f"{len(running)} job(s) running, max_jobs={self.cfg.max_jobs}; wait or cancel one")
         job_id = uuid.uuid4().hex[:12]
@@ -138,6 +139,11 @@ class JobManager:
         job = {"id": job_id, "overrides": overrides, "run_dir": str(run_dir), "state": "starting",
                "created": time.time(), "runner_pid": None, "returncode": None}  # fmt: skip
         _write(folder / "job.json", job)
+        # the runner imports this very vseg (a source checkout need not be the installed one)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TRAIN_PY.parent), os.environ.get("PYTHONPATH")])),
+        }
         with open(folder / "train.log", "ab") as logfile:
             runner = subprocess.Popen(
                 [sys.executable, "-m", "vseg.serve.jobs", str(folder)],
@@ -145,6 +151,7 @@ class JobManager:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=folder,
+                env=env,
                 start_new_session=True,  # the job outlives a server restart; its runner records the end
             )
         (folder / "runner.pid").write_text(str(runner.pid))
