@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vseg.model.sizes",
         "parameter table of a model config (built on the meta device): parts, total, trainable",
     ),
+    "serve": (
+        "vseg.serve",
+        "the model as an HTTP service: ckpt=RUN [devices=auto|device=cuda:1|device_map=...] port=8000",
+    ),
     "plan": ("vseg.planner.plan", "per-GPU memory of every strategy and what fits: gpu_memory=24GB trainer.devices=4"),
 }
 

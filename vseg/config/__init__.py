@@ -669,3 +669,6 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 # predict.py's schema lives in its own module; imported last, it reads this module's names.
 from vseg.config.predict import PredictConfig as PredictConfig  # noqa: E402
 from vseg.config.predict import load_predict_config as load_predict_config  # noqa: E402
+from vseg.config.serve import ServeConfig as ServeConfig  # noqa: E402
+from vseg.config.serve import load_serve_config as load_serve_config  # noqa: E402
+from vseg.config.serve import validate_serve as validate_serve  # noqa: E402

@@ -54,14 +54,18 @@ def read_image(path: str | Path) -> np.ndarray:
         from vseg.data.dicom import read_dicom_image
 
         return read_dicom_image(path)
-    image = _open(path, "image")
+    return rgb_array(_open(path, "image"), f"image {path}")
+
+
+def rgb_array(image: Image.Image, name: str = "image") -> np.ndarray:
+    """A loaded PIL image as HxWx3 uint8 RGB (16-bit greys scaled to their peak), as `read_image` reads files."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() if array.size and array.max() > 255 else 255.0
         grey = np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if image.mode == "F":
-        raise DataFileError(f"image {path}: floating-point images are not supported; save it as 8-bit PNG/TIF")
+        raise DataFileError(f"{name}: floating-point images are not supported; save it as 8-bit PNG/TIF")
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 

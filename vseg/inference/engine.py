@@ -40,6 +40,9 @@ class ItemPrediction:
     answer: str  # the teacher-forced answer, or the generated text
     seg_tokens: int  # [SEG] tokens in the answer (masks merged)
     mean_logit: float  # mean of the low-res logits (nan without [SEG]); a cheap fingerprint of the pass
+    # HxW float32 foreground probability (max over the [SEG] masks), only when asked for: it lets a caller
+    # move the threshold (mask == probability > threshold) without running the model again
+    probability: np.ndarray | None = None
 
 
 @dataclass
@@ -133,7 +136,7 @@ class Engine:
         self.sam_size = model.grounding.image_size
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, Any]) -> list[ItemPrediction]:
+    def __call__(self, batch: dict[str, Any], probability: bool = False) -> list[ItemPrediction]:
         items = batch["items"]
         if not items:
             return []
@@ -143,10 +146,14 @@ class Engine:
             answers = [self.answer] * len(items)
         else:
             answers, logits = self.generate(batch)
-        return self.finish(logits, sizes, answers)
+        return self.finish(logits, sizes, answers, probability)
 
     def finish(
-        self, logits: list[torch.Tensor], sizes: list[tuple[int, int]], answers: list[str]
+        self,
+        logits: list[torch.Tensor],
+        sizes: list[tuple[int, int]],
+        answers: list[str],
+        probability: bool = False,
     ) -> list[ItemPrediction]:
         """Per input (K, h, w) low-res logits -> its mask at its own size (union over the K [SEG] masks).
 
@@ -159,13 +166,15 @@ class Engine:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (lg, size) in enumerate(zip(logits, sizes, strict=True)):
             if int(lg.shape[0]) == 0:
-                out[i] = ItemPrediction(np.zeros(size, dtype=bool), answers[i], 0, float("nan"))
+                none = np.zeros(size, dtype=np.float32) if probability else None
+                out[i] = ItemPrediction(np.zeros(size, dtype=bool), answers[i], 0, float("nan"), none)
             else:
                 groups.setdefault(size, []).append(i)
         for size, rows in groups.items():
             counts = [int(logits[i].shape[0]) for i in rows]
             stacked = torch.cat([logits[i] for i in rows]).float()  # (sum K, h, w)
-            fg = mask_logits_at(stacked, size, self.sam_size).sigmoid() > self.threshold
+            prob = mask_logits_at(stacked, size, self.sam_size).sigmoid()
+            fg = prob > self.threshold
             count_t = torch.tensor(counts, device=fg.device)
             owner = torch.repeat_interleave(torch.arange(len(rows), device=fg.device), count_t)
             hits = torch.zeros((len(rows), *size), dtype=torch.int32, device=fg.device)
@@ -173,8 +182,13 @@ class Engine:
             sums = torch.zeros(len(rows), device=fg.device).index_add_(0, owner, stacked.flatten(1).mean(1))
             means = (sums / count_t).tolist()
             host = masks.cpu().numpy()
+            probs = None
+            if probability:  # union of masks == max of probabilities over the threshold
+                starts = [sum(counts[:j]) for j in range(len(rows))]
+                top = torch.stack([prob[a : a + k].amax(0) for a, k in zip(starts, counts, strict=True)])
+                probs = top.cpu().numpy()
             for j, i in enumerate(rows):
-                out[i] = ItemPrediction(host[j], answers[i], counts[j], means[j])
+                out[i] = ItemPrediction(host[j], answers[i], counts[j], means[j], None if probs is None else probs[j])
         return out  # type: ignore[return-value]  # every slot is filled above
 
     def seg_logits(
@@ -190,12 +204,26 @@ class Engine:
             batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
         )
         sam_pixels = batch["sam_pixel_values"] if rows is None else batch["sam_pixel_values"][rows]
-        hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
-        prompts, sample_index = model.seg_embeddings(hidden, input_ids)
-        features = model.grounding.encode(sam_pixels)
+        prompts, sample_index, features = self.seg_prompts(input_ids, attention_mask, mllm_inputs, sam_pixels)
         logits = model.grounding.decode(features, prompts, sample_index)
         sample_index = sample_index.to(logits.device)
         return [logits[sample_index == i] for i in range(input_ids.shape[0])]
+
+    def seg_prompts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mllm_inputs: dict[str, Any],
+        sam_pixels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(projected [SEG] embeddings (N, C), their sample index (N,), SAM-2 features): the mask decoder's inputs.
+
+        Refinement by clicks keeps these and runs only the mask decoder again (`Predictor.refine`).
+        """
+        model = self.model
+        hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
+        prompts, sample_index = model.seg_embeddings(hidden, input_ids)
+        return prompts, sample_index, model.grounding.encode(sam_pixels)
 
     # ---------------------------------------------------------------- generation
     def _generate_kwargs(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:

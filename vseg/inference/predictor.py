@@ -186,11 +186,16 @@ class Predictor:
         teacher_forced = (mode or self.mode) == "teacher_forced"
         return PredictDataset(items, self.processor, self.answer_text if teacher_forced else None, data)
 
-    def __call__(self, batch: dict[str, Any], mode: str | None = None) -> list[ItemPrediction]:
-        """Predictions for one collated batch (`collate`); its tensors go where the model needs them."""
+    def __call__(
+        self, batch: dict[str, Any], mode: str | None = None, probability: bool = False
+    ) -> list[ItemPrediction]:
+        """Predictions for one collated batch (`collate`); its tensors go where the model needs them.
+
+        `probability=True` also returns each input's foreground probability map (to move the threshold later).
+        """
         if self.device_map is None:
             batch = to_device(batch, self.device)
-        return self.engine(mode)(batch)
+        return self.engine(mode)(batch, probability)
 
     def predict(
         self,
@@ -198,6 +203,7 @@ class Predictor:
         prompts: str | Sequence[str] | None = None,
         answer: str | None = None,
         batch_size: int = 8,
+        probability: bool = False,
     ) -> list[ItemPrediction]:
         """Masks for images given as paths, HxWx3 uint8 arrays or PIL images.
 
@@ -206,6 +212,7 @@ class Predictor:
             prompts: one prompt for all, one per image, or None (the default vessel prompt).
             answer: teacher_forced | generate (default: the predictor's).
             batch_size: images per forward pass.
+            probability: also return each image's foreground probability map (`ItemPrediction.probability`).
 
         Returns:
             Per image, in order: the mask at its own size, the answer text, the [SEG] count and mean logit.
@@ -229,7 +236,7 @@ class Predictor:
             if batch["failed"]:
                 item, error = batch["failed"][0]
                 raise InputError(f"image {item.index} ({item.source}): {error}")
-            out.extend(self(batch, answer))
+            out.extend(self(batch, answer, probability))
         return out
 
     def predict_video(
@@ -267,3 +274,61 @@ class Predictor:
             )
             run = Run("video", "<frames>", np.ascontiguousarray(frames, dtype=np.uint8), frame_names(len(frames)))
         return predict_run(self, run, prompt or DEFAULT_PROMPT, key_frames, key_frame_mode, frames_on)
+
+    # ------------------------------------------------------------------------------------------ refining
+    @torch.inference_mode()
+    def refine(
+        self,
+        image: np.ndarray,
+        prompt: str | None = None,
+        points: Sequence[Sequence[float]] = (),
+        labels: Sequence[int] = (),
+    ) -> ItemPrediction:
+        """The mask of `image` for `prompt`, corrected by clicks: SAM-2's prompt encoder gets the points next to
+        the [SEG] embedding, as SAM-2 takes clicks next to a box.
+
+        The MLLM pass ([SEG] embedding) and the SAM-2 image encoding run once per (image, prompt) and are kept
+        (a few entries), so each further click costs one mask-decoder pass. No points: the plain prediction.
+
+        Args:
+            image: HxWx3 uint8.
+            prompt: the question (default: the vessel prompt).
+            points: clicks as (x, y) in the image's pixels.
+            labels: per click, 1 = vessel here, 0 = not vessel here.
+
+        Returns:
+            The prediction with its `probability` map (teacher-forced answer).
+        """
+        import hashlib
+
+        if len(points) != len(labels):
+            raise ValueError(f"{len(points)} points for {len(labels)} labels: give one label (1 or 0) per point")
+        prompt = prompt or DEFAULT_PROMPT
+        key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + repr((image.shape, prompt)).encode()).hexdigest()
+        cache = self.__dict__.setdefault("_refine_cache", {})
+        if key not in cache:
+            dataset = self.dataset([PredictItem(0, "refine", prompt, pixels=image)], mode="teacher_forced")
+            batch = collate(self.processor, [dataset[0]])
+            if batch["failed"]:
+                raise InputError(f"image: {batch['failed'][0][1]}")
+            if self.device_map is None:
+                batch = to_device(batch, self.device)
+            seg = self.engine("teacher_forced").seg_prompts(
+                batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"], batch["sam_pixel_values"]
+            )
+            while len(cache) >= 4:  # a page edits one image at a time; keep a few, oldest out first
+                cache.pop(next(iter(cache)))
+            cache[key] = seg
+        prompts, sample_index, features = cache[key]
+        n = prompts.shape[0]
+        grounding = self.model.grounding
+        h, w = image.shape[:2]
+        point_t = label_t = None
+        if len(points):
+            side = grounding.image_size  # SAM-2's input is the image stretched to side x side
+            xy = torch.tensor([[x * side / w, y * side / h] for x, y in points], dtype=torch.float32)
+            point_t = xy[None].expand(n, -1, -1)
+            label_t = torch.tensor([int(v) for v in labels])[None].expand(n, -1)
+        logits = grounding.decode(features, prompts, sample_index, point_t, label_t)
+        engine = self.engine("teacher_forced")
+        return engine.finish([logits], [(h, w)], [engine.answer], probability=True)[0]

@@ -87,13 +87,23 @@ class SamGrounding(nn.Module):
         """SAM-2 image features for a batch of (B, 3, S, S) normalised images."""
         return self.project(self.encode_backbone(pixel_values))
 
-    def decode(self, features: SamFeatures, prompts: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        features: SamFeatures,
+        prompts: torch.Tensor,
+        image_index: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mask logits for each prompt.
 
         Args:
             features: per-image features from `encode`.
             prompts: (N, C) [SEG] embeddings already projected to the SAM prompt width.
             image_index: (N,) which image of `features` each prompt refers to.
+            points: optional (N, P, 2) clicks as x, y in SAM-2 input pixels (0..image_size), sent through the
+                prompt encoder next to the [SEG] embedding (refinement by clicks); None: Sa2VA's no-point prompt.
+            labels: (N, P) 1 = foreground click, 0 = background click (with `points`).
 
         Returns:
             (N, h, w) low-resolution mask logits (h = w = `low_res_size`), the highest-IoU of the
@@ -106,21 +116,28 @@ class SamGrounding(nn.Module):
             return prompts.new_zeros((0, size, size))
         image_index = image_index.to(device)
         masks, iou, _, _ = self.heads(
-            features.embeddings[image_index], [h[image_index] for h in features.high_res], prompts, n
+            features.embeddings[image_index], [h[image_index] for h in features.high_res], prompts, n, points, labels
         )
         # masks: (N, 1, 3, h, w), iou: (N, 1, 3). The choice is not differentiated, as in SAM-2.
         best = iou[:, 0].argmax(dim=-1)
         return masks[torch.arange(n, device=device), 0, best]
 
     def heads(
-        self, embeddings: torch.Tensor, high_res: list[torch.Tensor], prompts: torch.Tensor | None, n: int
+        self,
+        embeddings: torch.Tensor,
+        high_res: list[torch.Tensor],
+        prompts: torch.Tensor | None,
+        n: int,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt encoder (no points) + mask decoder, multimask on; images and video frames both come here.
+        """Prompt encoder + mask decoder, multimask on; images, clicks and video frames all come here.
 
         Args:
             embeddings: (N, C, h, w) top-level features (no-memory embedding added, or memory-conditioned).
             high_res: the decoder's two projected high-resolution maps, N rows each.
             prompts: (N, C) embeddings appended to the sparse prompt, or None (a tracked video frame).
+            points, labels: optional clicks (see `decode`); None: Sa2VA's no-point prompt.
 
         Returns:
             transformers' decoder outputs: masks (N, 1, 3, h, w), IoU (N, 1, 3), mask tokens (N, 1, 3, C),
@@ -129,8 +146,12 @@ class SamGrounding(nn.Module):
         decoder = self.sam.mask_decoder
         device = decoder.conv_s0.weight.device
         dtype = embeddings.dtype
-        points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
-        labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        if points is None or labels is None:
+            points = torch.zeros(n, 1, 1, 2, device=device, dtype=dtype)
+            labels = -torch.ones(n, 1, 1, device=device, dtype=torch.int32)
+        else:  # the prompt encoder pads a "not a point" entry itself (no boxes), as SAM-2 does for clicks
+            points = points.to(device=device, dtype=dtype)[:, None]
+            labels = labels.to(device=device, dtype=torch.int32)[:, None]
         encoder = self.sam.prompt_encoder
         sparse, dense = encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
         sparse = sparse.to(dtype)

@@ -1,0 +1,172 @@
+"""Dynamic batching: concurrent requests queue here; one worker thread per model replica takes them in batches.
+
+Why our own queue rather than LitServe's (README "Serve" has the whole story): LitServe runs each endpoint's
+model in spawned worker processes, so /v1/segment, /v1/chat and the page's refine would each hold a model copy
+per device, and switching the served model (`POST /v1/model`) or keeping refine's [SEG] embedding would have
+to cross process boundaries. Here every front door reaches the same `Predictor` objects in this process.
+
+A worker takes the oldest task, then waits up to `timeout_s` (from that task's arrival) for more tasks of the
+same kind and answer mode, up to `max_batch_size`, and runs them as one `Predictor.predict` call. The model
+releases the GIL in its kernels, so the event loop keeps accepting requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vseg.inference.engine import ItemPrediction
+from vseg.inference.predictor import Predictor
+
+
+@dataclass
+class Task:
+    """One image of one request, waiting for a worker."""
+
+    kind: str  # "segment" (batched) | "refine" (alone: the decoder pass reuses a cached [SEG] embedding)
+    mode: str  # answer mode: teacher_forced | generate
+    image: np.ndarray  # HxWx3 uint8
+    prompt: str
+    points: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def batchable_with(self, other: Task) -> bool:
+        return self.kind == other.kind == "segment" and self.mode == other.mode
+
+
+@dataclass
+class Outcome:
+    """A task's prediction and where its time went."""
+
+    prediction: ItemPrediction
+    queue_ms: float  # from arrival to its batch starting
+    model_ms: float  # the batch's model call
+    batch_size: int  # images in that call
+    replica: str
+
+
+class Batcher:
+    """A thread-safe task queue that hands out batches of compatible tasks."""
+
+    def __init__(self, max_batch_size: int, timeout_s: float):
+        self.max_batch_size, self.timeout_s = max_batch_size, timeout_s
+        self._tasks: deque[Task] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def submit(self, task: Task) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the service is shutting down")
+            self._tasks.append(task)
+            self._cond.notify()
+        return task.future
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self) -> list[Task] | None:
+        """The next batch (blocks); None once closed."""
+        with self._cond:
+            while not self._tasks and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._tasks.popleft()
+            batch = [first]
+            if first.kind != "segment":
+                return batch
+            deadline = first.enqueued + self.timeout_s
+            while len(batch) < self.max_batch_size:
+                for task in list(self._tasks):  # compatible tasks, oldest first; others keep their place
+                    if len(batch) >= self.max_batch_size:
+                        break
+                    if first.batchable_with(task):
+                        self._tasks.remove(task)
+                        batch.append(task)
+                left = deadline - time.perf_counter()
+                if len(batch) >= self.max_batch_size or left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            return batch
+
+
+class Replica:
+    """One `Predictor` (one device, or one `device_map` split) and the worker thread that feeds it."""
+
+    def __init__(self, name: str, placement: dict[str, Any], batcher: Batcher):
+        self.name, self.placement, self.batcher = name, placement, batcher
+        self.predictor: Predictor | None = None
+        self.lock = threading.Lock()  # held while the model runs; a model switch takes it to swap predictors
+        self.batches = 0
+        self.images = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_error: Callable[[BaseException], None]) -> None:
+        self._thread = threading.Thread(target=self._loop, args=(on_error,), name=f"vseg-{self.name}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self, on_error: Callable[[BaseException], None]) -> None:
+        while (batch := self.batcher.take()) is not None:
+            try:
+                self._run(batch)
+            except BaseException as err:  # never lose the worker: each task gets the error, the loop goes on
+                for task in batch:
+                    if not task.future.done():
+                        task.future.set_exception(err)
+                on_error(err)
+
+    def _run(self, batch: list[Task]) -> None:
+        start = time.perf_counter()
+        with self.lock:
+            predictor = self.predictor
+            assert predictor is not None, "a worker runs only after its model is loaded"
+            if batch[0].kind == "refine":
+                t = batch[0]
+                results = [predictor.refine(t.image, t.prompt, t.points, t.labels)]
+            else:
+                results = self._predict(predictor, batch)
+        model_ms = 1000 * (time.perf_counter() - start)
+        self.batches += 1
+        self.images += len(batch)
+        for task, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                task.future.set_exception(result)
+            else:
+                queue_ms = 1000 * (start - task.enqueued)
+                task.future.set_result(Outcome(result, queue_ms, model_ms, len(batch), self.name))
+
+    @staticmethod
+    def _predict(predictor: Predictor, batch: list[Task]) -> list[ItemPrediction | BaseException]:
+        """One `predict` call for the batch; if it fails, each task alone, so one bad input fails only itself."""
+        images, prompts = [t.image for t in batch], [t.prompt for t in batch]
+        try:
+            return list(predictor.predict(images, prompts, batch[0].mode, len(batch), probability=True))
+        except Exception:
+            if len(batch) == 1:
+                raise
+        out: list[ItemPrediction | BaseException] = []
+        for t in batch:
+            try:
+                out.append(predictor.predict([t.image], [t.prompt], t.mode, 1, probability=True)[0])
+            except Exception as err:
+                out.append(err)
+        return out

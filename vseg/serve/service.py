@@ -1,0 +1,164 @@
+"""The served model: where its replicas live, loading them, switching to another checkpoint without a restart.
+
+Placements follow predict.py's keys: `devices=auto` (a replica per visible GPU, the CPU when there is none),
+`devices=N` / `devices=[0, 2]` (a replica per listed GPU), `device=cuda:1` / `device=cpu` (one replica),
+`device_map=balanced max_memory={0: 12GB, 1: 12GB}` (one replica split over GPUs). Every replica is a
+`Predictor` built from one resolved source, so all of them serve the same weights the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from vseg.artifacts.sources import ModelSource, resolve_source
+from vseg.config import ConfigError, ModelConfig, ServeConfig
+from vseg.inference.placement import parse_max_memory
+from vseg.inference.predictor import Predictor
+from vseg.serve.batcher import Batcher, Replica, Task
+
+log = logging.getLogger(__name__)
+
+
+def placements(cfg: ServeConfig, cuda_count: int | None = None) -> list[dict[str, Any]]:
+    """`Predictor.from_source` placement arguments, one dict per replica."""
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if cfg.device_map is not None:
+        if count == 0:
+            raise ConfigError(f"device_map={cfg.device_map} splits a model over GPUs and no CUDA GPU is visible")
+        return [{"device_map": cfg.device_map, "max_memory": parse_max_memory(cfg.max_memory)}]
+    devices = cfg.devices
+    if devices is None:
+        return [{"device": cfg.device}]
+    if devices == "auto":
+        return [{"device": f"cuda:{i}"} for i in range(count)] or [{"device": "cpu"}]
+    indices = list(range(devices)) if isinstance(devices, int) else list(devices)
+    missing = [i for i in indices if i >= count]
+    if missing:
+        raise ConfigError(f"devices={devices}: GPU {missing} not visible ({count} CUDA GPUs here)")
+    return [{"device": f"cuda:{i}"} for i in indices]
+
+
+def model_config(node: dict[str, Any] | None) -> ModelConfig | None:
+    """`model=<preset>` (+ `model.*` keys) as a ModelConfig; None when no preset was named."""
+    if not node or "name" not in node:
+        return None
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+class Service:
+    """Replicas over one batch queue; `load` in the background so /health can say "starting" meanwhile."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.batcher = Batcher(cfg.max_batch_size, cfg.batch_timeout_ms / 1000)
+        self.replicas = [Replica(f"replica{i}", p, self.batcher) for i, p in enumerate(placements(cfg))]
+        self.ckpt = cfg.ckpt
+        self.source: ModelSource | None = None
+        self.state = "starting"  # starting | ready | failed
+        self.error: str | None = None
+        self.loaded_at: float | None = None
+        self.switches = 0
+        self._switching = threading.Lock()
+        self.worker_errors = 0
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _predictor(self, source: ModelSource, placement: dict[str, Any]) -> Predictor:
+        c = self.cfg
+        return Predictor.from_source(
+            source,
+            **placement,
+            dtype=c.dtype,
+            compile=c.compile,
+            answer_text=c.answer_text,
+            max_new_tokens=c.max_new_tokens,
+            threshold=c.threshold,
+        )
+
+    def load(self) -> None:
+        """Builds every replica and starts its worker; failures are kept for /health (the server stays up)."""
+        try:
+            self.source = resolve_source(self.ckpt, model_config(self.cfg.model))
+            for replica in self.replicas:
+                replica.predictor = self._predictor(self.source, replica.placement)
+                replica.start(self._worker_error)
+            self.loaded_at, self.state = time.time(), "ready"
+            log.info("vseg serve: %d replica(s) ready", len(self.replicas))
+        except Exception as err:  # e.g. a checkpoint that does not fit its config: /health reports it
+            self.state, self.error = "failed", f"{type(err).__name__}: {err}"
+            log.error("vseg serve: loading %s failed: %s", self.ckpt, self.error)
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="vseg-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _worker_error(self, err: BaseException) -> None:
+        self.worker_errors += 1
+        log.error("vseg serve: a batch failed: %s: %s", type(err).__name__, err)
+
+    def switch(self, ckpt: str) -> None:
+        """Serves `ckpt` from now on, on the same placements; the old model keeps serving if loading fails.
+
+        Each replica's new predictor is built next to the old one (briefly both in memory), then swapped under
+        the replica's lock, so no batch sees a half-switched model.
+        """
+        if not self._switching.acquire(blocking=False):
+            raise ConfigError("a model switch is already running; wait for it to finish")
+        try:
+            source = resolve_source(ckpt, model_config(self.cfg.model) if ckpt == "random" else None)
+            for replica in self.replicas:
+                fresh = self._predictor(source, replica.placement)
+                with replica.lock:
+                    replica.predictor = fresh
+            self.source, self.ckpt, self.switches = source, ckpt, self.switches + 1
+            self.loaded_at = time.time()
+        finally:
+            self._switching.release()
+
+    def close(self) -> None:
+        self.batcher.close()
+        for replica in self.replicas:
+            replica.join(timeout=5)
+
+    # ------------------------------------------------------------------------------------------ running
+    def submit(self, task: Task):
+        return self.batcher.submit(task)
+
+    def info(self) -> dict[str, Any]:
+        """What is loaded, where, in which dtype (GET /v1/model)."""
+        src = self.source
+        first = self.replicas[0].predictor if self.replicas else None
+        run_dir = getattr(src, "run_dir", None)
+        return {
+            "state": self.state,
+            "ckpt": self.ckpt,
+            "form": getattr(src, "form", None),
+            "run_dir": str(run_dir) if isinstance(run_dir, Path) else run_dir,
+            "model": dataclasses.asdict(src.model_cfg) if src is not None else None,
+            "dtype": first.dtype if first else None,
+            "answer_text": first.answer_text if first else None,
+            "threshold": self.cfg.threshold,
+            "max_batch_size": self.cfg.max_batch_size,
+            "batch_timeout_ms": self.cfg.batch_timeout_ms,
+            "replicas": [
+                {
+                    "name": r.name,
+                    "device": str(r.predictor.device) if r.predictor else None,
+                    "device_map": r.placement.get("device_map"),
+                    "batches": r.batches,
+                    "images": r.images,
+                }
+                for r in self.replicas
+            ],
+            "switches": self.switches,
+            "loaded_at": self.loaded_at,
+        }
