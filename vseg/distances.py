@@ -24,43 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vseg.config import ConfigError
+from vseg.config import Spacing, parse_spacing
 
 # MONAI 1.5+ warns on every call about an argument it passes to itself; it says nothing about our inputs.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 DISTANCES = ("hd95", "assd")
 
-Spacing = tuple[float, float]
-
-
-def parse_spacing(value: Any, where: str = "data.pixel_spacing") -> Spacing | None:
-    """A pixel size in mm as (row, column): one number (square pixels), [row, col], or None (unknown).
-
-    Raises:
-        ConfigError: naming `where`, when the value is not one or two positive numbers.
-    """
-    if value is None:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        values = [value]
-    elif isinstance(value, Sequence) and not isinstance(value, str):  # lists, tuples, OmegaConf's ListConfig
-        values = list(value)
-    else:
-        values = []
-    try:
-        numbers = [float(v) for v in values if not isinstance(v, bool)]
-    except (TypeError, ValueError):
-        numbers = []
-    numbers = numbers if len(numbers) == len(values) else []
-    if len(numbers) == 1:
-        numbers = numbers * 2
-    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
-        raise ConfigError(
-            f"{where}={value!r}: expected the size of one pixel in millimetres, one positive number (square "
-            "pixels) or [row, column], e.g. 0.3 or [0.3, 0.25]; null when unknown"
-        )
-    return numbers[0], numbers[1]
+__all__ = ["DISTANCES", "Spacing", "parse_spacing", "summarise_distances", "surface_distances"]
 
 
 def _monai(pred: np.ndarray, truth: np.ndarray, spacing: Spacing) -> tuple[float, float]:
