@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from vseg.config import ConfigError, DataConfig, ModelConfig, TrainConfig, parse_spacing
 from vseg.data.workers import WorkerInit
 from vseg.files import check_writable
 from vseg.inference.engine import MODES, LoopTimes
-from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
+from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
 from vseg.inference.placement import (
@@ -45,6 +44,7 @@ from vseg.inference.placement import (
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype, to_device
 from vseg.inference.sources import WEIGHTS_FIX, ModelSource, apply_trainable, check_weights_file, resolve_source
+from vseg.inference.targets import parse_targets, target_items
 from vseg.model.build import DTYPES, build_sa2va
 from vseg.model.loading import load_safetensors
 from vseg.model.sa2va import Sa2VA
@@ -103,6 +103,8 @@ class Options:
     limit: int | None
     writer_threads: int
     compile: bool
+    targets: dict[str, str] | None = None
+    pixel_spacing: tuple[float, float] | None = None
 
 
 def options(pcfg: DictConfig) -> Options:
@@ -150,6 +152,18 @@ def options(pcfg: DictConfig) -> Options:
         opts.max_memory = parse_max_memory(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
     except ConfigError as err:
         errors.append(str(err))
+    try:
+        opts.pixel_spacing = parse_spacing(g("pixel_spacing"), "pixel_spacing")
+    except ConfigError as err:
+        errors.append(str(err))
+    try:
+        data_node = g("data")
+        data = _data_override(pcfg) if isinstance(data_node, DictConfig) and "source" in data_node else None
+        opts.targets = parse_targets(g("targets"), data)
+    except ConfigError as err:
+        errors.append(str(err))
+    if opts.targets is not None and opts.prompt is not None:
+        errors.append("prompt= and targets= both given: each target carries its own prompt; drop prompt=")
     if opts.answer not in MODES:
         errors.append(f"answer={opts.answer!r}: expected one of {MODES}")
     if opts.split not in (None, "val", "train", "all"):
@@ -227,6 +241,10 @@ def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple
         raise ConfigError(
             f"ckpt={opts.ckpt} carries no dataset of its own: pass input=IMAGE|FOLDER|GLOB|LIST or data=<source>"
         )
+    if opts.targets is not None:
+        items = target_items(items)  # one item per image; every target is asked of it
+    if opts.pixel_spacing is not None:
+        items = [dataclasses.replace(it, spacing=opts.pixel_spacing) for it in items]
     if opts.limit is not None:
         items = items[: int(opts.limit)]
     return items, data
@@ -284,9 +302,13 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "threshold": opts.threshold,
         "dtype": inference_dtype(opts.dtype, source, device),
     }
+    if opts.targets is not None:  # (absent otherwise, so folders written before targets existed still resume)
+        fingerprint["targets"] = opts.targets
+    if opts.pixel_spacing is not None:
+        fingerprint["pixel_spacing"] = list(opts.pixel_spacing)
     plan_file = os.environ.get(PLAN_ENV)
     child = parallel and plan_file is not None
-    store = OutputStore(out, 0, opts.overlays, opts.writer_threads)
+    store = OutputStore(out, 0, opts.overlays, opts.writer_threads, opts.targets)
     if child:  # a rank launched by Lightning: the launching process fixed the plan
         todo_index = set(read_plan(Path(plan_file)))
         todo = [it for it in items if it.index in todo_index]
@@ -317,6 +339,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
                 data=data,
                 writer_threads=opts.writer_threads,
                 times=loop,
+                targets=opts.targets,
             )
         finally:
             if not child:
@@ -328,11 +351,12 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         started = time.perf_counter()
         predictor = load_predictor(source, opts, device)
         load_seconds = time.perf_counter() - started
+        dataset = predictor.dataset(todo, data, targets=opts.targets)
         loader = DataLoader(
-            predictor.dataset(todo, data),
+            dataset,
             batch_size=opts.batch_size,
             num_workers=opts.num_workers,
-            collate_fn=partial(collate, predictor.processor),
+            collate_fn=dataset.collate,
             worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
             pin_memory=device.type == "cuda",
         )
@@ -383,13 +407,23 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "dtype": fingerprint["dtype"],
         "answer_mode": opts.answer,
     }
+    if opts.targets is not None:
+        extra["targets"] = opts.targets
     summary = store.finish(items, timing, extra)
     _report(summary, out, loop)
     return summary
 
 
+def _scores_line(scores: dict[str, Any]) -> str:
+    keys = ("dice", "iou", "cldice", "hd95", "assd", "hd95_mm", "assd_mm")
+    return "  ".join(f"{k} {scores[k]:.4f}" for k in keys if scores.get(k) is not None)
+
+
 def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
-    scores = "  ".join(f"{k} {summary[k]:.4f}" for k in ("dice", "iou", "cldice") if summary.get(k) is not None)
+    scores = _scores_line(summary)
+    for name, target in (summary.get("targets") or {}).items():
+        if _scores_line(target):
+            scores += f"\n  {name}: {_scores_line(target)}"
     speed = summary.get("images_per_second")
     line = f"\n{summary['ok']}/{summary['images']} masks in {out}"
     line += f"  {scores}" if scores else ""
