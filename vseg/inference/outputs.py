@@ -322,7 +322,8 @@ class OutputStore:
             per_target = {
                 n: [{"id": r["id"], **r["targets"][n]} for r in ok if n in r.get("targets", {})] for n in names
             }
-            summary["targets"] = {n: _scores(entries) for n, entries in per_target.items()}
+            prompts = extra["targets"] if isinstance(extra["targets"], dict) else {}
+            summary["targets"] = {n: {"prompt": prompts.get(n), **_scores(e)} for n, e in per_target.items()}
             summary.update(_scores([e for entries in per_target.values() for e in entries]))
         else:
             summary.update(_scores(ok))
