@@ -179,6 +179,10 @@ def test_file_inputs_with_targets_have_no_truth_and_no_scores(tmp_path):
     assert (out / "masks" / "artery" / "a.png").is_file() and (out / "masks" / "vein" / "a.png").is_file()
     overlay = Image.open(out / "overlays" / "a.png")
     assert overlay.width == 72 and overlay.height > 72  # the legend band sits below the image
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/a.png\tin/a.png\n")  # a masks column: one truth per image, not per target
+    with pytest.raises(ConfigError, match="cannot be split into targets"):
+        predict(compose("predict", ["ckpt=random", "model=tiny", f"input={listing}", "targets=[artery]"]))
 
 
 # ---------------------------------------------------------------- validation in training

@@ -242,6 +242,13 @@ def resolve_items(pcfg: DictConfig, opts: Options, source: ModelSource) -> tuple
             f"ckpt={opts.ckpt} carries no dataset of its own: pass input=IMAGE|FOLDER|GLOB|LIST or data=<source>"
         )
     if opts.targets is not None:
+        with_masks = [it.mask_path for it in items if it.mask_path is not None]
+        if with_masks:
+            raise ConfigError(
+                f"input={opts.input}: the list file gives one ground-truth mask per image (e.g. {with_masks[0]}), "
+                "which cannot be split into targets=; drop the masks column, or give per-target truth with "
+                "data=coco or data=polygons"
+            )
         items = target_items(items)  # one item per image; every target is asked of it
     if opts.pixel_spacing is not None:
         items = [dataclasses.replace(it, spacing=opts.pixel_spacing) for it in items]
