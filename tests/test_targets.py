@@ -238,3 +238,31 @@ def test_surface_distances_are_symmetric():
     b = np.zeros((32, 32), bool)
     b[8:14, 9:25] = True
     assert surface_distances(a, b) == pytest.approx(surface_distances(b, a))
+
+
+@pytest.mark.slow
+def test_data_parallel_targets_equal_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    annotations = _coco(tmp_path / "data")
+    args = ["ckpt=random", "model=tiny", "data=coco", f"data.annotations={annotations}", "targets=[artery,vein]"]
+    predict(compose("predict", [*args, f"output={tmp_path / 'one'}", "num_workers=0"]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *args, f"output={tmp_path / 'two'}", "devices=2"]
+        + ["accelerator=cpu", "batch_size=1", "num_workers=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("one", "two"))
+    assert two["ok"] == 3 and "data-parallel x2" in two["placement"]
+    for name in ("artery", "vein"):
+        for i in range(3):
+            a, b = (np.asarray(Image.open(tmp_path / o / "masks" / name / f"im{i}.png")) for o in ("one", "two"))
+            assert np.array_equal(a, b)
+        assert two["targets"][name]["dice"] == pytest.approx(one["targets"][name]["dice"])
