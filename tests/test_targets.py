@@ -266,3 +266,13 @@ def test_data_parallel_targets_equal_one_process(tmp_path):
             a, b = (np.asarray(Image.open(tmp_path / o / "masks" / name / f"im{i}.png")) for o in ("one", "two"))
             assert np.array_equal(a, b)
         assert two["targets"][name]["dice"] == pytest.approx(one["targets"][name]["dice"])
+
+
+def test_generate_answers_each_target(predictor):
+    images = [generate_vessels(seed=7, size=64, style="fundus")[0]]
+    out = predictor.predict(images, targets=TARGETS, answer="generate")
+    assert list(out[0]) == list(TARGETS)
+    for name, p in out[0].items():
+        assert isinstance(p.answer, str) and p.mask.shape == (64, 64)
+        assert p.seg_tokens == p.answer.count("[SEG]")  # a mask per generated [SEG] (none: an empty mask)
+        assert p.seg_tokens or not p.mask.any(), name

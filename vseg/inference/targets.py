@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vseg.config import ConfigError, DataConfig
 from vseg.inference.engine import Engine, ItemPrediction
 from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg
+from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SEG_TOKEN
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,15 @@ class TargetsDataset(PredictDataset):
         scored: the target names that have ground truth in the dataset.
     """
 
-    def __init__(self, items, processor, answer, data, targets: Mapping[str, str], scored: set[str]):
+    def __init__(
+        self,
+        items: list[PredictItem],
+        processor: Sa2VAProcessor,
+        answer: str | None,
+        data: DataConfig | None,
+        targets: Mapping[str, str],
+        scored: set[str],
+    ):
         super().__init__(items, processor, answer, data)
         self.targets, self.scored = dict(targets), scored
 
@@ -222,16 +231,11 @@ def predict_targets(engine: Engine, batch: dict[str, Any]) -> list[dict[str, Ite
         return []
     row_image = batch["row_image"]
     if engine.mode == "teacher_forced":
-        model = engine.model
         with torch.inference_mode():
-            hidden = model.decoder_states(batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"])
-            prompts, row_index = model.seg_embeddings(hidden, batch["input_ids"])
-            features = model.grounding.encode(batch["sam_pixel_values"])  # once per image, not per target
-            logits = model.grounding.decode(features, prompts, row_image.to(row_index.device)[row_index])
-            row_index = row_index.to(logits.device)
-            per_row = [logits[row_index == r] for r in range(len(row_image))]
-            answers = [engine.answer] * len(per_row)
-            predictions = engine.finish(per_row, [tuple(s) for s in batch["image_sizes"]], answers)
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            logits = engine.seg_logits(ids, attention, batch, row_image=row_image)
+            answers = [engine.answer] * len(logits)
+            predictions = engine.finish(logits, [tuple(s) for s in batch["image_sizes"]], answers)
     else:
         # Generation runs one row at a time anyway; its final batched pass sees one SAM-2 image per row.
         sam = batch["sam_pixel_values"]
