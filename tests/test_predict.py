@@ -345,7 +345,12 @@ def test_scores_on_hand_made_masks():
     fov[:, :10] = True  # only the found half is inside the field of view
     assert score_masks(pred, truth, fov)["dice"] == pytest.approx(1.0)
     empty = np.zeros((20, 20), bool)
-    assert score_masks(empty, empty) == {k: 1.0 for k in ("dice", "iou", "precision", "recall", "cldice")}
+    # both empty: every ratio 1, every boundary distance 0 (vseg.distances)
+    assert score_masks(empty, empty) == {
+        **{k: 1.0 for k in ("dice", "iou", "precision", "recall", "cldice")},
+        "hd95": 0.0,
+        "assd": 0.0,
+    }
 
 
 def test_finish_upsamples_merges_and_thresholds_each_input_at_its_own_size():

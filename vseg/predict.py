@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,10 @@ from tqdm import tqdm
 
 from vseg.artifacts.files import check_writable
 from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
-from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config
+from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config, parse_spacing
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes, to_device
-from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, collate, dataset_items, file_items
+from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, dataset_items, file_items
 from vseg.inference.outputs import OutputStore
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
 from vseg.inference.placement import (
@@ -42,6 +41,7 @@ from vseg.inference.placement import (
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype
 from vseg.inference.run_outputs import predict_run_inputs, run_inputs
+from vseg.inference.targets import parse_targets, target_items
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,17 @@ def resolve_items(
         raise ConfigError(
             f"ckpt={opts.ckpt} carries no dataset of its own: pass input=IMAGE|FOLDER|GLOB|LIST or data=<source>"
         )
+    if opts.targets is not None:
+        with_masks = [it.mask_path for it in items if it.mask_path is not None]
+        if with_masks:
+            raise ConfigError(
+                f"input={opts.input}: the list file gives one ground-truth mask per image (e.g. {with_masks[0]}), "
+                "which cannot be split into targets=; drop the masks column, or give per-target truth with "
+                "data=coco or data=polygons"
+            )
+        items = target_items(items)  # one item per image; every target is asked of it
+    if opts.pixel_spacing is not None:
+        items = [dataclasses.replace(it, spacing=opts.pixel_spacing) for it in items]
     if opts.limit is not None:
         items = items[: int(opts.limit)]
     return items, data
@@ -124,6 +135,12 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
     begin = time.perf_counter()
     opts = load_predict_config(pcfg)
+    # targets= and pixel_spacing= in their parsed forms (a name -> prompt dict; (row, col) mm)
+    opts = dataclasses.replace(
+        opts,
+        targets=parse_targets(opts.targets, _data_override(pcfg)),
+        pixel_spacing=parse_spacing(opts.pixel_spacing, "pixel_spacing"),
+    )
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     runs = run_inputs(opts.input, opts.video, exclude=opts.output_dir) if opts.input is not None else None
@@ -158,9 +175,13 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "threshold": opts.threshold,
         "dtype": inference_dtype(opts.dtype, source, device),
     }
+    if opts.targets is not None:  # (absent otherwise, so folders written before targets existed still resume)
+        fingerprint["targets"] = opts.targets
+    if opts.pixel_spacing is not None:
+        fingerprint["pixel_spacing"] = list(opts.pixel_spacing)
     plan_file = os.environ.get(PLAN_ENV)
     child = parallel and plan_file is not None
-    store = OutputStore(out, 0, opts.overlays, opts.writer_threads)
+    store = OutputStore(out, 0, opts.overlays, opts.writer_threads, opts.targets)
     if child:  # a rank launched by Lightning: the launching process fixed the plan
         todo_index = set(read_plan(Path(plan_file)))
         todo = [it for it in items if it.index in todo_index]
@@ -191,6 +212,7 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
                 data=data,
                 writer_threads=opts.writer_threads,
                 times=loop,
+                targets=opts.targets,
             )
         finally:
             if not child:
@@ -202,11 +224,12 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         started = time.perf_counter()
         predictor = load_predictor(source, opts, device, max_memory)
         load_seconds = time.perf_counter() - started
+        dataset = predictor.dataset(todo, data, targets=opts.targets)
         loader = DataLoader(
-            predictor.dataset(todo, data),
+            dataset,
             batch_size=opts.batch_size,
             num_workers=opts.num_workers,
-            collate_fn=partial(collate, predictor.processor),
+            collate_fn=dataset.collate,
             worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
             pin_memory=device.type == "cuda",
         )
@@ -257,13 +280,23 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "dtype": fingerprint["dtype"],
         "answer_mode": opts.answer_mode,
     }
+    if opts.targets is not None:
+        extra["targets"] = opts.targets
     summary = store.finish(items, timing, extra)
     _report(summary, out, loop)
     return summary
 
 
+def _scores_line(scores: dict[str, Any]) -> str:
+    keys = ("dice", "iou", "cldice", "hd95", "assd", "hd95_mm", "assd_mm")
+    return "  ".join(f"{k} {scores[k]:.4f}" for k in keys if scores.get(k) is not None)
+
+
 def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
-    scores = "  ".join(f"{k} {summary[k]:.4f}" for k in ("dice", "iou", "cldice") if summary.get(k) is not None)
+    scores = _scores_line(summary)
+    for name, target in (summary.get("targets") or {}).items():
+        if _scores_line(target):
+            scores += f"\n  {name}: {_scores_line(target)}"
     speed = summary.get("images_per_second")
     line = f"\n{summary['ok']}/{summary['images']} masks in {out}"
     line += f"  {scores}" if scores else ""

@@ -8,6 +8,8 @@ before anything is built or launched.
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,38 @@ MODEL_FAMILIES = ("internvl", "qwen2_5_vl", "qwen3_vl")  # keys of vseg.model.fa
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found."""
+
+
+Spacing = tuple[float, float]  # (row, column) size of one pixel in millimetres
+
+
+def parse_spacing(value: Any, where: str = "data.pixel_spacing") -> Spacing | None:
+    """A pixel size in mm as (row, column): one number (square pixels), [row, col], or None (unknown).
+
+    Raises:
+        ConfigError: naming `where`, when the value is not one or two positive numbers.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        values = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, str):  # lists, tuples, OmegaConf's ListConfig
+        values = list(value)
+    else:
+        values = []
+    try:
+        numbers = [float(v) for v in values if not isinstance(v, bool)]
+    except (TypeError, ValueError):
+        numbers = []
+    numbers = numbers if len(numbers) == len(values) else []
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        raise ConfigError(
+            f"{where}={value!r}: expected the size of one pixel in millimetres, one positive number (square "
+            "pixels) or [row, column], e.g. 0.3 or [0.3, 0.25]; null when unknown"
+        )
+    return numbers[0], numbers[1]
 
 
 @dataclass
@@ -159,6 +193,9 @@ class DataConfig:
         ]
     )  # per_object phrasings; {phrase} is the object's text or category name
     answer: str = "It is [SEG]."  # supervised answer; must contain [SEG]
+    # size of one pixel in mm at the images' own size: one number (square pixels) or [row, col]; null = unknown
+    # (HD95 / ASSD then in pixels only). Validation rescales it to data.image_size.
+    pixel_spacing: Any = None
 
 
 @dataclass
@@ -386,6 +423,10 @@ def validate_data(d: DataConfig, need) -> None:
         if d.image_root:
             need(Path(d.image_root).is_dir(), f"data.image_root={d.image_root}: no such directory")
     need(d.holes in ("union", "even_odd"), f"data.holes={d.holes!r}: union|even_odd")
+    try:
+        parse_spacing(d.pixel_spacing)
+    except ConfigError as err:
+        need(False, str(err))
     need(d.objects in ("merge", "per_object"), f"data.objects={d.objects!r}: merge|per_object")
     need(d.aspect in ("stretch", "pad"), f"data.aspect={d.aspect!r}: stretch|pad")
     need(d.image_size is None or d.image_size >= 32, f"data.image_size={d.image_size}: must be >= 32 (or null)")

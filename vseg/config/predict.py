@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vseg.config import SEG_TOKEN, ConfigError, one_line
+from vseg.config import SEG_TOKEN, ConfigError, one_line, parse_spacing
 
 ANSWER_MODES = ("teacher_forced", "generate")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
@@ -62,6 +62,8 @@ class PredictConfig:
     frames_on: str = "cpu"  #: where a run's frames wait: cpu (streamed to the GPU) | gpu
     overlay_format: str = "mp4"  #: overlay video of a run: mp4 | gif
     truth: str | None = None  #: ground-truth masks of some frames (named like the frames, or <run id>/ folders)
+    targets: Any = None  #: several targets per image: {name: prompt}, [name, ...] or a YAML file of either
+    pixel_spacing: Any = None  #: mm per pixel ([row, col] or one number) for HD95 / ASSD in mm
 
     @property
     def output_dir(self) -> Path | None:
@@ -117,6 +119,14 @@ class PredictConfig:
             "batch_size, max_new_tokens must be >= 1, num_workers >= 0",
         )
         need(self.writer_threads >= 1, f"writer_threads={self.writer_threads}: must be >= 1")
+        need(
+            self.targets is None or self.prompt is None,
+            "prompt= and targets= both given: each target carries its own prompt; drop prompt=",
+        )
+        try:
+            parse_spacing(self.pixel_spacing, "pixel_spacing")
+        except ConfigError as err:
+            errors.append(str(err))
         need(self.limit is None or self.limit >= 0, f"limit={self.limit}: must be >= 0")
         need(
             self.answer_text is None or SEG_TOKEN in self.answer_text,

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vseg.config import AugmentConfig, DataConfig, SplitConfig
+from vseg.config import AugmentConfig, DataConfig, SplitConfig, parse_spacing
 from vseg.data.augment import Augmenter
+from vseg.data.geometry import Resize
 from vseg.data.records import VesselRecord, load_sample
 from vseg.data.sources import DataSourceError
 from vseg.model.processor import Sa2VAProcessor
@@ -41,6 +42,16 @@ def expand(records: Sequence[VesselRecord], objects: str) -> list[Item]:
     if objects == "per_object":
         return [Item(r, k) for r in records for k in range(max(len(r.objects), 1))]
     return [Item(r) for r in records]
+
+
+def target_names(items: Sequence[Item]) -> list[str]:
+    """The object names of per-object items, sorted (validation scores each: val/dice/<name>); [] for merged."""
+    names = set()
+    for item in items:
+        objects = item.record.objects
+        if item.object_index is not None and item.object_index < len(objects) and objects[item.object_index].phrase:
+            names.add(str(objects[item.object_index].phrase))
+    return sorted(names)
 
 
 def _read_ids(path: str) -> list[str]:
@@ -157,4 +168,18 @@ class SegmentationDataset(Dataset):
         if fov is not None:
             features["fov"] = fov
         features["image_id"] = item.record.id  # the objects of one image share its SAM-2 features
+        if phrase:
+            features["target"] = phrase  # per-target validation scores (val/dice/<target>)
+        if c.pixel_spacing is not None:
+            features["pixel_spacing"] = scaled_spacing(c, sample.original_size)
         return features
+
+
+def scaled_spacing(cfg: DataConfig, original_size: tuple[int, int]) -> tuple[float, float] | None:
+    """`data.pixel_spacing` (mm per pixel of the original image) at the training size: resizing a side by a
+    factor divides its pixel size by that factor (padding adds pixels of the same size)."""
+    spacing = parse_spacing(cfg.pixel_spacing)
+    if spacing is None:
+        return None
+    plan = Resize.plan(*original_size, cfg.image_size, cfg.aspect)
+    return spacing[0] * plan.height / plan.out_height, spacing[1] * plan.width / plan.out_width

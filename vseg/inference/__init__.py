@@ -8,5 +8,6 @@ several (model-parallel) -> masks, overlays, metrics. `vseg.predict.run` (predic
 - `placement` one device, or `device_map` over several GPUs with accelerate
 - `parallel`  data-parallel prediction on Lightning's Trainer.predict with a writer callback
 - `outputs`   masks, overlays, results.jsonl, summary.json; atomic files and resume
-- `scoring`   Dice, IoU, precision, recall, clDice within a field of view
+- `scoring`   Dice, IoU, precision, recall, clDice, HD95, ASSD within a field of view
+- `targets`   several targets per image (`targets=`): one question each, (images x targets) rows per pass
 """

@@ -197,15 +197,21 @@ class Engine:
         attention_mask: torch.Tensor,
         batch: dict[str, Any],
         rows: list[int] | None = None,
+        row_image: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Per sample (K, h, w) low-res logits of its [SEG] tokens; `rows` picks samples of `batch` for the images."""
+        """Per sample (K, h, w) low-res logits of its [SEG] tokens; `rows` picks samples of `batch` for the images.
+
+        `row_image` (several targets per image): which of the batch's SAM-2 images each sample asks about; each
+        image is then encoded once and decoded for every sample that refers to it.
+        """
         model = self.model
         mllm_inputs = (
             batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
         )
         sam_pixels = batch["sam_pixel_values"] if rows is None else batch["sam_pixel_values"][rows]
         prompts, sample_index, features = self.seg_prompts(input_ids, attention_mask, mllm_inputs, sam_pixels)
-        logits = model.grounding.decode(features, prompts, sample_index)
+        image_index = sample_index if row_image is None else row_image.to(sample_index.device)[sample_index]
+        logits = model.grounding.decode(features, prompts, image_index)
         sample_index = sample_index.to(logits.device)
         return [logits[sample_index == i] for i in range(input_ids.shape[0])]
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vseg.config import ConfigError, DataConfig
+from vseg.config import ConfigError, DataConfig, parse_spacing
 from vseg.data.io import is_image_file, read_image, read_mask
 from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
@@ -49,6 +49,7 @@ class PredictItem:
     mask_path: str | None = None  # ground truth for file inputs (list files)
     record: Any = None  # a vseg.data VesselRecord for dataset inputs
     object_index: int | None = None  # per_object datasets: which object is the target
+    spacing: tuple[float, float] | None = None  # (row, column) mm per pixel at the image's own size, if known
     pixels: Any = field(default=None, compare=False)  # an in-memory image (HxWx3 uint8 array or PIL image)
 
     @property
@@ -83,10 +84,12 @@ def _common_root(paths: list[Path]) -> Path:
     return Path(os.path.commonpath(parents)) if parents else Path.cwd()
 
 
-def _from_files(images: list[Path], masks: list[str | None], root: Path, prompt: str) -> list[PredictItem]:
+def _from_files(
+    images: list[Path], masks: list[str | None], root: Path, prompt: str, spacing: tuple[float, float] | None = None
+) -> list[PredictItem]:
     ids = _unique_ids(images, root)
     return [
-        PredictItem(index=i, id=ids[i], prompt=prompt, image_path=str(p), mask_path=masks[i])
+        PredictItem(index=i, id=ids[i], prompt=prompt, image_path=str(p), mask_path=masks[i], spacing=spacing)
         for i, p in enumerate(images)
     ]
 
@@ -114,19 +117,21 @@ def _read_list(path: Path) -> tuple[list[Path], list[str | None]]:
     return images, masks
 
 
-def file_items(spec: str, prompt: str, exclude: Path | None = None) -> list[PredictItem]:
-    """Items for an image file, a folder, a glob or a list file (see the module docstring)."""
+def file_items(
+    spec: str, prompt: str, exclude: Path | None = None, spacing: tuple[float, float] | None = None
+) -> list[PredictItem]:
+    """Items for an image file, a folder, a glob or a list file (see the module docstring); `spacing`: mm/pixel."""
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             images, masks = _read_list(path)
-            return _from_files(images, masks, _common_root(images), prompt)
+            return _from_files(images, masks, _common_root(images), prompt, spacing)
         if not is_image_file(path):
             raise InputError(
                 f"input={spec}: neither an image ({', '.join(sorted({'.png', '.jpg', '.tif', '.gif', '.bmp'}))}, ...) "
                 f"nor a list file ({', '.join(LIST_SUFFIXES)})"
             )
-        return _from_files([path], [None], path.resolve().parent, prompt)
+        return _from_files([path], [None], path.resolve().parent, prompt, spacing)
     if path.is_dir():
         root = path.resolve()
         images = sorted(
@@ -138,27 +143,22 @@ def file_items(spec: str, prompt: str, exclude: Path | None = None) -> list[Pred
             raise InputError(
                 f"input={spec}: the folder holds no images (looked for {', '.join(('png', 'jpg', 'tif', 'gif', 'bmp', 'ppm'))} files, recursively)"
             )
-        return _from_files(images, [None] * len(images), root, prompt)
+        return _from_files(images, [None] * len(images), root, prompt, spacing)
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         images = [p for p in matches if p.is_file() and is_image_file(p)]
         if not images:
             raise InputError(f"input={spec}: the pattern matches no image files ({len(matches)} paths matched)")
-        return _from_files(images, [None] * len(images), _common_root(images), prompt)
+        return _from_files(images, [None] * len(images), _common_root(images), prompt, spacing)
     raise InputError(f"input={spec}: no such file or folder, and not a glob pattern")
 
 
 def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[PredictItem]:
     """Items of a `vseg.data` source: all records, or one split of them (`train` / `val`)."""
-    from vseg.data.dataset import expand, split_records
-    from vseg.data.sources import read_records
+    from vseg.data.dataset import expand
 
-    records = read_records(data)
-    if split in ("train", "val"):
-        train, val = split_records(records, data.split, data.seed)
-        records = train if split == "train" else val
-    elif split != "all":
-        raise ConfigError(f"split={split!r}: expected val, train or all")
+    records = split_of(data, split)
+    spacing = parse_spacing(data.pixel_spacing)
     items = []
     for i, item in enumerate(expand(records, data.objects)):
         if item.object_index is None:
@@ -168,11 +168,40 @@ def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[Pred
             phrase = objects[item.object_index].phrase if item.object_index < len(objects) else None
             question = prompt or data.object_prompts[0].format(phrase=phrase or "blood vessels")
         items.append(
-            PredictItem(index=i, id=item.id, prompt=question, record=item.record, object_index=item.object_index)
+            PredictItem(
+                index=i,
+                id=item.id,
+                prompt=question,
+                record=item.record,
+                object_index=item.object_index,
+                spacing=spacing,
+            )
         )
     if not items:
         raise InputError(f"data={data.name or data.source}: split {split} has no images")
     return items
+
+
+def split_of(data: DataConfig, split: str) -> list[Any]:
+    """The records of a `vseg.data` source: all of them, or one split (`train` / `val`)."""
+    from vseg.data.dataset import split_records
+    from vseg.data.sources import read_records
+
+    records = read_records(data)
+    if split in ("train", "val"):
+        train, val = split_records(records, data.split, data.seed)
+        return train if split == "train" else val
+    if split != "all":
+        raise ConfigError(f"split={split!r}: expected val, train or all")
+    return records
+
+
+def cut_after_seg(features: dict[str, Any], seg_id: int) -> dict[str, Any]:
+    """Causal attention: nothing after the last [SEG] changes its state, so it is not computed."""
+    ids = features["input_ids"]
+    last = int((ids == seg_id).nonzero().max()) + 1 if bool((ids == seg_id).any()) else len(ids)
+    features["input_ids"], features["labels"] = ids[:last], features["labels"][:last]
+    return features
 
 
 class PredictDataset(Dataset):
@@ -227,13 +256,13 @@ class PredictDataset(Dataset):
         except Exception as err:  # noqa: BLE001 - any unreadable input is recorded as failed, the run goes on
             return {"item": item, "error": f"{type(err).__name__}: {err}"}
         if self.answer is not None:
-            # Causal attention: nothing after the last [SEG] changes its state, so it is not computed.
-            seg_id = self.processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
-            ids = features["input_ids"]
-            last = int((ids == seg_id).nonzero().max()) + 1 if bool((ids == seg_id).any()) else len(ids)
-            features["input_ids"], features["labels"] = ids[:last], features["labels"][:last]
+            cut_after_seg(features, self.processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN))
         features.update(item=item, image=image, truth=truth, fov_mask=fov)
         return features
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The loader's `collate_fn` for this dataset."""
+        return collate(self.processor, samples)
 
 
 def collate(processor: Sa2VAProcessor, samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Layout of `output=DIR`:
 
     run.json               what produced the folder (checkpoint, prompt/answer settings, threshold, dtype)
     masks/<id>.png         0/255 mask at the input's own size
-    overlays/<id>.png      the input with the prediction in red (and, with ground truth, missed vessels in blue)
+    masks/<target>/<id>.png   with targets=: one mask per target
+    overlays/<id>.png      the input with the prediction in red (and, with ground truth, missed vessels in blue);
+                           with targets=, each target in its colour above a legend
     progress/rank<r>.jsonl journal: one line per finished input, appended after its files are in place
     results.jsonl          one record per input, in input order (written at the end)
     summary.json           means, counts and speed (written at the end)
@@ -33,6 +35,7 @@ from PIL import Image
 
 from vseg.artifacts.files import atomic_write, storage_error
 from vseg.config import ConfigError
+from vseg.distances import summarise_distances
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks
@@ -63,6 +66,19 @@ def _png(array: np.ndarray) -> Any:
     return lambda p: image.save(p, format="PNG", compress_level=1)
 
 
+def _scores(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over the entries with ground truth (distances: over those where defined, the rest counted)."""
+    scored = [r for r in entries if "dice" in r]
+    out: dict[str, Any] = {
+        "with_ground_truth": len(scored),
+        "foreground": float(np.mean([r["foreground"] for r in entries])) if entries else None,
+    }
+    for key in SCORES:
+        out[key] = float(np.mean([r[key] for r in scored])) if scored else None
+    out.update(summarise_distances(scored))
+    return out
+
+
 class OutputStore:
     """One output folder. `prepare` (once, before any rank writes) then `open` on every rank.
 
@@ -71,10 +87,18 @@ class OutputStore:
         rank: this process's rank (its journal file).
         overlays: also write overlay PNGs.
         workers: threads that encode and write PNGs while the model works on the next batch.
+        targets: with targets=, name -> prompt (recorded with each target's results).
     """
 
-    def __init__(self, root: Path, rank: int = 0, overlays: bool = True, workers: int = 4):
-        self.root, self.rank, self.overlays = root, rank, overlays
+    def __init__(
+        self,
+        root: Path,
+        rank: int = 0,
+        overlays: bool = True,
+        workers: int = 4,
+        targets: dict[str, str] | None = None,
+    ):
+        self.root, self.rank, self.overlays, self.targets = root, rank, overlays, targets or {}
         self.journal_path = root / "progress" / f"rank{rank}.jsonl"
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="vseg-write")
@@ -131,7 +155,8 @@ class OutputStore:
         return {k: r for k, r in records.items() if r.get("status") == "ok" and self._files_exist(r)}
 
     def _files_exist(self, record: dict[str, Any]) -> bool:
-        paths = [record.get("mask")] + ([record.get("overlay")] if self.overlays else [])
+        masks = [t.get("mask") for t in record["targets"].values()] if "targets" in record else [record.get("mask")]
+        paths = masks + ([record.get("overlay")] if self.overlays else [])
         return all(p and (self.root / p).is_file() for p in paths)
 
     # ------------------------------------------------------------ writing
@@ -172,8 +197,12 @@ class OutputStore:
         fov: np.ndarray | None,
         mode: str,
     ) -> None:
-        """Writes one input's files and journal line on a worker thread."""
-        self._pending.append(self._pool.submit(self._write, item, prediction, image, truth, fov, mode))
+        """Writes one input's files and journal line on a worker thread.
+
+        With targets, `prediction` and `truth` are dicts target name -> prediction / truth (or None).
+        """
+        write = self._write_targets if isinstance(prediction, dict) else self._write
+        self._pending.append(self._pool.submit(write, item, prediction, image, truth, fov, mode))
         if len(self._pending) > 256:
             self._drain(keep=64)
 
@@ -199,8 +228,45 @@ class OutputStore:
             atomic_write(self.root / overlay_rel, _png(overlay(image, prediction.mask, truth)), "overlay")
             record["overlay"] = overlay_rel
         if truth is not None:
-            record.update(score_masks(prediction.mask, truth, fov))
+            record.update(score_masks(prediction.mask, truth, fov, item.spacing))
             record["fov"] = fov is not None
+        self._append(record)
+        with self._lock:
+            self.written += 1
+
+    def _write_targets(self, item, predictions, image, truths, fov, mode) -> None:
+        from vseg.inference.targets import overlay_targets
+
+        record: dict[str, Any] = {
+            "index": item.index,
+            "id": item.id,
+            "path": item.source,
+            "answer_mode": mode,
+            "size": [int(image.shape[0]), int(image.shape[1])],
+            "targets": {},
+            "status": "ok",
+        }
+        for name, prediction in predictions.items():
+            mask_rel = f"masks/{name}/{item.id}.png"
+            atomic_write(self.root / mask_rel, _png(prediction.mask.astype(np.uint8) * 255), "mask")
+            entry: dict[str, Any] = {
+                "prompt": self.targets.get(name),
+                "answer": prediction.answer,
+                "seg_tokens": prediction.seg_tokens,
+                "mask": mask_rel,
+                "foreground": float(prediction.mask.mean()),
+                "mean_logit": None if math.isnan(prediction.mean_logit) else prediction.mean_logit,
+            }
+            truth = truths.get(name)
+            if truth is not None:
+                entry.update(score_masks(prediction.mask, truth, fov, item.spacing))
+            record["targets"][name] = entry
+        if self.overlays:
+            overlay_rel = f"overlays/{item.id}.png"
+            masks = {name: p.mask for name, p in predictions.items()}
+            atomic_write(self.root / overlay_rel, _png(overlay_targets(image, masks)), "overlay")
+            record["overlay"] = overlay_rel
+        record["fov"] = fov is not None
         self._append(record)
         with self._lock:
             self.written += 1
@@ -244,18 +310,23 @@ class OutputStore:
         records = self.collect(items)
         atomic_text(self.root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         ok = [r for r in records if r["status"] == "ok"]
-        scored = [r for r in ok if "dice" in r]
         summary: dict[str, Any] = {
             **extra,
             "images": len(records),
             "ok": len(ok),
             "failed": sum(r["status"] == "failed" for r in records),
             "missing": sum(r["status"] == "missing" for r in records),
-            "with_ground_truth": len(scored),
-            "foreground": float(np.mean([r["foreground"] for r in ok])) if ok else None,
         }
-        for key in SCORES:
-            summary[key] = float(np.mean([r[key] for r in scored])) if scored else None
+        names = list(extra.get("targets") or {})
+        if names:  # one entry per (image, target): the overall means run over all of them, as validation's do
+            per_target = {
+                n: [{"id": r["id"], **r["targets"][n]} for r in ok if n in r.get("targets", {})] for n in names
+            }
+            prompts = extra["targets"] if isinstance(extra["targets"], dict) else {}
+            summary["targets"] = {n: {"prompt": prompts.get(n), **_scores(e)} for n, e in per_target.items()}
+            summary.update(_scores([e for entries in per_target.values() for e in entries]))
+        else:
+            summary.update(_scores(ok))
         summary.update(timing)
         summary["failures"] = [
             {"path": r["path"], "error": r.get("error", "not predicted")} for r in records if r["status"] != "ok"

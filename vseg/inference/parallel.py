@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes, to_device
-from vseg.inference.inputs import PredictItem, collate
+from vseg.inference.inputs import PredictItem
 from vseg.inference.outputs import OutputStore
 from vseg.inference.predictor import Predictor
 
@@ -74,9 +73,10 @@ class PredictModule(L.LightningModule):
         num_workers: int,
         data: Any = None,
         times: LoopTimes | None = None,
+        targets: dict[str, str] | None = None,
     ):
         super().__init__()
-        self.load, self.items = load, items
+        self.load, self.items, self.targets = load, items, targets
         self.batch_size, self.num_workers, self.data = batch_size, num_workers, data
         self.model: torch.nn.Module | None = None
         self.predictor: Predictor | None = None
@@ -95,12 +95,13 @@ class PredictModule(L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         assert self.predictor is not None
+        dataset = self.predictor.dataset(self.items, self.data, targets=self.targets)
         return DataLoader(
-            self.predictor.dataset(self.items, self.data),
+            dataset,
             batch_size=self.batch_size,
             sampler=ShardSampler(len(self.items), self.global_rank, self.trainer.world_size),
             num_workers=self.num_workers,
-            collate_fn=partial(collate, self.predictor.processor),
+            collate_fn=dataset.collate,
             worker_init_fn=WorkerInit(),  # workers end with this rank, even after kill -9
             pin_memory=self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=False,
@@ -143,13 +144,13 @@ class PredictModule(L.LightningModule):
 class ResultWriter(BasePredictionWriter):
     """Writes each batch's masks, overlays and journal lines on this rank (PNG encoding on threads)."""
 
-    def __init__(self, root: Path, overlays: bool, mode: str, workers: int = 4):
+    def __init__(self, root: Path, overlays: bool, mode: str, workers: int = 4, targets: dict[str, str] | None = None):
         super().__init__(write_interval="batch")
-        self.root, self.overlays, self.mode, self.workers = root, overlays, mode, workers
+        self.root, self.overlays, self.mode, self.workers, self.targets = root, overlays, mode, workers, targets
         self.store: OutputStore | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.store = OutputStore(self.root, trainer.global_rank, self.overlays, self.workers).open()
+        self.store = OutputStore(self.root, trainer.global_rank, self.overlays, self.workers, self.targets).open()
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -158,7 +159,8 @@ class ResultWriter(BasePredictionWriter):
 
 
 def write_batch(store: OutputStore, batch: dict[str, Any], predictions: list[Any], mode: str) -> None:
-    """Hands one batch's results to the store: failures recorded, predictions written."""
+    """Hands one batch's results to the store: failures recorded, predictions written (per image; with
+    targets, a prediction and a truth are dicts target name -> value)."""
     for item, error in batch["failed"]:
         store.fail(item, error)
     for item, pred, image, truth, fov in zip(
@@ -182,12 +184,13 @@ def predict_data_parallel(
     progress: bool = True,
     writer_threads: int = 4,
     times: LoopTimes | None = None,
+    targets: dict[str, str] | None = None,
 ) -> tuple[int, float]:
     """Runs Trainer.predict over `devices` processes; returns (this process's rank, predict seconds).
 
     `times` receives this process's split of the loop (`LoopTimes`).
     """
-    module = PredictModule(load, items, batch_size, num_workers, data, times)
+    module = PredictModule(load, items, batch_size, num_workers, data, times, targets)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -198,7 +201,7 @@ def predict_data_parallel(
         enable_model_summary=False,
         enable_progress_bar=progress,
         use_distributed_sampler=False,  # ShardSampler partitions the plan itself
-        callbacks=[ResultWriter(root, overlays, mode, writer_threads)],
+        callbacks=[ResultWriter(root, overlays, mode, writer_threads, targets)],
         inference_mode=True,
     )
     trainer.predict(module, return_predictions=False)

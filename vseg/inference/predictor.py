@@ -10,6 +10,10 @@ through `Predictor.load` and run it through the same `Engine`, so a mask is comp
     results[0].mask            # HxW bool at the input's own size
     results[0].answer          # the answer text ("It is [SEG]." or generated with answer="generate")
 
+    # several targets: one question each, all asked in one batched pass; per image, target -> prediction
+    per_image = predictor.predict(images, targets={"artery": "Please segment the arteries.", "vein": None})
+    per_image[0]["artery"].mask
+
 Loading: the checkpoint form is resolved (`vseg.artifacts.sources`), the weights are read in the dtype
 inference runs in, LoRA and trained token rows are merged into the base (`merge_lora`), and the model is
 placed on one device or split by `device_map` (+ `max_memory`); `compile=True` compiles its repeated blocks.
@@ -18,7 +22,7 @@ placed on one device or split by `device_map` (+ `max_memory`); `compile=True` c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,20 +185,41 @@ class Predictor:
             )
         return self._engines[mode]
 
-    def dataset(self, items: list[PredictItem], data: DataConfig | None = None, mode: str | None = None):
-        """The reading-and-encoding dataset of `items` for this model (teacher-forced answers cut after [SEG])."""
+    def dataset(
+        self,
+        items: list[PredictItem],
+        data: DataConfig | None = None,
+        mode: str | None = None,
+        targets: Mapping[str, str] | None = None,
+    ):
+        """The reading-and-encoding dataset of `items` for this model (teacher-forced answers cut after [SEG]).
+
+        With `targets` (name -> prompt), items are images and each is asked every target's question
+        (`vseg.inference.targets`); its `collate` builds the (images x targets) batches. Use `dataset.collate`
+        as the loader's `collate_fn` either way.
+        """
         teacher_forced = (mode or self.mode) == "teacher_forced"
-        return PredictDataset(items, self.processor, self.answer_text if teacher_forced else None, data)
+        answer = self.answer_text if teacher_forced else None
+        if targets:
+            from vseg.inference.targets import TargetsDataset, names_with_truth
+
+            return TargetsDataset(items, self.processor, answer, data, targets, names_with_truth(items, targets))
+        return PredictDataset(items, self.processor, answer, data)
 
     def __call__(
         self, batch: dict[str, Any], mode: str | None = None, probability: bool = False
-    ) -> list[ItemPrediction]:
-        """Predictions for one collated batch (`collate`); its tensors go where the model needs them.
+    ) -> list[ItemPrediction] | list[dict[str, ItemPrediction]]:
+        """Predictions for one collated batch; its tensors go where the model needs them.
 
-        `probability=True` also returns each input's foreground probability map (to move the threshold later).
+        A batch of a targets dataset gives, per image, a dict target name -> prediction. `probability=True`
+        also returns each input's foreground probability map (to move the threshold later; not with targets).
         """
         if self.device_map is None:
             batch = to_device(batch, self.device)
+        if "row_image" in batch:  # a TargetsDataset batch
+            from vseg.inference.targets import predict_targets
+
+            return predict_targets(self.engine(mode), batch)
         return self.engine(mode)(batch, probability)
 
     def predict(
@@ -204,7 +229,8 @@ class Predictor:
         answer: str | None = None,
         batch_size: int = 8,
         probability: bool = False,
-    ) -> list[ItemPrediction]:
+        targets: Mapping[str, str | None] | Sequence[str] | None = None,
+    ) -> list[ItemPrediction] | list[dict[str, ItemPrediction]]:
         """Masks for images given as paths, HxWx3 uint8 arrays or PIL images.
 
         Args:
@@ -213,12 +239,22 @@ class Predictor:
             answer: teacher_forced | generate (default: the predictor's).
             batch_size: images per forward pass.
             probability: also return each image's foreground probability map (`ItemPrediction.probability`).
+            targets: name -> prompt (None: "Please segment the {name} in this image."), or a list of names;
+                each image is asked every target's question, all in batched passes. Excludes `prompts`.
 
         Returns:
-            Per image, in order: the mask at its own size, the answer text, the [SEG] count and mean logit.
+            Per image, in order: the mask at its own size, the answer text, the [SEG] count and mean logit; with
+            `targets`, per image a dict target name -> that prediction.
         """
         single = isinstance(images, str | Path | np.ndarray | Image.Image)
         images = [images] if single else list(images)  # type: ignore[list-item]
+        if targets is not None:
+            if prompts is not None:
+                raise ValueError("give prompts= or targets= (each target carries its own prompt), not both")
+            from vseg.inference.targets import parse_targets
+
+            parsed = parse_targets(targets)
+            prompts = ""
         if prompts is None or isinstance(prompts, str):
             prompts = [prompts or DEFAULT_PROMPT] * len(images)
         if len(prompts) != len(images):
@@ -229,10 +265,10 @@ class Predictor:
             else PredictItem(i, f"input{i}", p, pixels=x)
             for i, (x, p) in enumerate(zip(images, prompts, strict=True))
         ]
-        dataset = self.dataset(items, mode=answer)
-        out: list[ItemPrediction] = []
+        dataset = self.dataset(items, mode=answer, targets=parsed if targets is not None else None)
+        out: list[Any] = []
         for start in range(0, len(items), max(1, batch_size)):
-            batch = collate(self.processor, [dataset[i] for i in range(start, min(start + batch_size, len(items)))])
+            batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(items)))])
             if batch["failed"]:
                 item, error = batch["failed"][0]
                 raise InputError(f"image {item.index} ({item.source}): {error}")

@@ -121,43 +121,64 @@ class Sa2VAProcessor:
             masks: (K, H, W) or (H, W) boolean targets, one per [SEG] in `answer`.
             sample_id: shown in error messages.
         """
+        return self.encode_questions(image, [question], answer, masks, sample_id)[0]
+
+    def encode_questions(
+        self,
+        image: np.ndarray | Image.Image,
+        questions: list[str],
+        answer: str | None = None,
+        masks: np.ndarray | None = None,
+        sample_id: str = "?",
+    ) -> list[dict[str, Any]]:
+        """Features of one image asked several questions (prediction with several targets), in their order.
+
+        The image is tiled and resized once; the samples share those tensors and differ in their text.
+        """
         pil = to_pil(image)
         template = get_template(self.model_cfg.template)
         image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
-        prompt_ids = self._ids(self.prompt(image_text, question))
+        sam = sam_pixels(pil, self.sam_size)
         answer_ids = self._ids(answer + template.suffix) if answer is not None else []
-        input_ids = prompt_ids + answer_ids
-        if len(input_ids) > self.max_length:
-            raise SampleError(
-                f"sample {sample_id}: {len(input_ids)} tokens exceed data.max_length={self.max_length} "
-                f"(image tokens: {image_text.count('<IMG_CONTEXT>')}); raise max_length or lower model.max_tiles"
-            )
-        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        features: dict[str, Any] = {
-            "id": sample_id,
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "sam_pixel_values": sam_pixels(pil, self.sam_size),
-            "mllm_inputs": image_inputs,
-            "image_size": (pil.height, pil.width),
+        out = []
+        for question in questions:
+            prompt_ids = self._ids(self.prompt(image_text, question))
+            input_ids = prompt_ids + answer_ids
+            if len(input_ids) > self.max_length:
+                raise SampleError(
+                    f"sample {sample_id}: {len(input_ids)} tokens exceed data.max_length={self.max_length} "
+                    f"(image tokens: {image_text.count('<IMG_CONTEXT>')}); raise max_length or lower model.max_tiles"
+                )
+            labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            features: dict[str, Any] = {
+                "id": sample_id,
+                "input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "sam_pixel_values": sam,
+                "mllm_inputs": image_inputs,
+                "image_size": (pil.height, pil.width),
+            }
+            if masks is not None:
+                features.update(self._mask_features(masks, answer, pil, sample_id))
+            out.append(features)
+        return out
+
+    def _mask_features(
+        self, masks: np.ndarray, answer: str | None, pil: Image.Image, sample_id: str
+    ) -> dict[str, torch.Tensor]:
+        masks = masks[None] if masks.ndim == 2 else masks
+        n_seg = (answer or "").count(SEG_TOKEN)
+        if masks.shape[0] != n_seg:
+            raise SampleError(f"sample {sample_id}: {masks.shape[0]} masks but {n_seg} {SEG_TOKEN} in the answer")
+        if masks.shape[1:] != (pil.height, pil.width):
+            raise SampleError(f"sample {sample_id}: mask {masks.shape[1:]} != image {(pil.height, pil.width)}")
+        return {
+            "masks": torch.from_numpy(masks.astype(bool)),
+            "masks_low_res": torch.stack([resize_mask(m, (self.mask_size, self.mask_size)) for m in masks]),
         }
-        if masks is not None:
-            masks = masks[None] if masks.ndim == 2 else masks
-            n_seg = (answer or "").count(SEG_TOKEN)
-            if masks.shape[0] != n_seg:
-                raise SampleError(f"sample {sample_id}: {masks.shape[0]} masks but {n_seg} {SEG_TOKEN} in the answer")
-            if masks.shape[1:] != (pil.height, pil.width):
-                raise SampleError(f"sample {sample_id}: mask {masks.shape[1:]} != image {(pil.height, pil.width)}")
-            features["masks"] = torch.from_numpy(masks.astype(bool))
-            features["masks_low_res"] = torch.stack([resize_mask(m, (self.mask_size, self.mask_size)) for m in masks])
-        return features
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Pads text on the right, stacks SAM images, batches the family's image inputs.
-
-        Masks stay a list (one (K, H, W) tensor per sample, sizes may differ); `masks_low_res` is
-        concatenated in [SEG] order, matching the order of the model's mask logits.
-        """
+    def pad_text(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, labels, attention_mask) of the samples, padded on the right to the longest."""
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad token")
@@ -171,6 +192,15 @@ class Sa2VAProcessor:
             input_ids[i, :n] = s["input_ids"]
             labels[i, :n] = s["labels"]
             attention_mask[i, :n] = 1
+        return input_ids, labels, attention_mask
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pads text on the right, stacks SAM images, batches the family's image inputs.
+
+        Masks stay a list (one (K, H, W) tensor per sample, sizes may differ); `masks_low_res` is
+        concatenated in [SEG] order, matching the order of the model's mask logits.
+        """
+        input_ids, labels, attention_mask = self.pad_text(samples)
         batch: dict[str, Any] = {
             "ids": [s["id"] for s in samples],
             "image_ids": [s.get("image_id", s["id"]) for s in samples],  # which image (per-object samples share one)
@@ -181,6 +211,10 @@ class Sa2VAProcessor:
             "mllm_inputs": self.family.collate([s["mllm_inputs"] for s in samples]),
             "image_sizes": [s["image_size"] for s in samples],
         }
+        if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
+            batch["targets"] = [s.get("target") for s in samples]
+        if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)
+            batch["pixel_spacings"] = [s.get("pixel_spacing") for s in samples]
         if any("fov" in s for s in samples):  # field of view: metrics count only inside it (None: everywhere)
             batch["fov"] = [torch.from_numpy(s["fov"]) if "fov" in s else None for s in samples]
         if all("masks" in s for s in samples):

@@ -13,7 +13,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vseg.config import ConfigError, TrainConfig
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
-from vseg.metrics import SegmentationMetrics
+from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Sa2VA
 from vseg.training.faults import NonFiniteGuard, TestFaults
@@ -69,6 +69,7 @@ class Sa2VAModule(L.LightningModule):
         self._val_batches_max: int | None = None  # ZeRO-3: most validation batches of any rank
         self.cfg = cfg
         self.val_metrics = SegmentationMetrics()
+        self.target_scores = TargetScores()  # HD95 / ASSD, and per target once `setup` knows the object names
         # Checkpoints hold only trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False
         self.overlays = int(cfg.callbacks.get("val_overlays", 4))
@@ -77,6 +78,13 @@ class Sa2VAModule(L.LightningModule):
         self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
+
+    def setup(self, stage: str) -> None:
+        from vseg.data.dataset import target_names
+
+        val_set = getattr(getattr(self._trainer, "datamodule", None), "val_set", None)
+        if val_set is not None:
+            self.target_scores = TargetScores(target_names(val_set.items))
 
     def configure_model(self) -> None:
         if self.sam_cache is not None and self._zero3():  # e.g. strategy=auto chose ZeRO-3 after validation
@@ -227,6 +235,9 @@ class Sa2VAModule(L.LightningModule):
             pred = masks_at(logits, tuple(masks.shape[-2:]), self.model.grounding.image_size)
             fov = batch["fov"][i] if "fov" in batch else None
             self.val_metrics.update(pred.cpu(), masks.cpu(), fov)
+            name = batch["targets"][i] if "targets" in batch else None
+            spacing = batch["pixel_spacings"][i] if "pixel_spacings" in batch else None
+            self.target_scores.to(self.device).update(pred, masks, fov, name, spacing)
             predictions.append(pred)
         if batch_idx == 0 and self.overlays > 0:
             self._log_overlays(batch, predictions)
@@ -236,6 +247,9 @@ class Sa2VAModule(L.LightningModule):
         self.log("val/dice", scores["dice"], prog_bar=True)
         self.log("val/iou", scores["iou"])
         self.val_metrics.reset()
+        for key, value in self.target_scores.compute().items():
+            self.log(f"val/{key}", value)  # val/hd95, val/hd95_undefined, val/dice/<target>, ...
+        self.target_scores.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log.info(
                 "step %d  val/dice %.4f  val/iou %.4f", self.global_step, float(scores["dice"]), float(scores["iou"])
