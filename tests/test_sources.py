@@ -334,8 +334,8 @@ def test_drive_preset_reads_the_real_dataset():
 
 
 def test_training_refuses_bad_data_before_building_the_model(tmp_path, monkeypatch):
-    from vseg import train
     from vseg.data.check import DatasetProblems
+    from vseg.training import run as train
 
     from conftest import tiny_cfg
 

@@ -1,10 +1,10 @@
-"""Parameter counts per part of a Sa2VA build, without memory: the model is built on the meta device.
+"""Parameter counts per part of a Sa2VA build, without allocating: the model is built on the meta device.
 
 `vseg info model=sa2va_8b [lora=...]` prints vision tower, projector, LLM, SAM-2 and `text_hidden_fcs`
-counts, the total, what trains under the chosen `lora` (adapters included) and the SAM-2 video-memory
-parameters a released checkpoint also holds (memory attention / encoder, object pointers: Sa2VA ships them,
-single-image segmentation never runs them, so vseg does not build them). A meta build allocates nothing
-and takes seconds even at 26B.
+counts (SAM-2 with its video memory: memory attention / encoder, object pointers, which Sa2VA ships and
+runs on videos), the total and what trains under the chosen `lora` (adapters included). A SAM-2 too
+narrow to track builds no memory; the parameters a release still holds for it are listed apart. A meta
+build allocates nothing and takes seconds even at 26B.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class SizeReport:
     name: str
     parts: dict[str, PartCount]
     adapters: int  # LoRA matrices and trainable token rows PEFT adds (not part of `total`)
-    sam2_memory: int  # SAM-2 video-memory parameters of the release that vseg does not build
+    sam2_memory: int  # SAM-2 video-memory parameters of the release that this build lacks (too narrow to track)
 
     @property
     def total(self) -> int:
@@ -58,7 +58,8 @@ class SizeReport:
         rows.append(("total (built)", self.total, self.trainable))
         lines = [f"model {self.name}", f"{'part':<22}{'params':>16}{'trainable':>16}"]
         lines += [f"{name:<22}{n:>16,}{t:>16,}" for name, n, t in rows]
-        lines.append(f"{'  + sam2 video memory':<22}{self.sam2_memory:>16,}{'(not built)':>16}")
+        if self.sam2_memory:
+            lines.append(f"{'  + sam2 video memory':<22}{self.sam2_memory:>16,}{'(not built)':>16}")
         lines.append(f"{'release total':<22}{self.release_total:>16,}")
         share = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"trainable {self.trainable:,} ({share:.2f}% of built; {self.adapters:,} of it in adapters)")
@@ -133,7 +134,10 @@ def size_report(model_cfg: ModelConfig, lora: LoraConfig | None) -> SizeReport:
             count.params += param.numel()
         if param.requires_grad:
             count.trainable += param.numel()
-    return SizeReport(model_cfg.name, parts, adapters, sam2_memory_parameters(model_cfg.sam2))
+    # The video memory is built (and counted in `sam2`) whenever SAM-2 is wide enough to track; otherwise the
+    # release still holds it and it is counted apart.
+    unbuilt = 0 if getattr(model.grounding, "memory", None) is not None else sam2_memory_parameters(model_cfg.sam2)
+    return SizeReport(model_cfg.name, parts, adapters, unbuilt)
 
 
 def report_for(cfg: TrainConfig) -> SizeReport:
