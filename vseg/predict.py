@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,37 +135,106 @@ def load_predictor(
 def run(pcfg: DictConfig) -> dict[str, Any]:
     """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
     begin = time.perf_counter()
-    opts = load_predict_config(pcfg)
-    # targets= and pixel_spacing= in their parsed forms (a name -> prompt dict; (row, col) mm)
-    opts = dataclasses.replace(
-        opts,
-        targets=parse_targets(opts.targets, _data_override(pcfg)),
-        pixel_spacing=parse_spacing(opts.pixel_spacing, "pixel_spacing"),
-    )
+    opts = _options(pcfg)
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     runs = run_inputs(opts.input, opts.video, exclude=opts.output_dir) if opts.input is not None else None
     if runs is not None:  # video, cine DICOM, stacks, frame folders: vseg.inference.run_outputs
         return predict_run_inputs(opts, source, runs, lambda dev: load_predictor(source, opts, dev))
     items, data = resolve_items(pcfg, opts, source)
+    out = _output_dir(opts, source)
+    place = Placement.of(opts)
+    store, todo = _plan(items, out, opts, source, place)
+    loop = LoopTimes()
+    load_seconds = predict_seconds = 0.0
+    if todo and place.parallel:
+        rank, predict_seconds = _predict_data_parallel(todo, data, out, opts, source, place, loop)
+        if rank != 0:
+            return {"rank": rank}
+        load_seconds = time.perf_counter() - begin - predict_seconds
+    elif todo:
+        load_seconds, predict_seconds = _predict_one_device(todo, data, store, opts, source, place, loop)
+    timing = _timing(len(items), len(todo), time.perf_counter() - begin, load_seconds, predict_seconds, loop)
+    summary = store.finish(items, timing, _extra(opts, source, out, place))
+    _report(summary, out, loop)
+    return summary
+
+
+def _options(pcfg: DictConfig) -> PredictConfig:
+    """The typed options with targets= and pixel_spacing= in their parsed forms (name -> prompt; (row, col) mm)."""
+    opts = load_predict_config(pcfg)
+    return dataclasses.replace(
+        opts,
+        targets=parse_targets(opts.targets, _data_override(pcfg)),
+        pixel_spacing=parse_spacing(opts.pixel_spacing, "pixel_spacing"),
+    )
+
+
+def _output_dir(opts: PredictConfig, source: ModelSource) -> Path:
+    """`output=`, or `<run>/predictions` for a run directory; checked writable before the model is loaded."""
     out = opts.output_dir
     if out is None:
         if source.form != "run" or source.path is None:
             raise ConfigError("output= is required (only a run directory has a default: <run>/predictions)")
         out = source.path / "predictions"
     if out.is_dir() or not out.exists():  # (a file there: OutputStore.prepare's configuration error)
-        check_writable(out, "prediction output (output=)")  # before the model is loaded
-    devices = (torch.cuda.device_count() or 1) if opts.devices in ("auto", -1, "-1") else int(opts.devices)
-    max_memory = parse_max_memory(opts.max_memory)  # checked here: it names the GPUs of this machine
-    parallel = devices > 1
-    accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    device = resolve_device(opts.device) if not parallel else torch.device("cuda" if accelerator == "gpu" else "cpu")
-    if (
-        opts.device_map is not None
-        and not torch.cuda.is_available()
-        and not (max_memory or {}).keys() <= {"cpu", "disk"}
-    ):
-        raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
+        check_writable(out, "prediction output (output=)")
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model runs: one device, `devices` data-parallel processes, or split by a device map."""
+
+    devices: int
+    accelerator: str
+    device: torch.device
+    device_map: str | None
+    max_memory: dict[int | str, int | str] | None
+
+    @classmethod
+    def of(cls, opts: PredictConfig) -> Placement:
+        devices = (torch.cuda.device_count() or 1) if opts.devices in ("auto", -1, "-1") else int(opts.devices)
+        max_memory = parse_max_memory(opts.max_memory)  # checked here: it names the GPUs of this machine
+        cuda = torch.cuda.is_available()
+        accelerator = opts.accelerator if opts.accelerator != "auto" else ("gpu" if cuda else "cpu")
+        # Data-parallel ranks get their own GPU from Lightning; here only the kind matters.
+        parallel_device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+        device = parallel_device if devices > 1 else resolve_device(opts.device)
+        if opts.device_map is not None and not cuda and not (max_memory or {}).keys() <= {"cpu", "disk"}:
+            raise ConfigError("device_map needs CUDA GPUs (none is visible); drop device_map to run on one device")
+        return cls(devices, accelerator, device, opts.device_map, max_memory)
+
+    @property
+    def parallel(self) -> bool:
+        return self.devices > 1
+
+    def describe(self) -> str:
+        if self.parallel:
+            return f"data-parallel x{self.devices} ({self.accelerator})"
+        return f"model-parallel device_map={self.device_map}" if self.device_map else str(self.device)
+
+
+def _plan(
+    items: list[PredictItem], out: Path, opts: PredictConfig, source: ModelSource, place: Placement
+) -> tuple[OutputStore, list[PredictItem]]:
+    """The output store and the inputs still to predict: a new or resumed folder (whose fingerprint must match
+    these options), or, on a data-parallel rank, the plan the launching process fixed."""
+    store = OutputStore(out, 0, opts.overlays, opts.writer_threads, opts.targets)
+    plan_file = os.environ.get(PLAN_ENV)
+    if place.parallel and plan_file is not None:  # a rank launched by Lightning
+        todo_index = set(read_plan(Path(plan_file)))
+        return store, [it for it in items if it.index in todo_index]
+    OutputStore.prepare(out, _fingerprint(opts, source, place), opts.overwrite)
+    done = store.done()
+    todo = [it for it in items if it.id not in done]
+    if done:
+        log.info("resuming: %d of %d inputs already done in %s", len(items) - len(todo), len(items), out)
+    return store, todo
+
+
+def _fingerprint(opts: PredictConfig, source: ModelSource, place: Placement) -> dict[str, Any]:
+    """What a resumed output folder must have been written with."""
     answer_text = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg else DEFAULT_ANSWER)
     fingerprint = {
         "ckpt": source.describe(),
@@ -173,118 +243,125 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
         "max_new_tokens": opts.max_new_tokens if opts.answer_mode == "generate" else None,
         "prompt": opts.prompt,
         "threshold": opts.threshold,
-        "dtype": inference_dtype(opts.dtype, source, device),
+        "dtype": inference_dtype(opts.dtype, source, place.device),
     }
     if opts.targets is not None:  # (absent otherwise, so folders written before targets existed still resume)
         fingerprint["targets"] = opts.targets
     if opts.pixel_spacing is not None:
         fingerprint["pixel_spacing"] = list(opts.pixel_spacing)
-    plan_file = os.environ.get(PLAN_ENV)
-    child = parallel and plan_file is not None
-    store = OutputStore(out, 0, opts.overlays, opts.writer_threads, opts.targets)
-    if child:  # a rank launched by Lightning: the launching process fixed the plan
-        todo_index = set(read_plan(Path(plan_file)))
-        todo = [it for it in items if it.index in todo_index]
-    else:
-        OutputStore.prepare(out, fingerprint, opts.overwrite)
-        done = store.done()
-        todo = [it for it in items if it.id not in done]
-        if done:
-            log.info("resuming: %d of %d inputs already done in %s", len(items) - len(todo), len(items), out)
-    load_seconds = predict_seconds = 0.0
-    loop = LoopTimes()
-    if todo and parallel:
-        if not child:
-            plan = out / "progress" / "plan.json"
-            write_plan(plan, [it.index for it in todo])
-            os.environ[PLAN_ENV] = str(plan)
-        try:
-            rank, predict_seconds = predict_data_parallel(
-                load=lambda dev: load_predictor(source, opts, dev, max_memory),
-                items=todo,
-                root=out,
-                accelerator=accelerator,
-                devices=devices,
-                batch_size=opts.batch_size,
-                num_workers=opts.num_workers,
-                overlays=opts.overlays,
-                mode=opts.answer_mode,
-                data=data,
-                writer_threads=opts.writer_threads,
-                times=loop,
-                targets=opts.targets,
-            )
-        finally:
-            if not child:
-                os.environ.pop(PLAN_ENV, None)
-        if rank != 0:
-            return {"rank": rank}
-        load_seconds = time.perf_counter() - begin - predict_seconds
-    elif todo:
-        started = time.perf_counter()
-        predictor = load_predictor(source, opts, device, max_memory)
-        load_seconds = time.perf_counter() - started
-        dataset = predictor.dataset(todo, data, targets=opts.targets)
-        loader = DataLoader(
-            dataset,
+    return fingerprint
+
+
+def _predict_data_parallel(
+    todo: list[PredictItem],
+    data: DataConfig | None,
+    out: Path,
+    opts: PredictConfig,
+    source: ModelSource,
+    place: Placement,
+    loop: LoopTimes,
+) -> tuple[int, float]:
+    """One process per device on Lightning (vseg.inference.parallel); returns (rank, predict seconds)."""
+    child = os.environ.get(PLAN_ENV) is not None
+    if not child:  # the launching process fixes the plan every rank shards
+        plan = out / "progress" / "plan.json"
+        write_plan(plan, [it.index for it in todo])
+        os.environ[PLAN_ENV] = str(plan)
+    try:
+        return predict_data_parallel(
+            load=lambda dev: load_predictor(source, opts, dev, place.max_memory),
+            items=todo,
+            root=out,
+            accelerator=place.accelerator,
+            devices=place.devices,
             batch_size=opts.batch_size,
             num_workers=opts.num_workers,
-            collate_fn=dataset.collate,
-            worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
-            pin_memory=device.type == "cuda",
+            overlays=opts.overlays,
+            mode=opts.answer_mode,
+            data=data,
+            writer_threads=opts.writer_threads,
+            times=loop,
+            targets=opts.targets,
         )
-        store.open()
-        started = time.perf_counter()
-        batches = iter(loader)
-        try:
-            with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
-                while True:
-                    with loop.measure("inputs"):
-                        batch = next(batches, None)
-                        if batch is not None and opts.device_map is None:
-                            batch = to_device(batch, device)
-                    if batch is None:
-                        break
-                    with loop.measure("model"):
-                        predictions = predictor(batch)
-                    with loop.measure("writing"):
-                        write_batch(store, batch, predictions, opts.answer_mode)
-                    bar.update(len(batch["items"]) + len(batch["failed"]))
-        finally:
-            with loop.measure("writing"):
-                store.close()
-        predict_seconds = time.perf_counter() - started
-    total = time.perf_counter() - begin
-    timing = {
-        "predicted_now": len(todo),
-        "skipped_done": len(items) - len(todo),
+    finally:
+        if not child:
+            os.environ.pop(PLAN_ENV, None)
+
+
+def _predict_one_device(
+    todo: list[PredictItem],
+    data: DataConfig | None,
+    store: OutputStore,
+    opts: PredictConfig,
+    source: ModelSource,
+    place: Placement,
+    loop: LoopTimes,
+) -> tuple[float, float]:
+    """The loop on one device (or one split model): loader workers read and encode, the model runs, writer
+    threads encode PNGs. Returns (load seconds, predict seconds)."""
+    started = time.perf_counter()
+    predictor = load_predictor(source, opts, place.device, place.max_memory)
+    load_seconds = time.perf_counter() - started
+    dataset = predictor.dataset(todo, data, targets=opts.targets)
+    loader = DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        num_workers=opts.num_workers,
+        collate_fn=dataset.collate,
+        worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
+        pin_memory=place.device.type == "cuda",
+    )
+    store.open()
+    started = time.perf_counter()
+    batches = iter(loader)
+    try:
+        with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
+            while True:
+                with loop.measure("inputs"):
+                    batch = next(batches, None)
+                    if batch is not None and place.device_map is None:
+                        batch = to_device(batch, place.device)
+                if batch is None:
+                    break
+                with loop.measure("model"):
+                    predictions = predictor(batch)
+                with loop.measure("writing"):
+                    write_batch(store, batch, predictions, opts.answer_mode)
+                bar.update(len(batch["items"]) + len(batch["failed"]))
+    finally:
+        with loop.measure("writing"):
+            store.close()
+    return load_seconds, time.perf_counter() - started
+
+
+def _timing(
+    n_items: int, n_todo: int, total: float, load_seconds: float, predict_seconds: float, loop: LoopTimes
+) -> dict[str, Any]:
+    return {
+        "predicted_now": n_todo,
+        "skipped_done": n_items - n_todo,
         "seconds_total": total,
         "seconds_load": load_seconds,
         "seconds_predict": predict_seconds,
-        "images_per_second": len(todo) / predict_seconds if predict_seconds > 0 else None,
-        "images_per_second_end_to_end": len(todo) / total if total > 0 and todo else None,
+        "images_per_second": n_todo / predict_seconds if predict_seconds > 0 else None,
+        "images_per_second_end_to_end": n_todo / total if total > 0 and n_todo else None,
         **loop.report(),
     }
-    placement = (
-        f"data-parallel x{devices} ({accelerator})"
-        if parallel
-        else f"model-parallel device_map={opts.device_map}"
-        if opts.device_map
-        else str(device)
-    )
+
+
+def _extra(opts: PredictConfig, source: ModelSource, out: Path, place: Placement) -> dict[str, Any]:
+    """The run's settings recorded in summary.json."""
     extra = {
         "ckpt": source.describe(),
         "output": str(out),
-        "placement": placement,
+        "placement": place.describe(),
         "batch_size": opts.batch_size,
-        "dtype": fingerprint["dtype"],
+        "dtype": inference_dtype(opts.dtype, source, place.device),
         "answer_mode": opts.answer_mode,
     }
     if opts.targets is not None:
         extra["targets"] = opts.targets
-    summary = store.finish(items, timing, extra)
-    _report(summary, out, loop)
-    return summary
+    return extra
 
 
 def _scores_line(scores: dict[str, Any]) -> str:
