@@ -22,7 +22,7 @@ from collections.abc import Callable
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process `pid` exists and has not exited (a zombie waiting to be reaped counts as gone)."""
     try:
         os.kill(pid, 0)
@@ -44,7 +44,7 @@ def die_with_parent(parent: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     # The parent may have died before prctl took effect. A child of a forkserver has another parent, so a
     # different parent pid alone proves nothing: the process that made the loader must be gone too.
-    if os.getppid() != parent and not _alive(parent):
+    if os.getppid() != parent and not process_alive(parent):
         os._exit(1)
 
 

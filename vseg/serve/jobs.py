@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from vseg.artifacts.files import atomic_write
 from vseg.config import ConfigError, ServeConfig, load_config
+from vseg.data.workers import process_alive
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 JOB_ID = re.compile(r"[0-9a-f]{12}")
@@ -45,18 +46,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child, not reaped yet) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+    return bool(pid) and process_alive(pid)  # type: ignore[arg-type]
 
 
 def progress(run_dir: Path) -> dict[str, Any]:
