@@ -139,8 +139,8 @@ class Check(L.Callback):
             json.dump(report, f)
 
 original = T.build_trainer
-def with_check(cfg, run_dir):
-    trainer = original(cfg, run_dir)
+def with_check(cfg, run_dir, *args):
+    trainer = original(cfg, run_dir, *args)
     trainer.callbacks.append(Check())
     return trainer
 T.build_trainer = with_check
