@@ -14,7 +14,6 @@ accelerate's hooks do it inside split models), so the same code serves one devic
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import torch
 
 from vseg.model.families import embedding_device
 from vseg.model.grounding import mask_logits_at
-from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise
 from vseg.model.sa2va import Sa2VA
 from vseg.model.tokenizer import SEG_TOKEN, get_template, token_id
 
@@ -236,21 +234,12 @@ class Engine:
         """The MLLM's `generate` inputs for one prompt (its family's image inputs, placed and typed)."""
         mllm = self.model.base_mllm
         device = embedding_device(mllm)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": torch.ones_like(input_ids).to(device),
+        input_ids = input_ids.to(device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            **self.model.family.generate_inputs(mllm, input_ids, inputs),
         }
-        if self.model.family.name == "internvl":
-            vision = next(mllm.model.vision_tower.parameters())
-            pixels = normalise(inputs["pixel_values"].to(vision.device), IMAGENET_MEAN, IMAGENET_STD)
-            kwargs["pixel_values"] = pixels.to(vision.dtype)
-        else:
-            vision = next(mllm.model.visual.parameters())
-            kwargs["pixel_values"] = inputs["pixel_values"].to(device=vision.device, dtype=vision.dtype)
-            kwargs["image_grid_thw"] = inputs["image_grid_thw"].to(vision.device)
-            if "mm_token_type_ids" in inspect.signature(mllm.model.forward).parameters:
-                kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == mllm.config.image_token_id).int()
-        return kwargs
 
     def generate(self, batch: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
         """Greedy answers, then the masks of their [SEG] tokens from one batched pass over prompt + answer."""

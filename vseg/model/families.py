@@ -75,6 +75,14 @@ class MLLMFamily(Protocol):
 
     def input_embeddings(self, mllm: nn.Module) -> nn.Embedding: ...
 
+    def generate_inputs(self, mllm: nn.Module, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The MLLM's `generate` keyword arguments for one prompt and its image inputs, placed and typed."""
+        ...
+
+    def largest_image_side(self, mllm_config: Any, cfg: ModelConfig) -> int:
+        """The side of the largest square image the model sees whole (planning for images of any size)."""
+        ...
+
 
 def embedding_device(mllm: nn.Module) -> torch.device:
     """Where the input embedding lives (its first parameter's device).
@@ -192,6 +200,15 @@ class InternVLFamily:
 
     def input_embeddings(self, mllm: nn.Module) -> nn.Embedding:
         return mllm.get_input_embeddings()
+
+    def generate_inputs(self, mllm: nn.Module, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+        vision = next(mllm.model.vision_tower.parameters())
+        pixels = normalise(inputs["pixel_values"].to(vision.device), IMAGENET_MEAN, IMAGENET_STD)
+        return {"pixel_values": pixels.to(vision.dtype)}
+
+    def largest_image_side(self, mllm_config: InternVLConfig, cfg: ModelConfig) -> int:
+        cols = max(c for c in range(1, cfg.max_tiles + 1) if c * c <= cfg.max_tiles)
+        return self.tile_size(mllm_config) * cols  # a square image at the largest square grid of tiles
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -342,6 +359,19 @@ class QwenVLFamily:
 
     def input_embeddings(self, mllm: nn.Module) -> nn.Embedding:
         return mllm.get_input_embeddings()
+
+    def generate_inputs(self, mllm: nn.Module, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+        vision = next(mllm.model.visual.parameters())
+        kwargs: dict[str, Any] = {
+            "pixel_values": inputs["pixel_values"].to(device=vision.device, dtype=vision.dtype),
+            "image_grid_thw": inputs["image_grid_thw"].to(vision.device),
+        }
+        if self._accepts(mllm.model, "mm_token_type_ids"):
+            kwargs["mm_token_type_ids"] = (input_ids == mllm.config.image_token_id).int()
+        return kwargs
+
+    def largest_image_side(self, mllm_config: Any, cfg: ModelConfig) -> int:
+        return int(math.sqrt(cfg.max_pixels))
 
 
 class Qwen25VLFamily(QwenVLFamily):

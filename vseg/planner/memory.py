@@ -27,7 +27,6 @@ tests/test_plan.py checks the estimate against each within +-15 %.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,12 +298,7 @@ def sequence_facts(cfg: TrainConfig, model: Any, tokenizer: Any) -> SequenceFact
     mllm_config = model.base_mllm.config
     side = cfg.data.image_size
     if side is None:
-        if model.family.name == "internvl":
-            tile = _sub(mllm_config.vision_config, "image_size")
-            cols = max(c for c in range(1, cfg.model.max_tiles + 1) if c * c <= cfg.model.max_tiles)
-            side = tile * cols  # a square image at the largest square grid
-        else:
-            side = int(math.sqrt(cfg.model.max_pixels))
+        side = model.family.largest_image_side(mllm_config, cfg.model)
     image = np.zeros((side, side, 3), dtype=np.uint8)
     question = max(cfg.data.prompts + [p.format(phrase="vessel") for p in cfg.data.object_prompts], key=len)
     features = processor.encode(image, question, cfg.data.answer)
