@@ -184,8 +184,11 @@ class Sa2VAModule(L.LightningModule):
         step = self.global_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed accumulates itself; its engine says whether this micro-batch ends the window. Asked
+            # before `step`, which advances the engine's micro-step count.
+            boundary = trainer.model.is_gradient_accumulation_boundary()
             optimizer.step(closure=optimizer_closure)
-            if not trainer.fit_loop._should_accumulate():
+            if boundary:
                 overflow = bool(getattr(getattr(trainer.model, "optimizer", None), "overflow", False))
                 overflow &= not str(trainer.precision).startswith("16")  # fp16: loss scaling's routine overflow
                 self.guard.decide(self, torch.tensor(overflow))
