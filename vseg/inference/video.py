@@ -51,8 +51,8 @@ def encode_key_frames(
     parts = [family.image_inputs(processor.mllm_config, one_tile, to_pil(f)) for f in frames]
     image_text = "\n".join(text for _, text in parts)
     template = get_template(processor.model_cfg.template)
-    prompt_ids = processor._ids(processor.prompt(image_text, question))
-    answer_ids = processor._ids(answer + template.suffix)
+    prompt_ids = processor.token_ids(processor.prompt(image_text, question))
+    answer_ids = processor.token_ids(answer + template.suffix)
     seg_id = processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     if seg_id in answer_ids:
         answer_ids = answer_ids[: len(answer_ids) - answer_ids[::-1].index(seg_id)]

@@ -82,7 +82,7 @@ class Sa2VAProcessor:
             max_length=max_length,
         )
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt(self, image_text: str, question: str) -> str:
@@ -139,10 +139,10 @@ class Sa2VAProcessor:
         template = get_template(self.model_cfg.template)
         image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
         sam = sam_pixels(pil, self.sam_size)
-        answer_ids = self._ids(answer + template.suffix) if answer is not None else []
+        answer_ids = self.token_ids(answer + template.suffix) if answer is not None else []
         out = []
         for question in questions:
-            prompt_ids = self._ids(self.prompt(image_text, question))
+            prompt_ids = self.token_ids(self.prompt(image_text, question))
             input_ids = prompt_ids + answer_ids
             if len(input_ids) > self.max_length:
                 raise SampleError(
