@@ -34,7 +34,7 @@ from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, loa
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes, to_device
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, dataset_items, file_items
-from vseg.inference.outputs import OutputStore
+from vseg.inference.outputs import OutputStore, outcome_lines
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
 from vseg.inference.placement import (
     parse_max_memory,
@@ -364,22 +364,9 @@ def _extra(opts: PredictConfig, source: ModelSource, out: Path, place: Placement
     return extra
 
 
-def _scores_line(scores: dict[str, Any]) -> str:
-    keys = ("dice", "iou", "cldice", "hd95", "assd", "hd95_mm", "assd_mm")
-    return "  ".join(f"{k} {scores[k]:.4f}" for k in keys if scores.get(k) is not None)
-
-
 def _report(summary: dict[str, Any], out: Path, loop: LoopTimes) -> None:
-    scores = _scores_line(summary)
-    for name, target in (summary.get("targets") or {}).items():
-        if _scores_line(target):
-            scores += f"\n  {name}: {_scores_line(target)}"
-    speed = summary.get("images_per_second")
-    line = f"\n{summary['ok']}/{summary['images']} masks in {out}"
-    line += f"  {scores}" if scores else ""
-    line += f"  ({speed:.1f} images/s)" if speed else ""
-    if summary["failed"] or summary["missing"]:
-        line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
+    done = f"{summary['ok']}/{summary['images']} masks"
+    line = outcome_lines(summary, out, done, summary.get("images_per_second"), "images")
     split = loop.describe()
     if split:
         rank = " (rank 0)" if summary.get("placement", "").startswith("data") else ""

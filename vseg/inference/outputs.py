@@ -333,3 +333,24 @@ class OutputStore:
         ][:50]
         atomic_text(self.root / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def scores_line(scores: dict[str, Any]) -> str:
+    """The mean scores of a summary (or of one target in it) on one line."""
+    keys = ("dice", "iou", "cldice", "hd95", "assd", "hd95_mm", "assd_mm")
+    return "  ".join(f"{k} {scores[k]:.4f}" for k in keys if scores.get(k) is not None)
+
+
+def outcome_lines(summary: dict[str, Any], out: Path, done: str, speed: float | None, unit: str) -> str:
+    """What a prediction run printed at its end: what was done where, the scores (per target too), the speed,
+    failures, and the two result files."""
+    scores = scores_line(summary)
+    for name, target in (summary.get("targets") or {}).items():
+        if scores_line(target):
+            scores += f"\n  {name}: {scores_line(target)}"
+    line = f"\n{done} in {out}"
+    line += f"  {scores}" if scores else ""
+    line += f"  ({speed:.1f} {unit}/s)" if speed else ""
+    if summary["failed"] or summary["missing"]:
+        line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
+    return line

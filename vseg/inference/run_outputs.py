@@ -32,7 +32,7 @@ from vseg.config.predict import OVERLAY_FORMATS, VIDEO_MODES  # noqa: F401  (the
 from vseg.data.io import DataFileError
 from vseg.data.runs import Run, is_run_file, read_run, read_truth
 from vseg.inference.inputs import InputError, _unique_ids
-from vseg.inference.outputs import atomic_text, overlay
+from vseg.inference.outputs import atomic_text, outcome_lines, overlay
 from vseg.inference.scoring import SCORES, score_masks
 
 log = logging.getLogger(__name__)
@@ -320,12 +320,8 @@ def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callabl
         "frames_on": opts.frames_on,
     }
     summary = predict_runs(lambda: load(device), runs, out, opts, extra)
-    scores = "  ".join(f"{k} {summary[k]:.4f}" for k in ("dice", "iou", "cldice") if summary.get(k) is not None)
-    speed = summary.get("frames_per_second")
-    line = f"\n{summary['ok']}/{summary['runs']} runs ({summary['frames']} frames) in {out}"
-    line += f"  {scores}" if scores else ""
-    line += f"  ({speed:.1f} frames/s)" if speed else ""
-    if summary["failed"] or summary["missing"]:
-        line += f"\n{summary['failed']} failed, {summary['missing']} missing: see {out / 'summary.json'}"
+    done = f"{summary['ok']}/{summary['runs']} runs ({summary['frames']} frames)"
+    line = outcome_lines(summary, out, done, summary.get("frames_per_second"), "frames")
+    line += f"\nper run and frame: {out / 'results.jsonl'}\nsummary:   {out / 'summary.json'}"
     print(line, flush=True)
     return summary
