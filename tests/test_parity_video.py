@@ -3,7 +3,7 @@
 Their `sam2.py` is imported from the local mirror as in `test_parity_authors.py` (never copied here). A small
 SAM-2 (64-channel FPN: transformers' memory parts need multiples of 64, as Hiera-L's 256 is) is built by their
 classes, randomised, saved under the released key names and loaded into vseg's grounding through the official
-layout (`vseg.model.official`, memory included). Then both track one random [SEG] embedding through a short
+layout (`vseg.artifacts.official`, memory included). Then both track one random [SEG] embedding through a short
 clip: theirs with `init_state` + `add_language_embd` on the key frames + `propagate_in_video`, exactly the calls
 of their `language_embd_inference` (without its bf16 autocast, so both sides run in float32), and vseg's
 `Tracker`. Low-res mask logits are compared on every frame.
