@@ -175,37 +175,39 @@ def _filled(config_cls: type, fields: dict) -> object:
     return config
 
 
-def _their_sam2(S) -> nn.Module:
-    """Their SAM2VideoPredictor at 128 px with the flags of their `SAM2.__init__` (the release's)."""
+def _their_sam2(S, width: int = 32, memory: int = 16, size: int = 128) -> nn.Module:
+    """Their SAM2VideoPredictor at `size` px, `width` channels and a `memory`-channel memory, with the flags of
+    their `SAM2.__init__` (the release's)."""
     trunk = S.Hiera(
         embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_att_blocks=[3],
         window_pos_embed_bkg_spatial_size=[4, 4], window_spec=[8, 4, 4, 4],
     )  # fmt: skip
     neck = S.FpnNeck(
-        d_model=32,
-        position_encoding=S.PositionEmbeddingSine(num_pos_feats=32, normalize=True, scale=None, temperature=10000),
+        d_model=width,
+        position_encoding=S.PositionEmbeddingSine(num_pos_feats=width, normalize=True, scale=None, temperature=10000),
         backbone_channel_list=[128, 64, 32, 16],
         fpn_top_down_levels=[2, 3],
         fpn_interp_model="nearest",
     )
-    rope = dict(rope_theta=10000.0, feat_sizes=[8, 8], embedding_dim=32, num_heads=1, downsample_rate=1, dropout=0.0)
+    rope = dict(rope_theta=10000.0, feat_sizes=[8, 8], embedding_dim=width, num_heads=1, downsample_rate=1, dropout=0.0)
     layer = S.MemoryAttentionLayer(
-        activation="relu", dim_feedforward=64, dropout=0.0, pos_enc_at_attn=False, d_model=32,
+        activation="relu", dim_feedforward=64, dropout=0.0, pos_enc_at_attn=False, d_model=width,
         pos_enc_at_cross_attn_queries=False, pos_enc_at_cross_attn_keys=True,
         self_attention=S.RoPEAttention(**rope),
-        cross_attention=S.RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=16),
+        cross_attention=S.RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=memory),
     )  # fmt: skip
     memory_encoder = S.MemoryEncoder(
-        out_dim=16,
-        position_encoding=S.PositionEmbeddingSine(num_pos_feats=16, normalize=True, scale=None, temperature=10000),
-        mask_downsampler=S.MaskDownSampler(embed_dim=32, kernel_size=3, stride=2, padding=1),
-        fuser=S.Fuser(layer=S.CXBlock(dim=32, kernel_size=7, padding=3, layer_scale_init_value=1e-6), num_layers=1),
+        out_dim=memory,
+        in_dim=width,
+        position_encoding=S.PositionEmbeddingSine(num_pos_feats=memory, normalize=True, scale=None, temperature=10000),
+        mask_downsampler=S.MaskDownSampler(embed_dim=width, kernel_size=3, stride=2, padding=1),
+        fuser=S.Fuser(layer=S.CXBlock(dim=width, kernel_size=7, padding=3, layer_scale_init_value=1e-6), num_layers=1),
     )
     return S.SAM2VideoPredictor(
         image_encoder=S.ImageEncoder(scalp=1, trunk=trunk, neck=neck),
-        memory_attention=S.MemoryAttention(d_model=32, pos_enc_at_input=True, num_layers=1, layer=layer),
+        memory_attention=S.MemoryAttention(d_model=width, pos_enc_at_input=True, num_layers=1, layer=layer),
         memory_encoder=memory_encoder,
-        num_maskmem=7, image_size=128, sigmoid_scale_for_mem_enc=20.0, sigmoid_bias_for_mem_enc=-10.0,
+        num_maskmem=7, image_size=size, sigmoid_scale_for_mem_enc=20.0, sigmoid_bias_for_mem_enc=-10.0,
         use_mask_input_as_output_without_sam=True, directly_add_no_mem_embed=True, use_high_res_features_in_sam=True,
         multimask_output_in_sam=True, iou_prediction_use_sigmoid=True, use_obj_ptrs_in_encoder=True,
         add_tpos_enc_to_obj_ptrs=False, only_obj_ptrs_in_the_past_for_eval=True, pred_obj_scores=True,

@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from tests.test_parity_authors import MIRROR, _git_show, _randomise
+from tests.test_parity_authors import MIRROR, _git_show, _randomise, _their_sam2
 from vseg.artifacts import official
 from vseg.model.tracking import Tracker
 
@@ -55,49 +55,8 @@ def their_sam2(tmp_path_factory):
 
 def _build_theirs(S) -> torch.nn.Module:
     """Their SAM2VideoPredictor at 128 px, 128 channels, one memory layer, with the release's flags."""
-    d = 128  # != the memory width 64, as in the release (256): their out_proj is a conv only then
-    trunk = S.Hiera(
-        embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_att_blocks=[3],
-        window_pos_embed_bkg_spatial_size=[4, 4], window_spec=[8, 4, 4, 4],
-    )  # fmt: skip
-    neck = S.FpnNeck(
-        d_model=d,
-        position_encoding=S.PositionEmbeddingSine(num_pos_feats=d, normalize=True, scale=None, temperature=10000),
-        backbone_channel_list=[128, 64, 32, 16],
-        fpn_top_down_levels=[2, 3],
-        fpn_interp_model="nearest",
-    )
-    rope = dict(rope_theta=10000.0, feat_sizes=[8, 8], embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.0)
-    layer = S.MemoryAttentionLayer(
-        activation="relu", dim_feedforward=64, dropout=0.0, pos_enc_at_attn=False, d_model=d,
-        pos_enc_at_cross_attn_queries=False, pos_enc_at_cross_attn_keys=True,
-        self_attention=S.RoPEAttention(**rope),
-        cross_attention=S.RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=64),
-    )  # fmt: skip
-    memory_encoder = S.MemoryEncoder(
-        out_dim=64,
-        in_dim=d,
-        position_encoding=S.PositionEmbeddingSine(num_pos_feats=64, normalize=True, scale=None, temperature=10000),
-        mask_downsampler=S.MaskDownSampler(embed_dim=d, kernel_size=3, stride=2, padding=1),
-        fuser=S.Fuser(layer=S.CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1e-6), num_layers=1),
-    )
-    return S.SAM2VideoPredictor(
-        image_encoder=S.ImageEncoder(scalp=1, trunk=trunk, neck=neck),
-        memory_attention=S.MemoryAttention(d_model=d, pos_enc_at_input=True, num_layers=1, layer=layer),
-        memory_encoder=memory_encoder,
-        num_maskmem=7, image_size=SIZE, sigmoid_scale_for_mem_enc=20.0, sigmoid_bias_for_mem_enc=-10.0,
-        use_mask_input_as_output_without_sam=True, directly_add_no_mem_embed=True, use_high_res_features_in_sam=True,
-        multimask_output_in_sam=True, iou_prediction_use_sigmoid=True, use_obj_ptrs_in_encoder=True,
-        add_tpos_enc_to_obj_ptrs=False, only_obj_ptrs_in_the_past_for_eval=True, pred_obj_scores=True,
-        pred_obj_scores_mlp=True, fixed_no_obj_ptr=True, multimask_output_for_tracking=True,
-        use_multimask_token_for_obj_ptr=True, multimask_min_pt_num=0, multimask_max_pt_num=1,
-        use_mlp_for_obj_ptr_proj=True, compile_image_encoder=False,
-        sam_mask_decoder_extra_args={
-            "dynamic_multimask_via_stability": True,
-            "dynamic_multimask_stability_delta": 0.05,
-            "dynamic_multimask_stability_thresh": 0.98,
-        },
-    )  # fmt: skip
+    # width 128 != the memory width 64, as in the release (256): their out_proj is a conv only then
+    return _their_sam2(S, width=128, memory=64, size=SIZE)
 
 
 VSEG_SAM = [
