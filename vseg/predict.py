@@ -78,10 +78,9 @@ def _data_override(pcfg: DictConfig) -> DataConfig | None:
 
 
 def resolve_items(
-    pcfg: DictConfig, opts: PredictConfig, source: ModelSource
+    data: DataConfig | None, opts: PredictConfig, source: ModelSource
 ) -> tuple[list[PredictItem], DataConfig | None]:
-    """The inputs in order (and the dataset config they come from, if any)."""
-    data = _data_override(pcfg)
+    """The inputs in order (and the dataset config they come from, if any); `data`: the command line's data=."""
     if data is not None and opts.input is not None:
         raise ConfigError("give either input= (files) or data= (a dataset config), not both")
     if opts.input is not None:
@@ -135,13 +134,14 @@ def load_predictor(
 def run(pcfg: DictConfig) -> dict[str, Any]:
     """Predicts every input; returns the summary written to summary.json (`{"rank": r}` on ranks > 0)."""
     begin = time.perf_counter()
-    opts = _options(pcfg)
+    data_given = _data_override(pcfg)
+    opts = _options(pcfg, data_given)
     source = resolve_source(opts.ckpt, *_model_override(pcfg))
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     runs = run_inputs(opts.input, opts.video, exclude=opts.output_dir) if opts.input is not None else None
     if runs is not None:  # video, cine DICOM, stacks, frame folders: vseg.inference.run_outputs
         return predict_run_inputs(opts, source, runs, lambda dev: load_predictor(source, opts, dev))
-    items, data = resolve_items(pcfg, opts, source)
+    items, data = resolve_items(data_given, opts, source)
     out = _output_dir(opts, source)
     place = Placement.of(opts)
     store, todo = _plan(items, out, opts, source, place)
@@ -160,12 +160,12 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _options(pcfg: DictConfig) -> PredictConfig:
+def _options(pcfg: DictConfig, data: DataConfig | None) -> PredictConfig:
     """The typed options with targets= and pixel_spacing= in their parsed forms (name -> prompt; (row, col) mm)."""
     opts = load_predict_config(pcfg)
     return dataclasses.replace(
         opts,
-        targets=parse_targets(opts.targets, _data_override(pcfg)),
+        targets=parse_targets(opts.targets, data),
         pixel_spacing=parse_spacing(opts.pixel_spacing, "pixel_spacing"),
     )
 
