@@ -118,6 +118,27 @@ def test_predict_console_is_clean_and_names_its_results(trained):
     assert json.loads(summary.read_text())["ok"] == len(results.read_text().splitlines())
 
 
+@pytest.mark.slow
+def test_two_rank_train_console_is_clean(tmp_path):
+    """Two CPU ranks (gloo DDP) with validation: epoch-level metrics logged once, without Lightning's
+    advice to sync them (the metrics are already gathered across ranks before they are logged)."""
+    args = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.num_samples=16"]
+    out = _run(
+        "train.py",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            *args,
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+        ],
+    )
+    _check_clean(out)
+    assert "sync_dist" not in out, out[-4000:]
+    for once in ("Seed set to 42", "parameters: trainable"):  # rank 1 stays quiet
+        assert out.count(once) == 1, f"{once!r} x{out.count(once)}"
+
+
 def test_finished_message_quotes_a_run_directory_with_spaces(tmp_path):
     from vseg.training.run import finished_message
 

@@ -246,12 +246,14 @@ class Sa2VAModule(L.LightningModule):
             self._log_overlays(batch, predictions)
 
     def on_validation_epoch_end(self) -> None:
+        # compute() has already gathered every rank's states, so each rank holds the same value; sync_dist
+        # averages identical numbers (exact) and tells Lightning the value is global, which it otherwise warns about.
         scores = self.val_metrics.compute()
-        self.log("val/dice", scores["dice"], prog_bar=True)
-        self.log("val/iou", scores["iou"])
+        self.log("val/dice", scores["dice"], prog_bar=True, sync_dist=True)
+        self.log("val/iou", scores["iou"], sync_dist=True)
         self.val_metrics.reset()
         for key, value in self.target_scores.compute().items():
-            self.log(f"val/{key}", value)  # val/hd95, val/hd95_undefined, val/dice/<target>, ...
+            self.log(f"val/{key}", value, sync_dist=True)  # val/hd95, val/hd95_undefined, val/dice/<target>, ...
         self.target_scores.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log.info(

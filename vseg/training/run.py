@@ -258,7 +258,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     if _is_rank_zero():
         log.info("data:\n%s", data_report.format(limit=20))
     check_sam_cache(cfg, len(data_report.train))  # one entry per training image: refused if it cannot fit
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=_is_rank_zero())  # every rank seeds; one says so
     # Built right after seeding: a randomly initialised base is then reproducible from the run's config.
     # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned
     # model inside configure_model; otherwise `model` is the model (builder None).
@@ -268,8 +268,7 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
-
-    log.info("parameters: %s", count_parameters(model))
+        log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
