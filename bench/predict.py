@@ -282,6 +282,8 @@ def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
 
 
 def main() -> None:
+    from bench.predict_fast import STEPS as FAST_STEPS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["forward", "single", "dp", "mp"])
     parser.add_argument("--shapes", nargs="+", default=["1b", "4b", "8b"])
@@ -302,6 +304,8 @@ def main() -> None:
         help="compile= variants to run (forward, single, dp)",
     )
     parser.add_argument("--compile-mode", default="reduce-overhead", help="fast: compile_mode of the compiled step")
+    parser.add_argument("--fast-steps", nargs="+", default=list(FAST_STEPS), choices=FAST_STEPS)
+    parser.add_argument("--fast-fp8", default="on", choices=["on", "off"], help="fast: compiled steps on the fp8 model")
     parser.add_argument("--latency-iters", type=int, default=30, help="fast: timed batch-1 passes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.json")
     args = parser.parse_args()
@@ -344,6 +348,8 @@ def main() -> None:
                 args.compile_mode,
                 save,
                 functools.partial(bench_single, shape),
+                args.fast_steps,
+                args.fast_fp8 == "on",
             )
         if "forward" in args.parts:
             for flag in variants:

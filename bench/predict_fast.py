@@ -11,7 +11,8 @@ One random-weight model is measured as it is converted in place, so every varian
    from step 4, so this is the steady state, not a cold start);
 6. the compiled FP8 model's batch-1 latency (the blocks compile once more for the new batch size).
 
-Each step's row is saved as it completes (a timed-out call keeps the finished rows); a failing step records its
+`--fast-steps` picks and orders the steps (`STEPS`); `--fast-fp8 off` compiles the bf16 model instead. Each
+step's row is saved as it completes (a timed-out call keeps the finished rows); a failing step records its
 error and the next step runs.
 """
 
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+#: the steps, in their default order (`--fast-steps` picks and orders them)
+STEPS = ("bf16", "predict_bf16", "fp8", "compiled", "predict_compiled", "batch1")
 
 
 def _timed(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
@@ -116,8 +120,14 @@ def bench_fast(
     compile_mode: str,
     save: Callable[[str, dict], None],
     run_single: Callable[..., dict],
+    steps: Sequence[str] = STEPS,
+    fp8_compiled: bool = True,
 ) -> None:
-    """Runs the steps of the module docstring for `shape`, saving one row per step through `save`."""
+    """Runs `steps` (of `STEPS`, in the order given) for `shape`, saving one row per step through `save`.
+
+    `fp8_compiled`: the compiled steps run on the FP8 model (converted first if the `fp8` step did not run);
+    False: on the bf16 model (then the `fp8` step must not run before them).
+    """
     from vseg.inference.engine import to_device
     from vseg.inference.inputs import collate, file_items
     from vseg.inference.predictor import Predictor
@@ -151,6 +161,7 @@ def bench_fast(
         save("fast", row)
 
     ref: dict = {}
+    state: dict = {"fp8": False, "compiled": None}
 
     def reference() -> dict:
         out = _throughput(predictor, big, iters)
@@ -166,38 +177,57 @@ def bench_fast(
         return out
 
     def fp8() -> dict:
+        state["fp8"] = True  # the compiled steps build on the converted model
         report = predictor.to_fp8()
         out = {"fp8_linear_layers": report.converted, "fp8_kept_bf16": len(report.kept)}
         return {**out, **variant()}
 
-    def compiled() -> dict:
-        done = predictor.compile(compile_mode)
-        out = {"compile_mode": compile_mode, "compiled_blocks": done.blocks, "pad_tokens": predictor.pad_tokens}
-        out.update(_throughput(predictor, big, iters))  # the first passes compile every block
-        out.update(_agreement(ref["logits"], ref["masks"], _logits(predictor, big), [p.mask for p in predictor(big)]))
+    def ensure_compiled() -> dict:
+        out = {"compile_mode": compile_mode, "fp8": fp8_compiled}
+        if state["compiled"] is None:
+            if fp8_compiled and not state["fp8"]:
+                state["fp8"] = True
+                predictor.to_fp8()
+            elif state["fp8"] and not fp8_compiled:
+                raise ValueError("--fast-fp8 off: the fp8 step converted the model already; drop it from the steps")
+            state["compiled"] = predictor.compile(compile_mode).blocks
+            out["compiled_blocks"] = state["compiled"]
+        return {**out, "pad_tokens": predictor.pad_tokens}
+
+    def compiled() -> dict:  # its first passes compile every block (again, batch dynamic, after batch1)
+        out = ensure_compiled()
+        out.update(_throughput(predictor, big, iters))
+        if ref:
+            out.update(
+                _agreement(ref["logits"], ref["masks"], _logits(predictor, big), [p.mask for p in predictor(big)])
+            )
         return out
 
-    def compiled_batch1() -> dict:  # a new batch size: the blocks compile once more (batch dimension dynamic)
-        return {"compile_mode": compile_mode, **_latency(predictor, one, latency_iters)}
+    def compiled_batch1() -> dict:
+        return {**ensure_compiled(), **_latency(predictor, one, latency_iters)}
 
-    step("bf16_eager", reference)
-    step("predict_py_bf16_eager", lambda: run_single(batch_size, pngs, workers, False, writers))
-    step("fp8_eager", fp8)
-    step(f"fp8_compiled_{compile_mode}", compiled)
-    step(
-        f"predict_py_fp8_compiled_{compile_mode}",
-        lambda: run_single(batch_size, pngs, workers, True, writers, fp8=True, compile_mode=compile_mode),
-    )
-    step(f"fp8_compiled_{compile_mode}_batch1", compiled_batch1)
-    summary = {"shape": shape}
-    eager = rows["bf16_eager"]
+    tag = f"{'fp8' if fp8_compiled else 'bf16'}_compiled_{compile_mode}"
+    table = {
+        "bf16": ("bf16_eager", reference),
+        "predict_bf16": ("predict_py_bf16_eager", lambda: run_single(batch_size, pngs, workers, False, writers)),
+        "fp8": ("fp8_eager", fp8),
+        "compiled": (tag, compiled),
+        "predict_compiled": (
+            f"predict_py_{tag}",
+            lambda: run_single(batch_size, pngs, workers, True, writers, fp8=fp8_compiled, compile_mode=compile_mode),
+        ),
+        "batch1": (f"{tag}_batch1", compiled_batch1),
+    }
+    for key in steps:
+        step(*table[key])
+    summary: dict = {"shape": shape}
+    eager, loop = rows.get("bf16_eager", {}), rows.get("predict_py_bf16_eager", {})
     for name, row in rows.items():
-        if "error" in row or name == "bf16_eager" or "images_per_second" not in row:
+        if "error" in row or name in ("bf16_eager", "predict_py_bf16_eager"):
             continue
-        key = "predict_py" if name.startswith("predict_py") else "forward"
-        ref_ips = rows["predict_py_bf16_eager"] if key == "predict_py" else eager
-        if "images_per_second" in ref_ips:
-            summary[f"{name}_x_images_per_second"] = round(row["images_per_second"] / ref_ips["images_per_second"], 2)
+        base_ips = loop if name.startswith("predict_py") else eager
+        if "images_per_second" in row and "images_per_second" in base_ips:
+            summary[f"{name}_x_images_per_second"] = round(row["images_per_second"] / base_ips["images_per_second"], 2)
         if "batch1_ms_median" in row and "batch1_ms_median" in eager:
             summary[f"{name}_x_batch1_speedup"] = round(eager["batch1_ms_median"] / row["batch1_ms_median"], 2)
     save("fast_ratios", summary)
