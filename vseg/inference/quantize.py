@@ -12,7 +12,7 @@ tower + projector, and its language model. The LM head is never converted (the f
 and neither is anything that is trained.
 
 The conversion changes the numbers: per-row e4m3 keeps ~2 significant decimal digits, so mask logits move by a
-little and pixels near the threshold can flip. `bench/predict.py --parts fp8` measures the logit error and the
+little and pixels near the threshold can flip. `bench/predict.py --parts fast` measures the logit error and the
 mask agreement against bf16; the option stays off by default (`fp8=false`).
 
 torchao is an optional dependency (`pip install 'vseg[fp8]'`), imported only when FP8 is asked for.
