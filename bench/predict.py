@@ -14,6 +14,10 @@ Parts (each writes its numbers into --out as JSON; BENCHMARKS.md "## Prediction"
              the whole command (start-up and model build included) and the loop's images/s.
 * `mp`       `device_map=balanced max_memory={0: 12GB, 1: 12GB}` (model-parallel) vs one GPU on the same inputs
              and weights: speed, peak memory per GPU, and mask agreement.
+* `fast`     one model converted step by step (`bench/predict_fast.py`): bf16 eager, FP8, FP8 + compiled with
+             `--compile-mode` (CUDA graphs by default): forward images/s at `--batch`, batch-1 latency, logit error
+             and mask agreement against bf16, and predict.py on `--single-images` PNGs eager and FP8 + compiled,
+             with ratios.
 
 `--compile off on` runs forward, single and dp without and with `compile=true`; `single` then also compares
 the masks of the two. `--shapes tiny` is a smoke run that works on the CPU too.
@@ -25,6 +29,7 @@ the masks of the two. `--shapes tiny` is a smoke run that works on the CPU too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -142,7 +147,14 @@ def bench_forward(shape: str, batch: int, iters: int, compile_blocks: bool = Fal
 
 
 def bench_single(
-    shape: str, batch: int, images: Path, workers: int, compile_blocks: bool, writers: int, keep: Path | None = None
+    shape: str,
+    batch: int,
+    images: Path,
+    workers: int,
+    compile_blocks: bool,
+    writers: int,
+    keep: Path | None = None,
+    **options,
 ) -> dict:
     from vseg.predict import run
 
@@ -158,6 +170,7 @@ def bench_single(
             num_workers=workers,
             writer_threads=writers,
             compile=compile_blocks,
+            **options,
         )
     )
     wall = time.perf_counter() - t0
@@ -167,6 +180,7 @@ def bench_single(
         "shape": shape,
         "batch": batch,
         "compile": compile_blocks,
+        **options,
         "workers": workers,
         "writer_threads": writers,
         "images": s["images"],
@@ -268,6 +282,8 @@ def bench_mp(shape: str, batch: int, images: Path, budget: str) -> dict:
 
 
 def main() -> None:
+    from bench.predict_fast import STEPS as FAST_STEPS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["forward", "single", "dp", "mp"])
     parser.add_argument("--shapes", nargs="+", default=["1b", "4b", "8b"])
@@ -287,6 +303,10 @@ def main() -> None:
         choices=["off", "on"],
         help="compile= variants to run (forward, single, dp)",
     )
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="fast: compile_mode of the compiled step")
+    parser.add_argument("--fast-steps", nargs="+", default=list(FAST_STEPS), choices=FAST_STEPS)
+    parser.add_argument("--fast-fp8", default="on", choices=["on", "off"], help="fast: compiled steps on the fp8 model")
+    parser.add_argument("--latency-iters", type=int, default=30, help="fast: timed batch-1 passes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.json")
     args = parser.parse_args()
     import torch
@@ -314,6 +334,23 @@ def main() -> None:
         os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
     variants = [v == "on" for v in args.compile]
     for shape in args.shapes:
+        if "fast" in args.parts:
+            from bench.predict_fast import bench_fast
+
+            bench_fast(
+                SHAPES[shape],
+                args.batch,
+                args.iters,
+                args.latency_iters,
+                small,
+                args.workers,
+                args.writer_threads,
+                args.compile_mode,
+                save,
+                functools.partial(bench_single, shape),
+                args.fast_steps,
+                args.fast_fp8 == "on",
+            )
         if "forward" in args.parts:
             for flag in variants:
                 save("forward", bench_forward(shape, args.batch, args.iters, flag))

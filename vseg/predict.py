@@ -32,7 +32,8 @@ from vseg.artifacts.files import check_writable
 from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config, parse_spacing
 from vseg.data.workers import WorkerInit
-from vseg.inference.engine import LoopTimes, to_device
+from vseg.inference.engine import LoopTimes
+from vseg.inference.feed import chunk_size, device_batches
 from vseg.inference.inputs import DEFAULT_PROMPT, PredictItem, dataset_items, file_items
 from vseg.inference.outputs import OutputStore, outcome_lines
 from vseg.inference.parallel import PLAN_ENV, predict_data_parallel, read_plan, write_batch, write_plan
@@ -122,6 +123,8 @@ def load_predictor(
         max_memory=max_memory,
         dtype=opts.dtype,
         compile=opts.compile,
+        compile_mode=opts.compile_mode,
+        fp8=opts.fp8,
         merge_lora=opts.merge_lora,
         answer=opts.answer_mode,
         answer_text=opts.answer_text,
@@ -303,24 +306,27 @@ def _predict_one_device(
     predictor = load_predictor(source, opts, place.device, place.max_memory)
     load_seconds = time.perf_counter() - started
     dataset = predictor.dataset(todo, data, targets=opts.targets)
+    # Workers build chunks of a batch (all of them on the first batch at once); the chunks are merged on the
+    # device (vseg.inference.feed). Targets batches are built whole (their collate pairs images and targets).
+    chunk = opts.batch_size if opts.targets else chunk_size(opts.batch_size, opts.num_workers)
     loader = DataLoader(
         dataset,
-        batch_size=opts.batch_size,
+        batch_size=chunk,
         num_workers=opts.num_workers,
         collate_fn=dataset.collate,
         worker_init_fn=WorkerInit(),  # workers end with this process, even after kill -9
         pin_memory=place.device.type == "cuda",
+        prefetch_factor=max(2, 2 * opts.batch_size // (chunk * max(1, opts.num_workers))) if opts.num_workers else None,
     )
     store.open()
     started = time.perf_counter()
-    batches = iter(loader)
+    device = place.device if place.device_map is None else None
+    batches = device_batches(loader, opts.batch_size, device, predictor.tokenizer.pad_token_id)
     try:
         with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
             while True:
                 with loop.measure("inputs"):
                     batch = next(batches, None)
-                    if batch is not None and place.device_map is None:
-                        batch = to_device(batch, place.device)
                 if batch is None:
                     break
                 with loop.measure("model"):

@@ -22,6 +22,7 @@ VIDEO_MODES = ("auto", "true", "false")  # is an input a run (video, cine DICOM,
 KEY_FRAME_MODES = ("first", "uniform")
 FRAMES_ON = ("cpu", "gpu")
 OVERLAY_FORMATS = ("mp4", "gif")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 #: keys of a composed predict.yaml that are not options: its groups, Hydra's, and the training sections a
 #: model preset sets for train.py (presets are `@package _global_`)
 GROUP_KEYS = ("model", "data", "hydra")
@@ -56,6 +57,8 @@ class PredictConfig:
     limit: int | None = None  #: predict only the first N inputs
     writer_threads: int = 4  #: threads encoding and writing PNGs while the model runs, per process
     compile: bool = False  #: torch.compile every repeated block (pays off on long runs)
+    compile_mode: str = "default"  #: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    fp8: bool = False  #: float8 matmuls in the frozen encoders and the LLM (H100/H200/Ada GPUs; needs torchao)
     video: str = "auto"  #: auto: videos, cine DICOM, stacks and frame folders are runs | true | false
     key_frames: int = 5  #: frames of a run that go through the MLLM (the authors use 5)
     key_frame_mode: str = "first"  #: first | uniform: which frames are key frames
@@ -113,6 +116,18 @@ class PredictConfig:
             "max_memory is only used with device_map=auto|balanced|sequential",
         )
         need(self.dtype in DTYPE_NAMES, f"dtype={self.dtype!r}: expected one of {DTYPE_NAMES}")
+        need(
+            self.compile_mode in COMPILE_MODES,
+            f"compile_mode={self.compile_mode!r}: expected one of {COMPILE_MODES} (used with compile=true)",
+        )
+        need(
+            not (self.fp8 and self.device_map is not None),
+            "fp8=true converts the model on one GPU; drop fp8 or device_map",
+        )
+        need(
+            not self.fp8 or self.dtype in ("auto", "bfloat16"),
+            f"fp8=true starts from bfloat16 weights; dtype={self.dtype} (use dtype=auto or bfloat16)",
+        )
         need(0.0 < self.threshold < 1.0, f"threshold={self.threshold}: must be in (0, 1)")
         need(
             self.batch_size >= 1 and self.max_new_tokens >= 1 and self.num_workers >= 0,

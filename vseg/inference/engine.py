@@ -226,8 +226,11 @@ class Engine:
         """
         model = self.model
         hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
+        # The SAM-2 encoder is queued before `seg_embeddings`, whose [SEG] lookup waits for the GPU: the host then
+        # launches the encoder while the LLM still runs instead of leaving the GPU idle in between.
+        features = model.grounding.encode(sam_pixels)
         prompts, sample_index = model.seg_embeddings(hidden, input_ids)
-        return prompts, sample_index, model.grounding.encode(sam_pixels)
+        return prompts, sample_index, features
 
     # ---------------------------------------------------------------- generation
     def _generate_kwargs(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,9 @@ through `Predictor.load` and run it through the same `Engine`, so a mask is comp
 
 Loading: the checkpoint form is resolved (`vseg.artifacts.sources`), the weights are read in the dtype
 inference runs in, LoRA and trained token rows are merged into the base (`merge_lora`), and the model is
-placed on one device or split by `device_map` (+ `max_memory`); `compile=True` compiles its repeated blocks.
+placed on one device or split by `device_map` (+ `max_memory`); `compile=True` compiles its repeated blocks
+(`compile_mode="reduce-overhead"`: as CUDA graphs, for small batches; `vseg.inference.latency`), and `fp8=True`
+runs the frozen matmuls in float8 on Hopper / Ada GPUs (`vseg.inference.quantize`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from PIL import Image
 from vseg.artifacts.adapters import merge_adapters
 from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig
+from vseg.inference import latency
 from vseg.inference.compile import compile_blocks
 from vseg.inference.engine import MODES, Engine, ItemPrediction, to_device
 from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
@@ -90,6 +93,7 @@ class Predictor:
         answer_text: str | None = None,
         max_new_tokens: int = 32,
         threshold: float = 0.5,
+        pad_tokens: int = 0,
     ):
         if answer not in MODES:
             raise ConfigError(f"answer={answer!r}: expected one of {MODES}")
@@ -100,6 +104,8 @@ class Predictor:
         if "[SEG]" not in self.answer_text:
             raise ConfigError(f"answer_text={self.answer_text!r}: the teacher-forced answer needs a [SEG] token")
         self.max_new_tokens, self.threshold = max_new_tokens, threshold
+        # text padded to a multiple of this (few distinct shapes for compiled / graphed blocks); CUDA-graph trees
+        self.pad_tokens, self.cuda_graphs = pad_tokens, False
         self._engines: dict[str, Engine] = {}
 
     # ------------------------------------------------------------------------------------------ loading
@@ -110,8 +116,8 @@ class Predictor:
         Args:
             ckpt: what `predict.py ckpt=` accepts.
             model: a `conf/model` preset name or ModelConfig (needed for `random`; optional for released folders).
-            **options: of `from_source` (device, device_map, max_memory, dtype, compile, merge_lora, answer,
-                answer_text, max_new_tokens, threshold).
+            **options: of `from_source` (device, device_map, max_memory, dtype, compile, compile_mode, fp8,
+                merge_lora, answer, answer_text, max_new_tokens, threshold, pad_tokens).
         """
         if isinstance(model, str):
             from vseg.artifacts.sources import preset
@@ -130,18 +136,32 @@ class Predictor:
         dtype: str = "auto",
         compile: bool = False,
         merge_lora: bool = True,
+        compile_mode: str = "default",
+        fp8: bool | Sequence[str] = False,
         **engine: Any,
     ) -> Predictor:
         """Builds the model of a resolved source on `device` (or split by `device_map` + `max_memory`).
 
         Args:
-            engine: answer (teacher_forced | generate), answer_text, max_new_tokens, threshold.
+            compile_mode: with `compile`: default | reduce-overhead (CUDA graphs; pads text to 64 tokens unless
+                `pad_tokens` says otherwise) | max-autotune-no-cudagraphs.
+            fp8: float8 matmuls for the frozen parts (`vseg.inference.quantize.FP8_PARTS`, or a subset); needs a
+                GPU of compute capability >= 8.9 and torchao.
+            engine: answer (teacher_forced | generate), answer_text, max_new_tokens, threshold, pad_tokens.
         """
         device = resolve_device(device) if isinstance(device, str) else device
         if device_map is not None and device_map not in DEVICE_MAPS:
             raise ConfigError(f"device_map={device_map!r}: expected one of {DEVICE_MAPS} or null")
         if compile and device_map is not None:
             raise ConfigError("compile=true compiles blocks on one device; it cannot be combined with device_map")
+        if compile_mode not in latency.COMPILE_MODES:
+            raise ConfigError(f"compile_mode={compile_mode!r}: expected one of {latency.COMPILE_MODES}")
+        if fp8:  # checked before the model is built: no float8 GPU or no torchao fails at once
+            from vseg.inference.quantize import check_fp8_device
+
+            if device_map is not None:
+                raise ConfigError("fp8=true converts the model on one GPU; it cannot be combined with device_map")
+            check_fp8_device(device)
         dtype_name = inference_dtype(dtype, source, device)
         torch_dtype = DTYPES[dtype_name]
         if source.form == "random":
@@ -160,14 +180,49 @@ class Predictor:
                 model.to(device)
             else:
                 model = dispatch(model, plan_device_map(model, device_map, max_memory, torch_dtype))
-        if compile:
-            compile_blocks(model)
         max_length = source.train_cfg.data.max_length if source.train_cfg is not None else 4096
         cfg = dataclasses.replace(source.model_cfg, dtype=dtype_name)
         processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, max_length)
-        return cls(
+        predictor = cls(
             source, model, tokenizer, processor, device=device, dtype=dtype_name, device_map=device_map, **engine
         )
+        if fp8:
+            predictor.to_fp8(None if fp8 is True else fp8)
+        if compile:
+            predictor.compile(compile_mode, pad_tokens="pad_tokens" not in engine)
+        return predictor
+
+    def to_fp8(self, parts: Sequence[str] | None = None) -> Any:
+        """Converts the frozen linear layers of `parts` (default: all of `FP8_PARTS`) to float8, in place.
+
+        Returns the `vseg.inference.quantize.Fp8Report`. Call it before `compile`.
+        """
+        from vseg.inference.quantize import FP8_PARTS, quantize_fp8
+
+        if self.device_map is not None:
+            raise ConfigError("fp8=true converts the model on one GPU; it cannot be combined with device_map")
+        if self.dtype != "bfloat16":
+            raise ConfigError(f"fp8=true starts from bfloat16 weights; dtype={self.dtype} (use dtype=auto)")
+        return quantize_fp8(self.model, FP8_PARTS if parts is None else parts)
+
+    def compile(self, mode: str = "default", pad_tokens: bool = True) -> Any:
+        """Compiles the model's repeated blocks in place (`vseg.inference.compile`); returns what was compiled.
+
+        Args:
+            mode: default | reduce-overhead (CUDA graphs per block, for small batches) | max-autotune-no-cudagraphs.
+            pad_tokens: with CUDA graphs, pad text to a multiple of 64 tokens (few shapes to record) unless a
+                multiple was set already.
+        """
+        if self.device_map is not None:
+            raise ConfigError("compile=true compiles blocks on one device; it cannot be combined with device_map")
+        if mode not in latency.COMPILE_MODES:
+            raise ConfigError(f"compile_mode={mode!r}: expected one of {latency.COMPILE_MODES}")
+        if latency.uses_cuda_graphs(mode):
+            latency.allow_cuda_graphs()
+            self.cuda_graphs = True
+            if pad_tokens and self.pad_tokens <= 1:
+                self.pad_tokens = 64
+        return compile_blocks(self.model, None if mode == "default" else mode)
 
     # ------------------------------------------------------------------------------------------ running
     def engine(self, mode: str | None = None) -> Engine:
@@ -216,6 +271,10 @@ class Predictor:
         """
         if self.device_map is None:
             batch = to_device(batch, self.device)
+        if self.pad_tokens > 1:
+            batch = latency.pad_tokens(batch, self.pad_tokens, self.tokenizer.pad_token_id)
+        if self.cuda_graphs:
+            latency.step_begin()
         if "row_image" in batch:  # a TargetsDataset batch
             from vseg.inference.targets import predict_targets
 
@@ -349,6 +408,8 @@ class Predictor:
                 raise InputError(f"image: {batch['failed'][0][1]}")
             if self.device_map is None:
                 batch = to_device(batch, self.device)
+            if self.cuda_graphs:
+                latency.step_begin()
             seg = self.engine("teacher_forced").seg_prompts(
                 batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"], batch["sam_pixel_values"]
             )
