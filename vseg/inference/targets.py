@@ -5,8 +5,12 @@
 this image."), or the path of a YAML file holding either. Every image is asked each target's question in a
 sequence of its own, as the authors' RefCOCO evaluation asks one question per object: a single answer with
 several [SEG] would need a model trained to answer that way, which Sa2VA's released and vseg's fine-tuned ones
-are not. The rows of one batch are image-major (image 0: targets in order, image 1: ...); the LLM reads every
-row, SAM-2 encodes each image once and decodes all its targets' prompts against those features.
+are not. The rows of one batch are image-major (image 0: targets in order, image 1: ...). Each image is encoded
+once: the MLLM's vision encoder (InternVL: tower + projector; Qwen-VL: the visual model with its mergers) gives
+its embeddings, which are scattered into every target row's placeholders (`MLLMFamily.decoder_states` with
+`row_image`), and SAM-2 encodes it once for the mask decoder; only the LLM and the mask decoder run per row. So N
+targets cost one vision pass and one SAM-2 pass per image plus N LLM rows. (With `answer=generate`, generation
+itself runs one row at a time with the row's image, as single-prompt generation does.)
 
 Ground truth: a target's mask is the union of the image's objects whose name (COCO category, polygon text,
 compared without case) equals the target name; an image without such an object has an empty truth. A target
@@ -211,7 +215,8 @@ class TargetsDataset(PredictDataset):
                 "labels": labels,
                 "attention_mask": attention_mask,
                 "sam_pixel_values": torch.stack([s["rows"][0]["sam_pixel_values"] for s in ok]),
-                "mllm_inputs": self.processor.family.collate([r["mllm_inputs"] for r in rows]),
+                # image inputs once per image: the vision encoder runs once per image (`row_image` says which)
+                "mllm_inputs": self.processor.family.collate([s["rows"][0]["mllm_inputs"] for s in ok]),
                 "image_sizes": [r["image_size"] for r in rows],
                 "row_image": torch.arange(len(ok)).repeat_interleave(len(self.targets)),
             }
