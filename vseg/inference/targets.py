@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vseg.config import ConfigError, DataConfig
 from vseg.inference.engine import Engine, ItemPrediction
-from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg
+from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg, with_file_spacing
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SEG_TOKEN
 
@@ -124,6 +124,7 @@ def target_items(items: list[PredictItem]) -> list[PredictItem]:
                 record=item.record,
                 pixels=item.pixels,
                 spacing=item.spacing,
+                spacing_from=item.spacing_from,
             )
         )
     return out
@@ -191,7 +192,7 @@ class TargetsDataset(PredictDataset):
         return sample.image, truths, sample.fov
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
+        item = with_file_spacing(self.items[index])
         try:
             image, truths, fov = self.truths(item)
             rows = self.processor.encode_questions(image, list(self.targets.values()), self.answer, sample_id=item.id)
