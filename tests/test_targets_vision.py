@@ -135,3 +135,20 @@ def test_generate_mode_with_targets_still_runs():
     assert len(out) == len(SIZES) and all(list(t) == list(TARGETS) for t in out)
     for image, targets in zip(batch["images"], out, strict=True):
         assert all(p.mask.shape == image.shape[:2] for p in targets.values())
+
+
+@pytest.mark.slow  # 512-px synthetic images and two timed passes each: tens of seconds on a busy CPU
+def test_bench_targets_part_on_the_tiny_model():
+    """`bench/predict.py --parts targets` (the H200 measurement) runs end to end on the CPU with the tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "predict.py"
+    spec = importlib.util.spec_from_file_location("bench_predict", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    one, three = bench.bench_targets("tiny", batch=2, iters=1, counts=[1, 3])
+    assert (one["targets"], one["rows"], three["rows"]) == (1, 2, 6)
+    assert three["rows_per_second"] == pytest.approx(3 * three["images_per_second"])
+    shared_vs_rows = three["per_row_vision"]
+    assert shared_vs_rows["masks"] == 6 and shared_vs_rows["masks_equal"] == 6 and "per_row_vision" not in one
