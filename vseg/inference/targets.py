@@ -204,7 +204,8 @@ class TargetsDataset(PredictDataset):
         return {"item": item, "rows": rows, "image": image, "truth": truths, "fov_mask": fov}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """A batch of (images x targets) rows: text per row, SAM-2 pixels per image, `row_image` between them."""
+        """A batch of (images x targets) rows: text per row, image inputs and SAM-2 pixels per image, `row_image`
+        between them (`mllm_single`: each row's image inputs, for generation, which asks one row at a time)."""
         ok = [s for s in samples if "error" not in s]
         batch: dict[str, Any] = {}
         if ok:

@@ -264,7 +264,8 @@ class InternVLFamily:
         `<IMG_CONTEXT>` placeholders, the language model), with the image embeddings gathered per row.
         """
         model = mllm.model
-        embeddings = model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        embeddings = getattr(features, "pooler_output", features)  # an output object (transformers >= 5.17)
         embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # (tiles x tokens per tile, D), images in order
         placeholders, index = row_token_index(input_ids, mllm.config.image_token_id, row_image, embeddings.shape[0])
         inputs_embeds = model.get_input_embeddings()(input_ids)
