@@ -18,12 +18,18 @@ Parts (each writes its numbers into --out as JSON; BENCHMARKS.md "## Prediction"
              `--compile-mode` (CUDA graphs by default): forward images/s at `--batch`, batch-1 latency, logit error
              and mask agreement against bf16, and predict.py on `--single-images` PNGs eager and FP8 + compiled,
              with ratios.
+* `targets`  several targets per image (`targets=`): for each N of `--targets`, one pre-encoded batch of
+             `--batch` images x N targets (N rows per image) through `Predictor` as predict.py runs it, timed like
+             `forward`: images/s and (image x target) rows/s. With N > 1 also the same rows with the vision
+             encoder and SAM-2 run for every row (what sharing them per image saves), and whether both give the
+             same masks.
 
 `--compile off on` runs forward, single and dp without and with `compile=true`; `single` then also compares
 the masks of the two. `--shapes tiny` is a smoke run that works on the CPU too.
 
     python bench/predict.py --parts forward single dp mp --shapes 1b 4b 8b --gpus 1 4 --compile off on \
         --out bench/results/predict.json
+    python bench/predict.py --parts targets --shapes 4b --targets 1 3 --out bench/results/predict_targets.json
 """
 
 from __future__ import annotations
@@ -144,6 +150,77 @@ def bench_forward(shape: str, batch: int, iters: int, compile_blocks: bool = Fal
         torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def bench_targets(shape: str, batch: int, iters: int, counts: list[int]) -> list[dict]:
+    """`targets` part: images/s and rows/s with N targets per image, the vision encoder shared or per row."""
+    import torch
+
+    from vseg.data.synthetic import generate_vessels
+    from vseg.inference.engine import to_device
+    from vseg.inference.inputs import PredictItem
+    from vseg.inference.predictor import Predictor
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pictures = [generate_vessels(seed=i, size=512, style="angiogram")[0] for i in range(min(batch, 8))]
+    items = [PredictItem(i, f"img{i}", "", pixels=pictures[i % len(pictures)]) for i in range(batch)]
+    predictor = Predictor.load("random", model=SHAPES[shape], device=device)
+    engine = predictor.engine()
+    phrases = ("arteries", "veins", "stenoses", "catheter", "bifurcations", "collaterals")
+
+    def timed(run) -> tuple[float, list]:
+        for _ in range(2):
+            run()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = run()
+        sync()
+        return (time.perf_counter() - t0) / iters, out
+
+    rows = []
+    for n in counts:
+        targets = {f"t{i}": f"Please segment the {phrases[i % len(phrases)]} in this image." for i in range(n)}
+        data = predictor.dataset(items, targets=targets)
+        b = to_device(data.collate([data[i] for i in range(batch)]), device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds, shared = timed(lambda b=b: predictor(b))
+        row = {
+            "shape": shape,
+            "images": batch,
+            "targets": n,
+            "rows": batch * n,
+            "tokens_per_row": int(b["attention_mask"].sum(1).float().mean()),
+            "images_per_second": batch / seconds,
+            "rows_per_second": batch * n / seconds,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+        }
+        if n > 1:  # the same rows, each with its own vision-encoder and SAM-2 pass
+            per_row = {
+                **b,
+                "mllm_inputs": {k: v.to(device) for k, v in predictor.model.family.collate(b["mllm_single"]).items()},
+                "sam_pixel_values": b["sam_pixel_values"][b["row_image"].to(device)],
+            }
+            sizes = [tuple(s) for s in b["image_sizes"]]
+
+            def per_row_pass(p=per_row, sizes=sizes):
+                with torch.inference_mode():
+                    logits = engine.seg_logits(p["input_ids"], p["attention_mask"], p)
+                return engine.finish(logits, sizes, [engine.answer] * len(logits))
+
+            seconds_rows, alone = timed(per_row_pass)
+            flat = [target for per_image in shared for target in per_image.values()]
+            row["per_row_vision"] = {
+                "images_per_second": batch / seconds_rows,
+                "rows_per_second": batch * n / seconds_rows,
+                "speedup_of_sharing": seconds_rows / seconds,
+                "masks_equal": sum(bool(np.array_equal(x.mask, y.mask)) for x, y in zip(flat, alone, strict=True)),
+                "masks": len(flat),
+            }
+        rows.append(row)
+    return rows
 
 
 def bench_single(
@@ -285,7 +362,9 @@ def main() -> None:
     from bench.predict_fast import STEPS as FAST_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["forward", "single", "dp", "mp"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["forward", "single", "dp", "mp"], help="forward single dp mp fast targets"
+    )
     parser.add_argument("--shapes", nargs="+", default=["1b", "4b", "8b"])
     parser.add_argument("--dp-shapes", nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=32)
@@ -307,6 +386,7 @@ def main() -> None:
     parser.add_argument("--fast-steps", nargs="+", default=list(FAST_STEPS), choices=FAST_STEPS)
     parser.add_argument("--fast-fp8", default="on", choices=["on", "off"], help="fast: compiled steps on the fp8 model")
     parser.add_argument("--latency-iters", type=int, default=30, help="fast: timed batch-1 passes")
+    parser.add_argument("--targets", type=int, nargs="+", default=[1, 3], help="targets: targets per image")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.json")
     args = parser.parse_args()
     import torch
@@ -327,11 +407,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     folder = tmp / "inputs"
-    write_inputs(folder, args.images)
     small = tmp / "small"
     small.mkdir()
-    for i in range(args.single_images):
-        os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
+    if {"single", "dp", "mp"} & set(args.parts):  # the parts that read PNG folders
+        write_inputs(folder, args.images)
+        for i in range(args.single_images):
+            os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
     variants = [v == "on" for v in args.compile]
     for shape in args.shapes:
         if "fast" in args.parts:
@@ -351,6 +432,9 @@ def main() -> None:
                 args.fast_steps,
                 args.fast_fp8 == "on",
             )
+        if "targets" in args.parts:
+            for row in bench_targets(shape, args.batch, args.iters, args.targets):
+                save("targets", row)
         if "forward" in args.parts:
             for flag in variants:
                 save("forward", bench_forward(shape, args.batch, args.iters, flag))

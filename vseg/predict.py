@@ -105,7 +105,8 @@ def resolve_items(
             )
         items = target_items(items)  # one item per image; every target is asked of it
     if opts.pixel_spacing is not None:
-        items = [dataclasses.replace(it, spacing=opts.pixel_spacing) for it in items]
+        # the user's pixel size wins over data.pixel_spacing and over DICOM files' own (vseg.inference.inputs)
+        items = [dataclasses.replace(it, spacing=opts.pixel_spacing, spacing_from="pixel_spacing=") for it in items]
     if opts.limit is not None:
         items = items[: int(opts.limit)]
     return items, data

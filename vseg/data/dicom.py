@@ -7,8 +7,11 @@ frames, so brightness does not flicker between frames). MONOCHROME1 (white = low
 vessels look the same as in MONOCHROME2. RGB / YBR files are converted to RGB by pydicom.
 
 Frame timing and pixel spacing are carried along (`DicomMeta`) so that results can state them: FrameTime (ms)
-or FrameTimeVector or CineRate / RecommendedDisplayFrameRate; PixelSpacing, else ImagerPixelSpacing (XA stores
-the detector spacing there).
+or FrameTimeVector or CineRate / RecommendedDisplayFrameRate. Pixel spacing (`spacing_of`): PixelSpacing (in the
+patient, PS3.3 10.7.1.3); else ImagerPixelSpacing (XA / XRF store the detector's spacing there) divided by
+EstimatedRadiographicMagnificationFactor when the file states it (the size at the isocentre), else as stored
+(the detector plane: object sizes come out larger by the geometric magnification, typically 1.2-1.5 in
+angiography). Millimetre distances of single-frame DICOM images use it (`vseg.inference.inputs`).
 """
 
 from __future__ import annotations
@@ -86,12 +89,40 @@ def _frame_time(ds) -> float | None:
     return 1000.0 / rate if rate else None
 
 
-def _spacing(ds) -> tuple[float, float] | None:
-    for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(key)
-        if value is not None and len(value) == 2:
-            return float(value[0]), float(value[1])
-    return None
+def _pair(value: object) -> tuple[float, float] | None:
+    try:
+        row, column = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return (row, column) if row > 0 and column > 0 else None
+
+
+def spacing_of(ds) -> tuple[tuple[float, float], str] | None:
+    """(row, column) mm per pixel of a dataset and the fields it came from (see the module doc); None if unknown."""
+    spacing = _pair(ds.get("PixelSpacing"))
+    if spacing is not None:
+        return spacing, "PixelSpacing"
+    spacing = _pair(ds.get("ImagerPixelSpacing"))
+    if spacing is None:
+        return None
+    factor = _first(ds.get("EstimatedRadiographicMagnificationFactor"))
+    if factor is not None and factor > 0:
+        return (
+            spacing[0] / factor,
+            spacing[1] / factor,
+        ), "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    return spacing, "ImagerPixelSpacing"
+
+
+def dicom_pixel_spacing(path: str | Path) -> tuple[tuple[float, float], str] | None:
+    """`spacing_of` a DICOM file, from its header only; None when it states none (or is not readable DICOM)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - unreadable: the caller reports it when it reads the pixels
+        return None
+    return spacing_of(ds)
 
 
 def to_uint8(grey: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
@@ -162,7 +193,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, DicomMeta]:
         modality=str(ds.get("Modality")) if ds.get("Modality") else None,
         frames=int(rgb.shape[0]),
         frame_time_ms=_frame_time(ds),
-        pixel_spacing_mm=_spacing(ds),
+        pixel_spacing_mm=(spacing_of(ds) or (None, None))[0],
         photometric=photometric,
         window=window,
     )

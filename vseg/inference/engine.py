@@ -199,15 +199,18 @@ class Engine:
     ) -> list[torch.Tensor]:
         """Per sample (K, h, w) low-res logits of its [SEG] tokens; `rows` picks samples of `batch` for the images.
 
-        `row_image` (several targets per image): which of the batch's SAM-2 images each sample asks about; each
-        image is then encoded once and decoded for every sample that refers to it.
+        `row_image` (several targets per image): which of the batch's images each sample asks about (the batch's
+        image inputs are then per image); each image goes through the vision encoder and SAM-2 once, and its
+        embeddings and features serve every sample that refers to it.
         """
         model = self.model
         mllm_inputs = (
             batch["mllm_inputs"] if rows is None else model.family.collate([batch["mllm_single"][r] for r in rows])
         )
         sam_pixels = batch["sam_pixel_values"] if rows is None else batch["sam_pixel_values"][rows]
-        prompts, sample_index, features = self.seg_prompts(input_ids, attention_mask, mllm_inputs, sam_pixels)
+        prompts, sample_index, features = self.seg_prompts(
+            input_ids, attention_mask, mllm_inputs, sam_pixels, row_image
+        )
         image_index = sample_index if row_image is None else row_image.to(sample_index.device)[sample_index]
         logits = model.grounding.decode(features, prompts, image_index)
         sample_index = sample_index.to(logits.device)
@@ -219,13 +222,15 @@ class Engine:
         attention_mask: torch.Tensor,
         mllm_inputs: dict[str, Any],
         sam_pixels: torch.Tensor,
+        row_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(projected [SEG] embeddings (N, C), their sample index (N,), SAM-2 features): the mask decoder's inputs.
 
-        Refinement by clicks keeps these and runs only the mask decoder again (`Predictor.refine`).
+        Refinement by clicks keeps these and runs only the mask decoder again (`Predictor.refine`). `row_image`:
+        the samples share the images of `mllm_inputs` / `sam_pixels` (see `seg_logits`).
         """
         model = self.model
-        hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs)
+        hidden = model.decoder_states(input_ids, attention_mask, mllm_inputs, row_image)
         # The SAM-2 encoder is queued before `seg_embeddings`, whose [SEG] lookup waits for the GPU: the host then
         # launches the encoder while the LLM still runs instead of leaving the GPU idle in between.
         features = model.grounding.encode(sam_pixels)

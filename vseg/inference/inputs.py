@@ -9,10 +9,18 @@ it). Without `input=` and `data=`, a run's own data is used (its `split`, valida
 Images are read at their own size; the model's processor resizes them for its two branches, and the mask is
 brought back to the image's size. An input that cannot be read becomes a failed item with its reason; the
 rest of the batch goes on.
+
+Pixel size (millimetre distances), per image, first found wins: `pixel_spacing=` (the user's, for every input);
+`data.pixel_spacing` for dataset inputs; a single-frame DICOM file's own spacing (`vseg.data.dicom.spacing_of`:
+PixelSpacing, else ImagerPixelSpacing corrected by the stated magnification) for file inputs; else unknown (no
+`_mm` scores). The user's value wins because it is the deliberate one: a calibrated spacing, or one that corrects
+a detector spacing the file states without its magnification. Each record says which was used
+(`pixel_spacing_mm`, `pixel_spacing_from`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vseg.config import ConfigError, DataConfig, parse_spacing
+from vseg.data.dicom import DICOM_SUFFIXES, dicom_pixel_spacing
 from vseg.data.io import is_image_file, read_image, read_mask
 from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
@@ -51,6 +60,7 @@ class PredictItem:
     object_index: int | None = None  # per_object datasets: which object is the target
     spacing: tuple[float, float] | None = None  # (row, column) mm per pixel at the image's own size, if known
     pixels: Any = field(default=None, compare=False)  # an in-memory image (HxWx3 uint8 array or PIL image)
+    spacing_from: str | None = None  # where `spacing` comes from (pixel_spacing=, data.pixel_spacing, DICOM field)
 
     @property
     def source(self) -> str:
@@ -175,6 +185,7 @@ def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[Pred
                 record=item.record,
                 object_index=item.object_index,
                 spacing=spacing,
+                spacing_from="data.pixel_spacing" if spacing is not None else None,
             )
         )
     if not items:
@@ -194,6 +205,19 @@ def split_of(data: DataConfig, split: str) -> list[Any]:
     if split != "all":
         raise ConfigError(f"split={split!r}: expected val, train or all")
     return records
+
+
+def with_file_spacing(item: PredictItem) -> PredictItem:
+    """The item with its DICOM file's pixel spacing, when it has none yet (the module doc gives the order)."""
+    if item.spacing is not None or item.image_path is None:
+        return item
+    if Path(item.image_path).suffix.lower() not in DICOM_SUFFIXES:
+        return item
+    found = dicom_pixel_spacing(item.image_path)
+    if found is None:
+        return item
+    spacing, fields = found
+    return dataclasses.replace(item, spacing=spacing, spacing_from=f"DICOM {fields}")
 
 
 def cut_after_seg(features: dict[str, Any], seg_id: int) -> dict[str, Any]:
@@ -249,7 +273,7 @@ class PredictDataset(Dataset):
         return image, truth, None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
+        item = with_file_spacing(self.items[index])
         try:
             image, truth, fov = self.read(item)
             features = self.processor.encode(image, item.prompt, self.answer, sample_id=item.id)

@@ -76,7 +76,16 @@ def _scores(entries: list[dict[str, Any]]) -> dict[str, Any]:
     for key in SCORES:
         out[key] = float(np.mean([r[key] for r in scored])) if scored else None
     out.update(summarise_distances(scored))
+    if "hd95_mm" in out:  # mm means run over the entries whose pixel size is known, which may be fewer
+        out["with_pixel_spacing"] = sum("hd95_mm" in r for r in scored)
     return out
+
+
+def _spacing_fields(item: PredictItem) -> dict[str, Any]:
+    """The pixel size a record's millimetre scores used, and where it came from (absent when unknown)."""
+    if item.spacing is None:
+        return {}
+    return {"pixel_spacing_mm": [float(v) for v in item.spacing], "pixel_spacing_from": item.spacing_from}
 
 
 class OutputStore:
@@ -230,6 +239,7 @@ class OutputStore:
         if truth is not None:
             record.update(score_masks(prediction.mask, truth, fov, item.spacing))
             record["fov"] = fov is not None
+        record.update(_spacing_fields(item))
         self._append(record)
         with self._lock:
             self.written += 1
@@ -267,6 +277,7 @@ class OutputStore:
             atomic_write(self.root / overlay_rel, _png(overlay_targets(image, masks)), "overlay")
             record["overlay"] = overlay_rel
         record["fov"] = fov is not None
+        record.update(_spacing_fields(item))
         self._append(record)
         with self._lock:
             self.written += 1

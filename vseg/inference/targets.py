@@ -5,8 +5,12 @@
 this image."), or the path of a YAML file holding either. Every image is asked each target's question in a
 sequence of its own, as the authors' RefCOCO evaluation asks one question per object: a single answer with
 several [SEG] would need a model trained to answer that way, which Sa2VA's released and vseg's fine-tuned ones
-are not. The rows of one batch are image-major (image 0: targets in order, image 1: ...); the LLM reads every
-row, SAM-2 encodes each image once and decodes all its targets' prompts against those features.
+are not. The rows of one batch are image-major (image 0: targets in order, image 1: ...). Each image is encoded
+once: the MLLM's vision encoder (InternVL: tower + projector; Qwen-VL: the visual model with its mergers) gives
+its embeddings, which are scattered into every target row's placeholders (`MLLMFamily.decoder_states` with
+`row_image`), and SAM-2 encodes it once for the mask decoder; only the LLM and the mask decoder run per row. So N
+targets cost one vision pass and one SAM-2 pass per image plus N LLM rows. (With `answer=generate`, generation
+itself runs one row at a time with the row's image, as single-prompt generation does.)
 
 Ground truth: a target's mask is the union of the image's objects whose name (COCO category, polygon text,
 compared without case) equals the target name; an image without such an object has an empty truth. A target
@@ -28,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vseg.config import ConfigError, DataConfig
 from vseg.inference.engine import Engine, ItemPrediction
-from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg
+from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg, with_file_spacing
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SEG_TOKEN
 
@@ -120,6 +124,7 @@ def target_items(items: list[PredictItem]) -> list[PredictItem]:
                 record=item.record,
                 pixels=item.pixels,
                 spacing=item.spacing,
+                spacing_from=item.spacing_from,
             )
         )
     return out
@@ -187,7 +192,7 @@ class TargetsDataset(PredictDataset):
         return sample.image, truths, sample.fov
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
+        item = with_file_spacing(self.items[index])
         try:
             image, truths, fov = self.truths(item)
             rows = self.processor.encode_questions(image, list(self.targets.values()), self.answer, sample_id=item.id)
@@ -199,7 +204,8 @@ class TargetsDataset(PredictDataset):
         return {"item": item, "rows": rows, "image": image, "truth": truths, "fov_mask": fov}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """A batch of (images x targets) rows: text per row, SAM-2 pixels per image, `row_image` between them."""
+        """A batch of (images x targets) rows: text per row, image inputs and SAM-2 pixels per image, `row_image`
+        between them (`mllm_single`: each row's image inputs, for generation, which asks one row at a time)."""
         ok = [s for s in samples if "error" not in s]
         batch: dict[str, Any] = {}
         if ok:
@@ -211,7 +217,8 @@ class TargetsDataset(PredictDataset):
                 "labels": labels,
                 "attention_mask": attention_mask,
                 "sam_pixel_values": torch.stack([s["rows"][0]["sam_pixel_values"] for s in ok]),
-                "mllm_inputs": self.processor.family.collate([r["mllm_inputs"] for r in rows]),
+                # image inputs once per image: the vision encoder runs once per image (`row_image` says which)
+                "mllm_inputs": self.processor.family.collate([s["rows"][0]["mllm_inputs"] for s in ok]),
                 "image_sizes": [r["image_size"] for r in rows],
                 "row_image": torch.arange(len(ok)).repeat_interleave(len(self.targets)),
             }

@@ -68,8 +68,20 @@ class MLLMFamily(Protocol):
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]: ...
 
     def decoder_states(
-        self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
-    ) -> torch.Tensor: ...
+        self,
+        mllm: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs: dict[str, Any],
+        row_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last-layer hidden states (B, L, D).
+
+        `inputs` holds one image per row; with `row_image` (B,) it holds the images that the rows share (several
+        questions about one image): each image then goes through the vision encoder once, and its embeddings are
+        scattered into the placeholders of every row that shows it (`row_token_index`).
+        """
+        ...
 
     def lm_head(self, mllm: nn.Module) -> nn.Module: ...
 
@@ -92,6 +104,40 @@ def embedding_device(mllm: nn.Module) -> torch.device:
     module's forward, which fails.
     """
     return next(mllm.get_input_embeddings().parameters()).device
+
+
+def row_token_index(
+    input_ids: torch.Tensor, image_token_id: int, row_image: torch.Tensor, n_embeddings: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's image embeddings come from, when rows share images.
+
+    Args:
+        input_ids: (B, L) the rows, each with its image's placeholder tokens.
+        image_token_id: the placeholder token.
+        row_image: (B,) which image each row shows; every image is shown by at least one row.
+        n_embeddings: how many embeddings the vision pass gave for all images together (in image order).
+
+    Returns:
+        (the (B, L) placeholder mask, the index into the images' embeddings that fills those placeholders in
+        row-major order). An image's share of the embeddings is the placeholder count of a row showing it.
+    """
+    placeholders = input_ids == image_token_id
+    per_row = placeholders.sum(dim=1).tolist()
+    images = row_image.tolist()
+    counts: dict[int, int] = {}
+    for row, image in enumerate(images):
+        if counts.setdefault(image, per_row[row]) != per_row[row]:
+            raise ValueError(f"rows showing image {image} hold {counts[image]} and {per_row[row]} image tokens")
+    if sorted(counts) != list(range(len(counts))) or sum(counts.values()) != n_embeddings:
+        raise ValueError(
+            f"the rows show images {sorted(counts)} with {sum(counts.values())} image tokens, but the vision pass "
+            f"gave {n_embeddings} embeddings: every image of the batch must be shown by a row"
+        )
+    starts = [0]
+    for image in range(len(counts) - 1):
+        starts.append(starts[-1] + counts[image])
+    index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in images])
+    return placeholders, index.to(input_ids.device)
 
 
 def vocab_size(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -180,19 +226,52 @@ class InternVLFamily:
         return {"pixel_values": torch.cat([item["pixel_values"] for item in items])}
 
     def decoder_states(
-        self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+        self,
+        mllm: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs: dict[str, Any],
+        row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = embedding_device(mllm)
         pixel_values = inputs["pixel_values"]
         vision = mllm.model.vision_tower
         pixel_values = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
         pixel_values = pixel_values.to(mllm.model.dtype)
+        if row_image is not None:
+            return self._shared_image_states(
+                mllm, input_ids.to(device), attention_mask.to(device), pixel_values, row_image
+            )
         out = mllm.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             pixel_values=pixel_values,
             use_cache=False,
         )
+        return out.last_hidden_state
+
+    @staticmethod
+    def _shared_image_states(
+        mllm: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        row_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder over rows that share images: vision tower + pixel shuffle + projector once per image.
+
+        The same steps as `InternVLModel.forward` (token embeddings, image embeddings scattered into the
+        `<IMG_CONTEXT>` placeholders, the language model), with the image embeddings gathered per row.
+        """
+        model = mllm.model
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        embeddings = getattr(features, "pooler_output", features)  # an output object (transformers >= 5.17)
+        embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # (tiles x tokens per tile, D), images in order
+        placeholders, index = row_token_index(input_ids, mllm.config.image_token_id, row_image, embeddings.shape[0])
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        rows = embeddings.to(inputs_embeds.device, inputs_embeds.dtype)[index.to(inputs_embeds.device)]
+        inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), rows)
+        out = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def lm_head(self, mllm: nn.Module) -> nn.Module:
@@ -336,12 +415,19 @@ class QwenVLFamily:
         return argument in inspect.signature(module.forward).parameters
 
     def decoder_states(
-        self, mllm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+        self,
+        mllm: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs: dict[str, Any],
+        row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = embedding_device(mllm)
         visual = mllm.model.visual
         vision_param = next(visual.parameters())
         input_ids = input_ids.to(device)
+        if row_image is not None:
+            return self._shared_image_states(mllm, input_ids, attention_mask.to(device), inputs, row_image)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask.to(device),
@@ -353,6 +439,54 @@ class QwenVLFamily:
             # 1 marks image placeholders; the 3-D rope positions are computed from it.
             kwargs["mm_token_type_ids"] = (input_ids == mllm.config.image_token_id).int()
         return mllm.model(**kwargs).last_hidden_state
+
+    def _shared_image_states(
+        self,
+        mllm: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs: dict[str, Any],
+        row_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder over rows that share images: the vision encoder (mergers included) once per image.
+
+        The same steps as the Qwen-VL model's forward: token embeddings with the merged image embeddings
+        scattered into the `<|image_pad|>` placeholders, 3-D rope positions from each row's image grid, and
+        (Qwen3-VL) the deepstack features added to the first decoder layers at those placeholders; only the
+        image embeddings are computed per image and gathered per row.
+        """
+        model = mllm.model
+        visual = model.visual
+        param = next(visual.parameters())
+        grid = inputs["image_grid_thw"]
+        pixels = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
+        out = visual(pixels, grid_thw=grid.to(param.device), return_dict=True)
+        embeddings = out.pooler_output  # merged tokens of all images, in image order
+        placeholders, index = row_token_index(input_ids, mllm.config.image_token_id, row_image, embeddings.shape[0])
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        rows = embeddings.to(inputs_embeds.device, inputs_embeds.dtype)[index.to(inputs_embeds.device)]
+        inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), rows)
+        rope: dict[str, Any] = {
+            "image_grid_thw": grid.to(input_ids.device)[row_image.to(input_ids.device)],
+            "attention_mask": attention_mask,
+        }
+        if "mm_token_type_ids" in inspect.signature(model.get_rope_index).parameters:
+            rope["mm_token_type_ids"] = placeholders.int()
+        position_ids, _ = model.get_rope_index(input_ids, **rope)
+        extra: dict[str, Any] = {}
+        deepstack = getattr(out, "deepstack_features", None)
+        if deepstack:
+            extra["visual_pos_masks"] = placeholders
+            extra["deepstack_visual_embeds"] = [d[index.to(d.device)] for d in deepstack]
+        states = model.language_model(
+            input_ids=None,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+        return states.last_hidden_state
 
     def lm_head(self, mllm: nn.Module) -> nn.Module:
         return mllm.lm_head

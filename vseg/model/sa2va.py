@@ -73,10 +73,18 @@ class Sa2VA(nn.Module):
         return mllm.get_base_model() if hasattr(mllm, "get_base_model") else mllm
 
     def decoder_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mllm_inputs: dict[str, Any]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mllm_inputs: dict[str, Any],
+        row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last-layer (final-norm) hidden states of the LLM, (B, L, D)."""
-        return self.family.decoder_states(self.base_mllm, input_ids, attention_mask, mllm_inputs)
+        """Last-layer (final-norm) hidden states of the LLM, (B, L, D).
+
+        `row_image` (B,): the rows share images (several questions per image); `mllm_inputs` then holds each
+        image once and the vision encoder runs once per image (`MLLMFamily.decoder_states`).
+        """
+        return self.family.decoder_states(self.base_mllm, input_ids, attention_mask, mllm_inputs, row_image)
 
     def seg_embeddings(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected [SEG] states (N, C) and the sample index of each, in (sample, position) order."""
