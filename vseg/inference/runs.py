@@ -22,6 +22,7 @@ from vseg.inference.outputs import OutputStore, outcome_lines
 from vseg.inference.parallel import PLAN_ENV, read_plan, write_plan
 from vseg.inference.predictor import DEFAULT_ANSWER, inference_dtype
 from vseg.inference.run_outputs import RunStore, predict_runs
+from vseg.model.tracking import narrow_sam
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callabl
         The summary; `{"rank": r}` on data-parallel ranks > 0.
     """
     begin = time.perf_counter()
+    # A SAM-2 too narrow for memory is known from the config: refused before any model is loaded.
+    width = ((source.model_cfg.sam2 or {}).get("vision_config") or {}).get("fpn_hidden_size")
+    if width is not None and narrow_sam(int(width)):
+        raise ConfigError(f"ckpt={source.describe()} cannot predict runs: {narrow_sam(int(width))}")
     out = opts.output_dir
     if out is None:
         if source.form != "run" or source.path is None:
