@@ -149,6 +149,8 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     out = _output_dir(opts, source)
     place = Placement.of(opts)
     store, todo = _plan(items, out, opts, source, place)
+    if place.parallel and len(todo) < place.devices:  # no rank without an input (Lightning refuses empty loaders)
+        place = dataclasses.replace(place, devices=max(1, len(todo)))
     loop = LoopTimes()
     load_seconds = predict_seconds = 0.0
     if todo and place.parallel:

@@ -80,8 +80,11 @@ def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callabl
         if done:
             log.info("resuming: %d of %d runs already done in %s", len(done), len(runs), out)
     single = len(runs) == 1
+    # No rank may be left without a run (Lightning refuses an empty loader): fewer runs, fewer processes. The
+    # launched ranks see the same plan, so they agree on the count.
+    devices = min(place.devices, len(todo)) if place.parallel else 1
     predict_seconds = 0.0
-    if todo and place.parallel:
+    if todo and devices > 1:
         from vseg.inference.run_parallel import predict_runs_data_parallel
 
         if not child:  # the launching process fixes the plan every rank shards
@@ -89,7 +92,7 @@ def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callabl
             os.environ[PLAN_ENV] = str(out / "progress" / "plan.json")
         try:
             rank, predict_seconds = predict_runs_data_parallel(
-                load, todo, out, opts, single, place.accelerator, place.devices
+                load, todo, out, opts, single, place.accelerator, devices
             )
         finally:
             if not child:
