@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,8 +124,10 @@ def predict_run(
     key_frames: int = 5,
     key_frame_mode: str = "first",
     frames_on: str = "cpu",
+    on_frame: Callable[[int], None] | None = None,
 ) -> RunPrediction:
-    """Masks for every frame of `run` (see the module docstring)."""
+    """Masks for every frame of `run` (see the module docstring); `on_frame(t)` is called as frame t is done
+    (progress, memory probes)."""
     reason = tracking_unsupported(predictor.model.grounding)
     if reason is not None:  # before the MLLM pass: no run of this model can be tracked
         raise ConfigError(reason)
@@ -150,6 +153,8 @@ def predict_run(
             fg = mask_logits_at(logits, (height, width), grounding.image_size).sigmoid() > predictor.threshold
             masks[t] = fg.any(dim=0).cpu().numpy()
             means[t] = float(logits.float().mean())
+            if on_frame is not None:
+                on_frame(t)
     tracking_seconds = time.perf_counter() - started - mllm_seconds
     return RunPrediction(
         masks,
