@@ -1,4 +1,6 @@
-"""predict.py for runs (video, cine DICOM, GIF / TIFF stacks, frame folders): discovery, outputs, resume.
+"""Runs (video, cine DICOM, GIF / TIFF stacks, frame folders) in predict.py: discovery, the output folder,
+resume, and the per-run work (`predict_one_run`; the one-device loop `predict_runs`). `vseg.inference.runs`
+drives them, on one device or data-parallel (`vseg.inference.run_parallel`).
 
 Layout of `output=DIR` (the same folder rules as images, `OutputStore.prepare`: run.json fingerprint, refusal
 of foreign folders, `overwrite=true`):
@@ -291,7 +293,7 @@ def predict_runs(predictor_factory, todo: list[tuple[int, str, Path]], store: Ru
 
 
 def check_can_track(predictor) -> None:
-    """A configuration error when the predictor's model cannot track runs (no SAM-2 memory, generation off)."""
+    """A configuration error when the predictor's model cannot track runs (no SAM-2 memory)."""
     from vseg.config import ConfigError
     from vseg.model.tracking import tracking_unsupported
 
