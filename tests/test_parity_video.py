@@ -9,8 +9,9 @@ of their `language_embd_inference` (without its bf16 autocast, so both sides run
 `Tracker`. Low-res mask logits are compared on every frame.
 
 Their driver hard-codes CUDA (`init_state` sets the devices to cuda, frames and memories are moved with
-`.cuda()`); on a CPU-only machine those calls are redirected to the CPU for the test (`Tensor.cuda` returns the
-tensor, the state's devices are set to cpu), which changes no arithmetic. With a GPU the test runs theirs as is.
+`.cuda()`); the CPU variant redirects those calls to the CPU for the test (`Tensor.cuda` returns the tensor,
+the state's devices are set to cpu), which changes no arithmetic. The GPU variant (`-m gpu`) runs theirs as is
+on CUDA, in true float32 (TF32 off for matmuls and convolutions on both sides, as on the CPU).
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ VSEG_SAM = [
 ]
 
 
-def test_tracking_matches_the_authors_video_predictor(their_sam2, monkeypatch):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif("not torch.cuda.is_available()")])],
+)
+def test_tracking_matches_the_authors_video_predictor(their_sam2, monkeypatch, device):
     from vseg.model.build import build_grounding
     from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16, normalise
 
@@ -103,9 +108,12 @@ def test_tracking_matches_the_authors_video_predictor(their_sam2, monkeypatch):
     frames = torch.randint(0, 255, (FRAMES, 3, SIZE, SIZE), generator=generator, dtype=torch.uint8)
     embedding = torch.randn(1, 128, generator=generator)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     if device.type == "cpu":  # their driver's .cuda() calls, redirected (see the module docstring)
         monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    else:  # float32 as on the CPU: TF32 would round both sides differently past the tolerance
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     theirs.to(device)
     grounding.to(device)
     with torch.no_grad():

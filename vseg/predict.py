@@ -42,7 +42,8 @@ from vseg.inference.placement import (
     resolve_device,
 )
 from vseg.inference.predictor import DEFAULT_ANSWER, Predictor, inference_dtype
-from vseg.inference.run_outputs import predict_run_inputs, run_inputs
+from vseg.inference.run_outputs import run_inputs
+from vseg.inference.runs import predict_run_inputs
 from vseg.inference.targets import parse_targets, target_items
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,16 @@ def run(pcfg: DictConfig) -> dict[str, Any]:
     check_weights_file(source)  # a truncated or UNSAFE weights file is refused before any output is written
     runs = run_inputs(opts.input, opts.video, exclude=opts.output_dir) if opts.input is not None else None
     if runs is not None:  # video, cine DICOM, stacks, frame folders: vseg.inference.run_outputs
-        return predict_run_inputs(opts, source, runs, lambda dev: load_predictor(source, opts, dev))
+        place = Placement.of(opts)
+        return predict_run_inputs(
+            opts, source, runs, lambda dev: load_predictor(source, opts, dev, place.max_memory), place
+        )
     items, data = resolve_items(data_given, opts, source)
     out = _output_dir(opts, source)
     place = Placement.of(opts)
     store, todo = _plan(items, out, opts, source, place)
+    if place.parallel and len(todo) < place.devices:  # no rank without an input (Lightning refuses empty loaders)
+        place = dataclasses.replace(place, devices=max(1, len(todo)))
     loop = LoopTimes()
     load_seconds = predict_seconds = 0.0
     if todo and place.parallel:

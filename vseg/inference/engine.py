@@ -249,28 +249,32 @@ class Engine:
             **self.model.family.generate_inputs(mllm, input_ids, inputs),
         }
 
+    def generate_one(self, prompt: torch.Tensor, mllm_inputs: dict[str, Any]) -> tuple[str, torch.Tensor | None]:
+        """Greedy answer to one prompt (1-D token ids) with its image inputs: (the answer text, the prompt plus
+        the answer's tokens up to its last [SEG] on the CPU, or None when it has no [SEG])."""
+        out = self.model.base_mllm.generate(
+            **self._generate_kwargs(prompt[None], mllm_inputs),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.stop_ids or None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[0, prompt.shape[0] :].cpu()
+        stop = [j for j, t in enumerate(new.tolist()) if t in self.stop_ids]
+        new = new[: stop[0]] if stop else new
+        answer = self.tokenizer.decode(new, skip_special_tokens=False).strip()
+        seg = (new == self.seg_id).nonzero()
+        # Tokens after the last [SEG] cannot change its state (causal attention): cut them.
+        return answer, torch.cat([prompt.cpu(), new[: int(seg.max()) + 1]]) if len(seg) else None
+
     def generate(self, batch: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
         """Greedy answers, then the masks of their [SEG] tokens from one batched pass over prompt + answer."""
-        mllm = self.model.base_mllm
         pad = self.tokenizer.pad_token_id
         sequences, answers = [], []
         for i, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
-            prompt = batch["input_ids"][i, : int(length)][None]
-            out = mllm.generate(
-                **self._generate_kwargs(prompt, batch["mllm_single"][i]),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                eos_token_id=self.stop_ids or None,
-                pad_token_id=pad,
-            )
-            new = out[0, prompt.shape[1] :].cpu()
-            stop = [j for j, t in enumerate(new.tolist()) if t in self.stop_ids]
-            new = new[: stop[0]] if stop else new
-            answers.append(self.tokenizer.decode(new, skip_special_tokens=False).strip())
-            seg = (new == self.seg_id).nonzero()
-            # Tokens after the last [SEG] cannot change its state (causal attention): cut them.
-            keep = new[: int(seg.max()) + 1] if len(seg) else new[:0]
-            sequences.append(torch.cat([prompt[0].cpu(), keep]) if len(seg) else None)
+            answer, sequence = self.generate_one(batch["input_ids"][i, : int(length)], batch["mllm_single"][i])
+            answers.append(answer)
+            sequences.append(sequence)
         logits: list[torch.Tensor | None] = [None] * len(sequences)
         rows = [i for i, s in enumerate(sequences) if s is not None]
         if rows:

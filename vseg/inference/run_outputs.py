@@ -1,4 +1,6 @@
-"""predict.py for runs (video, cine DICOM, GIF / TIFF stacks, frame folders): discovery, outputs, resume.
+"""Runs (video, cine DICOM, GIF / TIFF stacks, frame folders) in predict.py: discovery, the output folder,
+resume, and the per-run work (`predict_one_run`; the one-device loop `predict_runs`). `vseg.inference.runs`
+drives them, on one device or data-parallel (`vseg.inference.run_parallel`).
 
 Layout of `output=DIR` (the same folder rules as images, `OutputStore.prepare`: run.json fingerprint, refusal
 of foreign folders, `overwrite=true`):
@@ -6,6 +8,7 @@ of foreign folders, `overwrite=true`):
     masks/<run id>/<frame>.png      0/255 mask per frame at the run's size
     overlays/<run id>.mp4 | .gif    the run with the prediction in red (missed truth in blue where given)
     progress/runs.jsonl             journal: one line per finished run, appended after its files are in place
+                                    (data-parallel: runs.rank<r>.jsonl, one per rank)
     results.jsonl                   per run: a `run` record, then one `frame` record per frame
     summary.json                    counts, means over scored frames, speed
 
@@ -32,7 +35,7 @@ from vseg.config.predict import OVERLAY_FORMATS, VIDEO_MODES  # noqa: F401  (the
 from vseg.data.io import DataFileError
 from vseg.data.runs import Run, is_run_file, read_run, read_truth
 from vseg.inference.inputs import InputError, _unique_ids
-from vseg.inference.outputs import atomic_text, outcome_lines, overlay
+from vseg.inference.outputs import atomic_text, overlay
 from vseg.inference.scoring import SCORES, score_masks
 
 log = logging.getLogger(__name__)
@@ -102,20 +105,26 @@ def write_overlay_video(path: Path, frames: np.ndarray, fps: float | None, fmt: 
 class RunStore:
     """The output folder of a runs prediction (see the module docstring)."""
 
-    def __init__(self, root: Path, overlays: bool = True, overlay_format: str = "mp4"):
+    def __init__(self, root: Path, overlays: bool = True, overlay_format: str = "mp4", rank: int | None = None):
         self.root, self.overlays, self.format = root, overlays, overlay_format
-        self.journal = root / "progress" / "runs.jsonl"
+        name = "runs.jsonl" if rank is None else f"runs.rank{rank}.jsonl"  # one writer per file
+        self.journal = root / "progress" / name
 
     def records(self) -> dict[str, dict[str, Any]]:
-        """The newest journal record per run id (torn lines from a kill are skipped)."""
+        """Per run id, its `ok` record if any journal has one, else its newest record (torn lines skipped).
+
+        Every journal is read (one-device and per-rank ones): a resumed folder may mix them.
+        """
         out: dict[str, dict[str, Any]] = {}
-        if self.journal.is_file():
-            for line in self.journal.read_text().splitlines():
+        for journal in sorted((self.root / "progress").glob("runs*.jsonl")):
+            for line in journal.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(record, dict) and "id" in record:
+                if not isinstance(record, dict) or "id" not in record:
+                    continue
+                if out.get(record["id"], {}).get("status") != "ok" or record.get("status") == "ok":
                     out[record["id"]] = record
         return out
 
@@ -225,103 +234,69 @@ class RunStore:
         return summary
 
 
-def predict_runs(
-    predictor_factory, runs: list[tuple[str, Path]], out: Path, opts, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """Predicts every run not done yet in `out` (prepared by the caller); returns the summary.
+def predict_one_run(
+    predictor: Callable[[], Any], store: RunStore, entry: tuple[int, str, Path], opts, single: bool
+) -> int:
+    """Reads, predicts and writes one run (or records why not); returns its frame count (0 when it failed).
 
     Args:
-        predictor_factory: () -> Predictor, called only when some run is left to do.
-        opts: predict.py's Options (prompt, key_frames, key_frame_mode, frames_on, truth, overlays, ...).
-        extra: settings recorded in summary.json.
+        predictor: () -> the Predictor, called only once a run has been read (a folder of broken files loads
+            no model).
+        entry: (index in the input list, run id, path).
+        opts: predict.py's options (prompt, key_frames, key_frame_mode, frames_on, truth).
+        single: the input is one run (truth masks may then lie directly in `truth=`).
     """
     from vseg.inference.inputs import DEFAULT_PROMPT
     from vseg.inference.video import predict_run
 
-    begin = time.perf_counter()
-    store = RunStore(out, opts.overlays, opts.overlay_format)
-    done = store.done()
-    todo = [(i, run_id, path) for i, (run_id, path) in enumerate(runs) if run_id not in done]
-    if done:
-        log.info("resuming: %d of %d runs already done in %s", len(done), len(runs), out)
+    index, run_id, path = entry
     prompt = opts.prompt or DEFAULT_PROMPT
-    predictor, frames, predict_seconds = None, 0, 0.0
-    truth_root = Path(opts.truth).expanduser() if opts.truth else None
-    for index, run_id, path in todo:
-        try:
-            run = read_run(path, run_id)
-            truth = _truth_for(truth_root, run, len(runs) == 1)
-        except DataFileError as err:
-            store.fail(index, run_id, path, str(err))
-            continue
-        if predictor is None:
-            predictor = predictor_factory()
-        started = time.perf_counter()
-        try:
-            prediction = predict_run(predictor, run, prompt, opts.key_frames, opts.key_frame_mode, opts.frames_on)
-        except (ValueError, RuntimeError) as err:  # a model that cannot track, a run too long for max_length
-            store.fail(index, run_id, path, f"{type(err).__name__}: {err}")
-            continue
-        predict_seconds += time.perf_counter() - started
-        store.write(index, run, prediction, truth, prompt)
-        frames += len(run)
-        print(f"run {run_id}: {len(run)} frames", flush=True)
-    timing = {
-        "predicted_now": len(todo),
-        "skipped_done": len(runs) - len(todo),
-        "seconds_total": time.perf_counter() - begin,
-        "seconds_predict": predict_seconds,
-        "frames_per_second": frames / predict_seconds if predict_seconds > 0 else None,
-    }
-    return store.finish(runs, timing, extra)
+    try:
+        run = read_run(path, run_id)
+        truth = _truth_for(Path(opts.truth).expanduser() if opts.truth else None, run, single)
+    except DataFileError as err:
+        store.fail(index, run_id, path, str(err))
+        return 0
+    model = predictor()
+    try:
+        prediction = predict_run(model, run, prompt, opts.key_frames, opts.key_frame_mode, opts.frames_on)
+    except (ValueError, RuntimeError) as err:  # a run too long for max_length, a device error on this run
+        store.fail(index, run_id, path, f"{type(err).__name__}: {err}")
+        return 0
+    store.write(index, run, prediction, truth, prompt)
+    log.info("run %s: %d frames", run_id, len(run))
+    return len(run)
 
 
-def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callable[[Any], Any]) -> dict[str, Any]:
-    """predict.py's body for runs: output folder checks, fingerprint, then `predict_runs`; returns the summary.
+def predict_runs(predictor_factory, todo: list[tuple[int, str, Path]], store: RunStore, opts, single: bool) -> float:
+    """Predicts `todo` ((index, run id, path) each) on one device; returns the seconds spent predicting.
 
-    `load`: device -> the `Predictor` (predict.py's own loader, so runs and images load alike).
+    Args:
+        predictor_factory: () -> Predictor, called only when some run is read.
     """
-    from vseg.artifacts.files import check_writable
-    from vseg.config import ConfigError
-    from vseg.inference.outputs import OutputStore
-    from vseg.inference.placement import resolve_device
-    from vseg.inference.predictor import DEFAULT_ANSWER, inference_dtype
+    from tqdm import tqdm
 
-    if opts.devices not in (1, "1"):
-        raise ConfigError("runs are tracked frame after frame on one device: use devices=1 (or device_map=...)")
-    out = opts.output_dir
-    if out is None:
-        if source.form != "run" or source.path is None:
-            raise ConfigError("output= is required (only a run directory has a default: <run>/predictions)")
-        out = source.path / "predictions"
-    if out.is_dir() or not out.exists():
-        check_writable(out, "prediction output (output=)")
-    device = resolve_device(opts.device)
-    answer_text = opts.answer_text or (source.train_cfg.data.answer if source.train_cfg else DEFAULT_ANSWER)
-    fingerprint = {
-        "ckpt": source.describe(),
-        "answer": opts.answer_mode,
-        "answer_text": answer_text,
-        "prompt": opts.prompt,
-        "threshold": opts.threshold,
-        "dtype": inference_dtype(opts.dtype, source, device),
-        "key_frames": opts.key_frames,
-        "key_frame_mode": opts.key_frame_mode,
-        "overlay_format": opts.overlay_format if opts.overlays else None,
-    }
-    OutputStore.prepare(out, fingerprint, opts.overwrite)
-    extra = {
-        "ckpt": source.describe(),
-        "output": str(out),
-        "placement": f"model-parallel device_map={opts.device_map}" if opts.device_map else str(device),
-        "dtype": fingerprint["dtype"],
-        "key_frames": opts.key_frames,
-        "key_frame_mode": opts.key_frame_mode,
-        "frames_on": opts.frames_on,
-    }
-    summary = predict_runs(lambda: load(device), runs, out, opts, extra)
-    done = f"{summary['ok']}/{summary['runs']} runs ({summary['frames']} frames)"
-    line = outcome_lines(summary, out, done, summary.get("frames_per_second"), "frames")
-    line += f"\nper run and frame: {out / 'results.jsonl'}\nsummary:   {out / 'summary.json'}"
-    print(line, flush=True)
-    return summary
+    cache: list[Any] = []
+
+    def predictor() -> Any:
+        if not cache:
+            cache.append(predictor_factory())
+            check_can_track(cache[0])
+        return cache[0]
+
+    seconds = 0.0
+    for entry in tqdm(todo, desc="runs", unit="run", dynamic_ncols=True, disable=len(todo) < 2):
+        started = time.perf_counter()
+        if predict_one_run(predictor, store, entry, opts, single):
+            seconds += time.perf_counter() - started
+    return seconds
+
+
+def check_can_track(predictor) -> None:
+    """A configuration error when the predictor's model cannot track runs (no SAM-2 memory)."""
+    from vseg.config import ConfigError
+    from vseg.model.tracking import tracking_unsupported
+
+    reason = tracking_unsupported(predictor.model.grounding)
+    if reason is not None:
+        raise ConfigError(f"ckpt={predictor.source.describe()} cannot predict runs: {reason}")

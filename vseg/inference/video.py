@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from vseg.model.grounding import mask_logits_at
 from vseg.model.preprocess import sam_pixels, to_pil
 from vseg.model.processor import Sa2VAProcessor, SampleError
 from vseg.model.tokenizer import SEG_TOKEN, get_template
-from vseg.model.tracking import Tracker, key_frame_indices
+from vseg.model.tracking import Tracker, key_frame_indices, tracking_unsupported
 
 
 @dataclass
@@ -42,17 +43,17 @@ class RunPrediction:
 
 
 def encode_key_frames(
-    processor: Sa2VAProcessor, frames: list[np.ndarray], question: str, answer: str
+    processor: Sa2VAProcessor, frames: list[np.ndarray], question: str, answer: str | None
 ) -> dict[str, Any]:
     """Model inputs of a run's key frames: one tile per frame, the authors' multi-image prompt, the answer
-    cut after its last [SEG] (nothing after it changes that state)."""
+    cut after its last [SEG] (nothing after it changes that state); `answer=None`: the prompt alone."""
     family = processor.family
     one_tile = dataclasses.replace(processor.model_cfg, max_tiles=1)
     parts = [family.image_inputs(processor.mllm_config, one_tile, to_pil(f)) for f in frames]
     image_text = "\n".join(text for _, text in parts)
     template = get_template(processor.model_cfg.template)
     prompt_ids = processor.token_ids(processor.prompt(image_text, question))
-    answer_ids = processor.token_ids(answer + template.suffix)
+    answer_ids = processor.token_ids(answer + template.suffix) if answer is not None else []
     seg_id = processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     if seg_id in answer_ids:
         answer_ids = answer_ids[: len(answer_ids) - answer_ids[::-1].index(seg_id)]
@@ -72,18 +73,33 @@ def encode_key_frames(
     }
 
 
-def seg_prompts(predictor, run: Run, keys: list[int], question: str) -> torch.Tensor:
-    """(K, C) [SEG] embeddings of the run's key frames (teacher-forced answer)."""
+def seg_prompts(predictor, run: Run, keys: list[int], question: str) -> tuple[torch.Tensor, str]:
+    """((K, C) [SEG] embeddings of the run's key frames, the answer) in the predictor's answer mode.
+
+    teacher_forced: one pass over the prompt and the forced answer. generate: as the authors' `predict_forward`
+    on a video, the answer is generated greedily on the key frames, and the [SEG] states are those of the
+    generated sequence (one pass over prompt + answer up to its last [SEG]: the same states under causal
+    attention, as for images in `Engine.generate`); an answer without [SEG] gives no embedding (empty masks).
+    """
     from vseg.inference.engine import to_device
 
     model = predictor.model
-    features = encode_key_frames(predictor.processor, [run.frames[k] for k in keys], question, predictor.answer_text)
+    generate = predictor.mode == "generate"
+    answer = None if generate else predictor.answer_text
+    features = encode_key_frames(predictor.processor, [run.frames[k] for k in keys], question, answer)
     batch = predictor.processor.collate([features])
     if predictor.device_map is None:
         batch = to_device(batch, predictor.device)
-    hidden = model.decoder_states(batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"])
-    prompts, _ = model.seg_embeddings(hidden, batch["input_ids"])
-    return prompts
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if generate:
+        answer, sequence = predictor.engine("generate").generate_one(input_ids[0], batch["mllm_inputs"])
+        if sequence is None:
+            return torch.zeros((0, model.grounding.sam.config.prompt_encoder_config.hidden_size)), answer
+        input_ids = sequence[None].to(input_ids.device)
+        attention_mask = torch.ones_like(input_ids)
+    hidden = model.decoder_states(input_ids, attention_mask, batch["mllm_inputs"])
+    prompts, _ = model.seg_embeddings(hidden, input_ids)
+    return prompts, answer
 
 
 def _frame_source(run: Run, size: int, frames_on: str, device: torch.device):
@@ -108,10 +124,13 @@ def predict_run(
     key_frames: int = 5,
     key_frame_mode: str = "first",
     frames_on: str = "cpu",
+    on_frame: Callable[[int], None] | None = None,
 ) -> RunPrediction:
-    """Masks for every frame of `run` (see the module docstring)."""
-    if predictor.mode != "teacher_forced":
-        raise ConfigError("runs are predicted with answer=teacher_forced (generation is not implemented for runs)")
+    """Masks for every frame of `run` (see the module docstring); `on_frame(t)` is called as frame t is done
+    (progress, memory probes)."""
+    reason = tracking_unsupported(predictor.model.grounding)
+    if reason is not None:  # before the MLLM pass: no run of this model can be tracked
+        raise ConfigError(reason)
     if key_frame_mode not in KEY_FRAME_MODES or frames_on not in FRAMES_ON or key_frames < 1:
         raise ConfigError(
             f"key_frames={key_frames} (>= 1), key_frame_mode={key_frame_mode!r} ({KEY_FRAME_MODES}), "
@@ -122,7 +141,7 @@ def predict_run(
     count, height, width = run.frames.shape[:3]
     keys = key_frame_indices(count, key_frames, key_frame_mode)
     started = time.perf_counter()
-    prompts = seg_prompts(predictor, run, keys, prompt)
+    prompts, answer = seg_prompts(predictor, run, keys, prompt)
     mllm_seconds = time.perf_counter() - started
     masks = np.zeros((count, height, width), dtype=bool)
     means = [float("nan")] * count
@@ -134,10 +153,12 @@ def predict_run(
             fg = mask_logits_at(logits, (height, width), grounding.image_size).sigmoid() > predictor.threshold
             masks[t] = fg.any(dim=0).cpu().numpy()
             means[t] = float(logits.float().mean())
+            if on_frame is not None:
+                on_frame(t)
     tracking_seconds = time.perf_counter() - started - mllm_seconds
     return RunPrediction(
         masks,
-        predictor.answer_text,
+        answer,
         int(prompts.shape[0]),
         keys,
         means,

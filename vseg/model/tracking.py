@@ -79,6 +79,36 @@ def memory_config(sam_config: Sam2Config, overrides: dict | None = None) -> Sam2
     return config
 
 
+WIDTH_FIELDS = (
+    "model.sam2.vision_config.fpn_hidden_size",
+    "model.sam2.prompt_encoder_config.hidden_size",
+    "model.sam2.mask_decoder_config.hidden_size",
+)
+
+
+def narrow_sam(width: int) -> str | None:
+    """Why a SAM-2 `width` channels wide (`fpn_hidden_size`) cannot track, or None when it can."""
+    if width % MEMORY_DIM == 0:
+        return None
+    sizes = ", ".join(f"{f}={MEMORY_DIM * max(1, round(width / MEMORY_DIM))}" for f in WIDTH_FIELDS)
+    return (
+        f"this model has no SAM-2 memory weights: its SAM-2 is {width} channels wide "
+        f"({WIDTH_FIELDS[0]}={width}; the tiny presets use 32 to stay small), and transformers' SAM-2 memory "
+        f"attention needs a multiple of {MEMORY_DIM}. A model of this width predicts images only; for runs "
+        f"build it wider ({sizes}; a new run for a trained model) or use a released Sa2VA folder"
+    )
+
+
+def tracking_unsupported(grounding) -> str | None:
+    """Why `grounding` (a `SamGrounding`) cannot track a run, or None when it can."""
+    if grounding.memory is not None:
+        return None
+    return narrow_sam(int(grounding.sam.config.vision_config.fpn_hidden_size)) or (
+        "this model has no SAM-2 memory weights, so it cannot track a run: load a released Sa2VA folder "
+        "(or an export of one) that carries grounding_encoder.sam2_model.memory_* tensors"
+    )
+
+
 class SamMemory(nn.Module):
     """SAM-2's memory parts (transformers' `Sam2VideoModel` names): what tracking adds to the image model."""
 
@@ -154,11 +184,9 @@ class Tracker:
         key_frames: list[int],
         frame: Callable[[int], torch.Tensor],
     ):
-        if grounding.memory is None:
-            raise ValueError(
-                "this model has no SAM-2 memory weights, so it cannot track a run: load a released Sa2VA folder "
-                "(or an export of one) that carries grounding_encoder.sam2_model.memory_* tensors"
-            )
+        reason = tracking_unsupported(grounding)
+        if reason is not None:
+            raise ValueError(reason)
         if not key_frames or min(key_frames) < 0 or max(key_frames) >= num_frames:
             raise ValueError(f"key frames {key_frames} do not fit a run of {num_frames} frames")
         self.grounding, self.sam, self.memory = grounding, grounding.sam, grounding.memory
