@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, ModelConfig, ServeConfig
 from vseg.inference.placement import parse_max_memory
 from vseg.inference.predictor import Predictor
-from vseg.serve.batcher import Batcher, Replica, Task
+from vseg.serve.batcher import Batcher, Replica, Task, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,23 @@ def model_config(node: dict[str, Any] | None) -> ModelConfig | None:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def pool_size(cfg: ServeConfig) -> int:
+    """Preparation threads: `workers`, or (0) one per CPU core up to 8 (PIL and torch release the GIL there)."""
+    return cfg.workers or max(2, min(8, os.cpu_count() or 2))
+
+
 class Service:
-    """Replicas over one batch queue; `load` in the background so /health can say "starting" meanwhile."""
+    """Replicas over one batch queue; `load` in the background so /health can say "starting" meanwhile.
+
+    Requests are decoded and encoded on a pool of threads (`prepare`) before they reach the queue, and their
+    responses are encoded there too (`pool`), so neither the event loop nor a replica's worker does that work.
+    """
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.batcher = Batcher(cfg.max_batch_size, cfg.batch_timeout_ms / 1000)
         self.replicas = [Replica(f"replica{i}", p, self.batcher) for i, p in enumerate(placements(cfg))]
+        self.pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-prepare")
         self.ckpt = cfg.ckpt
         self.source: ModelSource | None = None
         self.state = "starting"  # starting | ready | failed
@@ -128,10 +141,43 @@ class Service:
         self.batcher.close()
         for replica in self.replicas:
             replica.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ running
-    def submit(self, task: Task):
+    def submit(self, task: Task) -> Future:
+        """Queues a task as it is (a segment task without features is encoded by the worker)."""
         return self.batcher.submit(task)
+
+    def prepare(self, make: Callable[[], Task]) -> Future:
+        """Runs `make` (decoding: raises the request's ApiError) and the processor on the pool, then queues the
+        task; the future is the task's (its `Outcome`, or the error of any step)."""
+        future: Future = Future()
+        self.batcher.announce()
+        try:
+            self.pool.submit(self._prepare, make, future)
+        except RuntimeError as err:  # the pool is shut down
+            self.batcher.withdraw()
+            future.set_exception(err)
+        return future
+
+    def _prepare(self, make: Callable[[], Task], future: Future) -> None:
+        start = time.perf_counter()
+        try:
+            task = make()
+            task.future = future
+            if task.kind == "segment":
+                predictor = self.replicas[0].predictor
+                assert predictor is not None, "requests are prepared only once the model is loaded"
+                task.sample, task.encoded_by = encode(predictor, task), predictor.processor
+            task.prepare_ms = 1000 * (time.perf_counter() - start)
+        except BaseException as err:  # the request's own error (bad image, too many tokens) goes to its caller
+            self.batcher.withdraw()
+            future.set_exception(err)
+            return
+        try:
+            self.batcher.submit(task, announced=True)
+        except RuntimeError as err:
+            future.set_exception(err)
 
     def info(self) -> dict[str, Any]:
         """What is loaded, where, in which dtype (GET /v1/model)."""
