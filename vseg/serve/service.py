@@ -103,11 +103,19 @@ class Service:
             for replica in self.replicas:
                 replica.predictor = self._predictor(self.source, replica.placement)
                 replica.start(self._worker_error)
+            self._cap_cpu_threads()
             self.loaded_at, self.state = time.time(), "ready"
             log.info("vseg serve: %d replica(s) ready", len(self.replicas))
         except Exception as err:  # e.g. a checkpoint that does not fit its config: /health reports it
             self.state, self.error = "failed", f"{type(err).__name__}: {err}"
             log.error("vseg serve: loading %s failed: %s", self.ckpt, self.error)
+
+    def _cap_cpu_threads(self) -> None:
+        """With the model on GPUs only, torch's CPU work is the preparation pool's small copies: each pool thread
+        with an OpenMP team as wide as the machine would run pool x cores threads and stall on their barriers,
+        so the intra-op width becomes cores / pool threads (as a DataLoader worker process gets one thread)."""
+        if all(r.predictor is not None and r.predictor.device.type == "cuda" for r in self.replicas):
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // pool_size(self.cfg)))
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="vseg-load", daemon=True)
