@@ -113,3 +113,44 @@ def test_two_replicas_share_the_queue_and_give_one_replicas_masks():
         assert (outcome.prediction.mask == expected[i].mask).all()
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("where", ["threads", "processes"])
+def test_prepared_requests_give_predict_masks_and_their_own_errors(where):
+    """Decoding + processor on the pool (threads, or spawned processes): masks equal `Predictor.predict`'s,
+    concurrent images meet in one batch, and a bad image's 4xx comes back with its status."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vseg.serve.prepare import ImageSource
+    from vseg.serve.requests import ApiError, ImageIn
+
+    cfg = config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123", f"prepare={where}", "workers=2",
+                            "batch_timeout_ms=2000"])  # fmt: skip
+    service = Service(cfg)
+    service.load()
+    try:
+        assert service.state == "ready", service.error
+        images = [generate_vessels(seed=410 + i, size=64 + 8 * i, style="angiogram")[0] for i in range(3)]
+        expected = service.replicas[0].predictor.predict(images)
+
+        def png(image: np.ndarray) -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        sources = [ImageSource(f"images[{i}]", raw=png(im)) for i, im in enumerate(images[:2])]
+        sources.append(ImageSource("images[2]", image=ImageIn(data=base64.b64encode(png(images[2])).decode())))
+        futures = [service.prepare_segment(s, "teacher_forced", DEFAULT_PROMPT) for s in sources]
+        outcomes = [f.result(timeout=120) for f in futures]
+        for outcome, want in zip(outcomes, expected, strict=True):
+            assert (outcome.prediction.mask == want.mask).all()
+        assert max(o.batch_size for o in outcomes) > 1  # announced tasks were waited for
+        bad = service.prepare_segment(ImageSource("images[0]", raw=b"not a png"), "teacher_forced", DEFAULT_PROMPT)
+        with pytest.raises(ApiError) as err:
+            bad.result(timeout=60)
+        assert err.value.status == 415 and "images[0]" in err.value.message and service.batcher.coming == 0
+    finally:
+        service.close()

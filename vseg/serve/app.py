@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from vseg.inference.engine import ItemPrediction
 from vseg.serve import masks
 from vseg.serve.batcher import Outcome, Task
 from vseg.serve.jobs import JobManager
+from vseg.serve.prepare import ImageSource
 from vseg.serve.requests import (
     AnnotationRequest,
     ApiError,
@@ -173,11 +175,11 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
         if service.state == "failed":
             raise ApiError(503, f"the model failed to load: {service.error}")
 
-    async def run(makers: list[Callable[[], Task]]) -> list[Outcome]:
-        """Each maker (decoding the request's image into a Task) and the processor run on the service's pool, the
-        tasks then go to the batching queue; the first failure in image order is the request's error."""
+    async def run(submits: list[Callable[[], Future]]) -> list[Outcome]:
+        """Each submit hands one image to the service (decoding and the processor on its pool, then the batching
+        queue); the first failure in image order is the request's error."""
         ready()
-        futures = [asyncio.wrap_future(service.prepare(make)) for make in makers]
+        futures = [asyncio.wrap_future(submit()) for submit in submits]
         try:
             done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), cfg.request_timeout_s)
         except TimeoutError:
@@ -242,17 +244,15 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
         prompts = [p or _default_prompt() for p in segment_prompts(req, cfg, count)]
         parsed = time.perf_counter()
 
-        def maker(i: int) -> Callable[[], Task]:
-            def make() -> Task:
-                if files is not None:
-                    image = decode_bytes(files[i][0], cfg, files[i][1])
-                else:
-                    image = load_image(req.images[i], cfg, f"images[{i}]")
-                return Task("segment", req.answer, image, prompts[i])
+        def source(i: int) -> ImageSource:
+            if files is not None:
+                return ImageSource(files[i][1], raw=files[i][0])
+            return ImageSource(f"images[{i}]", image=req.images[i])
 
-            return make
-
-        outcomes = await run([maker(i) for i in range(count)])
+        sources = [source(i) for i in range(count)]
+        outcomes = await run(
+            [lambda s=s, p=p: service.prepare_segment(s, req.answer, p) for s, p in zip(sources, prompts, strict=True)]
+        )
         results = await off_loop(lambda: [prediction(i, o, req.formats, req.threshold) for i, o in enumerate(outcomes)])
         end = time.perf_counter()
         timings = {"parse_ms": round(1000 * (parsed - start), 2), "total_ms": round(1000 * (end - start), 2)}
@@ -261,7 +261,9 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
     @app.post("/v1/chat", response_model=Prediction, summary="free generation about an image (answer=generate)")
     async def chat(body: ChatRequest):
         check_prompt(body.prompt, cfg)
-        (outcome,) = await run([lambda: Task("segment", "generate", load_image(body.image, cfg, "image"), body.prompt)])
+        (outcome,) = await run(
+            [lambda: service.prepare_segment(ImageSource("image", image=body.image), "generate", body.prompt)]
+        )
         formats = body.formats if outcome.prediction.seg_tokens else []
         return JSONResponse(await off_loop(prediction, 0, outcome, formats, None))
 
@@ -283,7 +285,7 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
                 raise ApiError(422, f"points {outside[:3]} lie outside the {w}x{h} image")
             return Task("refine", "teacher_forced", image, prompt, [list(p) for p in body.points], list(body.labels))
 
-        (outcome,) = await run([make])
+        (outcome,) = await run([lambda: service.prepare(make)])
         return JSONResponse(await off_loop(prediction, 0, outcome, body.formats, body.threshold))
 
     @app.post("/v1/annotations", summary="save a corrected mask as data=polygons training data under data_root")
@@ -335,7 +337,6 @@ def masks_decode(raw: bytes, cfg: ServeConfig) -> np.ndarray:
     from PIL import Image
 
     from vseg.data.io import mask_from_pil
-    from vseg.serve.requests import decode_bytes
 
     decode_bytes(raw, cfg, "mask")  # same size limits and error messages as images
     return mask_from_pil(Image.open(io.BytesIO(raw)), "mask")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from vseg.inference.engine import ItemPrediction
-from vseg.inference.inputs import PredictItem, collate
+from vseg.inference.inputs import collate
 from vseg.inference.predictor import Predictor
 
 
@@ -215,8 +215,7 @@ class Replica:
 
 def encode(predictor: Predictor, task: Task) -> dict[str, Any]:
     """The processor's features of a segment task, as `Predictor.predict` makes them (ValueError if unusable)."""
-    dataset = predictor.dataset([PredictItem(0, "request", task.prompt, pixels=task.image)], mode=task.mode)
-    sample = dataset[0]
-    if "error" in sample:
-        raise ValueError(f"image: {sample['error']}")
-    return sample
+    from vseg.serve.prepare import encode as encode_sample
+
+    answer = predictor.answer_text if task.mode == "teacher_forced" else None
+    return encode_sample(predictor.processor, task.image, task.prompt, answer)

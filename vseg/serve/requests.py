@@ -32,6 +32,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
+    def __reduce__(self):  # raised in a preparation process, re-raised here with its status
+        return (type(self), (self.status, self.message))
+
 
 class ImageIn(BaseModel):
     """An image: base64 bytes (PNG, JPEG, TIF, ...; a `data:` URL is fine) or a file under the server's roots."""
