@@ -1,22 +1,31 @@
-"""`vseg serve` throughput: requests/s and p50 / p95 latency at 1, 8 and 32 concurrent clients, against
-`Predictor.predict`'s images/s on the same images in the same call (the batch ceiling the server can reach).
+"""`vseg serve` against the issue's targets, every number from one call on one GPU:
 
-One process: the server runs on a uvicorn thread (`vseg.serve.Running`, loopback), clients are threads
-sending one 512x512 PNG per request as base64 JSON (`formats=["png"]`). Random weights with the real shapes.
+1. `predict.py` images/s over a folder of 512x512 PNGs (the in-process run `bench/predict.py` times: loader
+   workers, batch 32, mask and overlay PNGs written) — the throughput reference;
+2. the model's batch-1 time: one pre-encoded image already on the GPU through the model (`Engine`), median;
+   also `Predictor.predict` on one decoded image (encoding included) and on batches of 32, for context;
+3. `vseg serve` started as its own process (the real command), clients in this process sending one PNG per
+   request as base64 JSON (`formats=["png"]`), at each `--clients` level: requests/s, p50 / p95 latency, the
+   mean batch the server formed and where a request's time went inside the server (prepare / queue / model).
 
-    python bench/serve.py --shape sa2va_4b --device cuda:0 --clients 1 8 32 --requests 256 \
-        --max-batch-size 32 --batch-timeout-ms 10 --out bench/results/serve_4b.json
-    python bench/serve.py --shape tiny --device cpu --clients 1 4 --requests 24      # smoke run on a CPU
+It prints the two ratios the targets need: requests/s at the most clients / predict.py's images/s (target
+>= 0.8) and p50 at one client / the model's batch-1 time (target <= 1.2). Random weights with real shapes.
+
+    python bench/serve.py --shape sa2va_4b --clients 1 8 32 --prepare threads processes --out bench/results/serve_4b.json
+    python bench/serve.py --shape tiny --device cpu --clients 1 4 --requests 16 --predict-images 32   # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import io
+import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,92 +36,215 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vseg.data.synthetic import generate_vessels  # noqa: E402
-from vseg.serve import Running, config_from_args, free_port  # noqa: E402
+
+def bench_predict_module():
+    spec = importlib.util.spec_from_file_location("bench_predict", ROOT / "bench" / "predict.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
-def post(url: str, body: bytes) -> float:
+def post(url: str, body: bytes) -> tuple[float, dict]:
     start = time.perf_counter()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as resp:
-        resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}")
-    return time.perf_counter() - start
+        out = json.loads(resp.read())
+    return time.perf_counter() - start, out
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
+    """Batch-1 model time (pre-encoded, on the device) and the Predictor's own speeds on the same PNGs."""
+    import numpy as np
+    import torch
+
+    from vseg.inference.engine import to_device
+    from vseg.inference.inputs import collate, file_items
+    from vseg.inference.predictor import Predictor
+
+    predictor = Predictor.load("random", model=shape, device=device)
+    sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
+    items = file_items(str(folder), None)[:batch]
+    images = [np.asarray(Image.open(it.image_path).convert("RGB")) for it in items]
+    data = predictor.dataset(items)
+    one = to_device(collate(predictor.processor, [data[0]]), predictor.device)
+    engine = predictor.engine()
+    times = []
+    for i in range(35):
+        sync()
+        start = time.perf_counter()
+        engine(one, probability=True)
+        sync()
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    predictor.predict(images[:1])
+    whole = []
+    for i in range(15):
+        start = time.perf_counter()
+        predictor.predict(images[i % len(images) : i % len(images) + 1], probability=True)
+        whole.append(time.perf_counter() - start)
+    predictor.predict(images, batch_size=batch)
+    start = time.perf_counter()
+    rounds = 3
+    for _ in range(rounds):
+        predictor.predict(images, batch_size=batch)
+    per_s = rounds * len(images) / (time.perf_counter() - start)
+    out = {
+        "model_batch1_ms": round(1000 * statistics.median(times), 1),
+        "predictor_batch1_ms": round(1000 * statistics.median(whole), 1),  # encoding on this thread included
+        "predictor_images_per_s": round(per_s, 2),  # batches of `batch`, encoding on this thread
+        "dtype": predictor.dtype,
+    }
+    del predictor, engine, one
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def start_server(args: argparse.Namespace, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vseg.cli", "serve", "ckpt=random", f"model={args.shape}", f"device={args.device}",
+               f"port={port}", f"max_batch_size={args.max_batch_size}", f"batch_timeout_ms={args.batch_timeout_ms}",
+               "max_concurrent=1024", *extra, *args.serve]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"vseg serve exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit("vseg serve did not become ready")
+
+
+def clients_level(url: str, bodies: list[bytes], clients: int, n: int) -> dict:
+    replicas0 = get(url + "/v1/model")["replicas"]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(lambda i: post(url + "/v1/segment", bodies[i % len(bodies)]), range(n)))
+    wall = time.perf_counter() - start
+    replicas1 = get(url + "/v1/model")["replicas"]
+    batches = sum(b["batches"] for b in replicas1) - sum(b["batches"] for b in replicas0)
+    images = sum(b["images"] for b in replicas1) - sum(b["images"] for b in replicas0)
+    latencies = sorted(t for t, _ in done)
+    timings = [out["results"][0]["timings"] for _, out in done]
+
+    def mean(key: str) -> float:
+        return round(statistics.fmean(t[key] for t in timings), 1)
+
+    return {
+        "requests": n,
+        "requests_per_s": round(n / wall, 2),
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p95_ms": round(1000 * latencies[max(0, int(0.95 * n) - 1)], 1),
+        "mean_batch": round(images / max(1, batches), 2),
+        "server_mean_ms": {"prepare": mean("prepare_ms"), "queue": mean("queue_ms"), "model": mean("model_ms"),
+                           "total": round(statistics.fmean(out["timings"]["total_ms"] for _, out in done), 1)},
+    }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="sa2va_4b", help="conf/model preset (random weights)")
     parser.add_argument("--device", default="cuda:0")
-    parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=256, help="per client count")
+    parser.add_argument("--requests", type=int, default=128, help="per level (at least 8 per client)")
+    parser.add_argument("--predict-images", type=int, default=512, help="PNGs predict.py reads")
+    parser.add_argument("--workers", type=int, default=8, help="predict.py loader workers")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=10.0)
+    parser.add_argument(
+        "--prepare",
+        nargs="+",
+        default=["threads"],
+        choices=["threads", "processes"],
+        help="a server per mode of preparing requests (vseg serve prepare=)",
+    )
+    parser.add_argument("--serve", nargs="*", default=[], help="more `vseg serve` key=value overrides")
+    parser.add_argument("--skip-predict", action="store_true", help="leave out the predict.py run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    images = [generate_vessels(seed=i, size=args.size, style="angiogram")[0] for i in range(32)]
-    bodies = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        data = base64.b64encode(buffer.getvalue()).decode()
-        bodies.append(json.dumps({"images": [{"data": data}], "formats": ["png"]}).encode())
+    from vseg.serve import free_port
 
-    port = free_port()
-    cfg = config_from_args(
-        [
-            "ckpt=random",
-            f"model={args.shape}",
-            f"device={args.device}",
-            f"port={port}",
-            f"max_batch_size={args.max_batch_size}",
-            f"batch_timeout_ms={args.batch_timeout_ms}",
-            "max_concurrent=1024",
-        ]
-    )
-    running = Running(cfg, wait_ready=1800)
-    if running.service.state != "ready":
-        raise SystemExit(f"model failed to load: {running.service.error}")
-    predictor = running.service.replicas[0].predictor
-    url = running.url + "/v1/segment"
-    result: dict = {"shape": args.shape, "device": args.device, "size": args.size, "dtype": predictor.dtype,
-                    "max_batch_size": args.max_batch_size, "batch_timeout_ms": args.batch_timeout_ms, "serve": {}}  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="vseg_bench_serve_"))
+    bench_predict = bench_predict_module()
+    bench_predict.write_inputs(tmp / "in", args.predict_images)
+    result: dict = {"shape": args.shape, "device": args.device, "size": 512, "max_batch_size": args.max_batch_size,
+                    "batch_timeout_ms": args.batch_timeout_ms, "serve_overrides": args.serve,
+                    "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}  # fmt: skip
     try:
-        # the Predictor alone, same images, batches of max_batch_size (warm-up first)
-        with running.service.replicas[0].lock:
-            predictor.predict(images[:2], batch_size=2)
-            start = time.perf_counter()
-            rounds = max(1, 128 // len(images))
-            for _ in range(rounds):
-                predictor.predict(images, batch_size=args.max_batch_size)
-            result["predictor_images_per_s"] = round(rounds * len(images) / (time.perf_counter() - start), 2)
-        for clients in args.clients:
-            n = max(args.requests, clients * 4)
-            for i in range(min(clients, 8)):  # warm the HTTP path
-                post(url, bodies[i % len(bodies)])
-            start = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                latencies = sorted(pool.map(lambda i: post(url, bodies[i % len(bodies)]), range(n)))
-            wall = time.perf_counter() - start
-            row = {
-                "requests": n,
-                "requests_per_s": round(n / wall, 2),
-                "p50_ms": round(1000 * statistics.median(latencies), 1),
-                "p95_ms": round(1000 * latencies[max(0, int(0.95 * n) - 1)], 1),
-            }
-            result["serve"][str(clients)] = row
-            print(f"clients {clients:>3}: {row}", flush=True)
-        info = running.service.info()["replicas"][0]
-        result["mean_batch"] = round(info["images"] / max(1, info["batches"]), 2)
-    finally:
-        running.stop()
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        result["cpus"] = os.cpu_count()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+    # the model first: it also warms this process's CUDA context and kernels, so predict.py's loop below is not
+    # charged for them (its first batch would otherwise take seconds)
+    result.update(model_times(args.shape, args.device, tmp / "in", args.max_batch_size))
+    print({k: result[k] for k in ("model_batch1_ms", "predictor_batch1_ms", "predictor_images_per_s")}, flush=True)
+    save()
+    shape = {"sa2va_4b": "4b", "sa2va_1b": "1b", "sa2va_8b": "8b"}.get(args.shape, args.shape)
+    if not args.skip_predict:
+        bench_predict.SHAPES.setdefault(shape, args.shape)
+        row = bench_predict.bench_single(shape, args.max_batch_size, tmp / "in", args.workers, False, 8)
+        result["predict_py"] = {k: row[k] for k in ("images", "images_per_second", "loop_seconds", "workers")}
+        print(f"predict.py: {row['images_per_second']:.1f} images/s over {row['images']} PNGs", flush=True)
+        save()
+
+    bodies = []
+    for path in sorted((tmp / "in").glob("*.png"))[:32]:
+        data = base64.b64encode(path.read_bytes()).decode()
+        bodies.append(json.dumps({"images": [{"data": data}], "formats": ["png"]}).encode())
+    most = str(max(args.clients))
+    reference = result.get("predict_py", {}).get("images_per_second")
+    result["serve"], summary = {}, []
+    for where in args.prepare:  # one server per preparation mode, the same references for all
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(args, port, tmp / f"serve_{where}.log", [f"prepare={where}"])
+        rows: dict = {}
+        result["serve"][where] = rows
+        try:
+            for clients in sorted({1, max(args.clients)}):  # warm-up: cuDNN / allocator at batch 1 and the largest
+                clients_level(url, bodies, clients, 2 * clients)
+            for clients in args.clients:
+                rows[str(clients)] = row = clients_level(url, bodies, clients, max(args.requests, 8 * clients))
+                print(f"prepare={where} clients {clients:>3}: {row}", flush=True)
+                save()
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if reference:
+            rows["ratio_serve_vs_predict_py"] = round(rows[most]["requests_per_s"] / reference, 3)
+        if "1" in rows:
+            rows["ratio_p50_1_client_vs_model_batch1"] = round(rows["1"]["p50_ms"] / result["model_batch1_ms"], 3)
+        summary.append(
+            f"prepare={where}: {most} clients / predict.py = {rows.get('ratio_serve_vs_predict_py')} (>= 0.8); "
+            f"1-client p50 / model batch-1 = {rows.get('ratio_p50_1_client_vs_model_batch1')} (<= 1.2)"
+        )
+        save()
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    print("targets:\n  " + "\n  ".join(summary))
 
 
 if __name__ == "__main__":

@@ -183,8 +183,17 @@ def test_chat_and_refine(server):
     assert status == 200 and isinstance(chat["answer"], str) and chat["timings"]["batch_size"] == 1
     _, plain = call(url, "/v1/segment", {"images": [{"data": png64(image)}]})
     status, same = call(url, "/v1/refine", {"image": {"data": png64(image)}})
-    assert status == 200  # no clicks: the plain mask (once seen flaky at exact equality under CPU load: 99.5 %)
-    assert ((unpng(same["mask_png"]) > 0) == (unpng(plain["results"][0]["mask_png"]) > 0)).mean() >= 0.995
+    assert status == 200  # no clicks: the plain mask
+    # Refine runs the same kernels on the same tensors as segment, and every run here gives equal masks (a
+    # stress run of 15 segment/refine pairs beside clients with other prompts and sizes: 0 pixels differ).
+    # One run once differed, not reproduced since. What can flip a pixel: float32 CPU kernels change results
+    # at ~1e-7 when a batch's shapes change (this image alone vs batched with a shorter prompt: 6e-8), and
+    # random weights leave many probabilities at 0.5 (here 2 pixels within 1e-6, 46 within 1e-5). So the
+    # masks must be equal exactly everywhere but within 1e-4 of the threshold, where at most a few may differ.
+    served, refined_plain = unpng(plain["results"][0]["mask_png"]) > 0, unpng(same["mask_png"]) > 0
+    probability = server["running"].service.replicas[0].predictor.predict([image], probability=True)[0].probability
+    near = np.abs(probability - 0.5) < 1e-4
+    assert (served == refined_plain)[~near].all() and (served != refined_plain).sum() <= 3
     clicks = {"image": {"data": png64(image)}, "points": [[5, 5], [30, 30], [50, 20]], "labels": [1, 0, 1]}
     status, refined = call(url, "/v1/refine", clicks)
     # random weights give clicks no meaning, but they must reach the decoder: the probabilities move

@@ -29,7 +29,9 @@ class ServeConfig:
     max_new_tokens: int = 32  # answer=generate and /v1/chat
     threshold: float = 0.5
     max_batch_size: int = 8  # images per forward pass, gathered from concurrent requests
-    batch_timeout_ms: float = 10.0  # how long a worker waits for more requests to fill a batch
+    batch_timeout_ms: float = 10.0  # longest a worker waits for requests still being decoded to fill a batch
+    workers: int = 0  # threads (or processes) decoding / encoding requests; 0 = one per core, up to 8
+    prepare: str = "threads"  # where requests are decoded and encoded: threads | processes (spawned)
     max_upload_bytes: int = 32_000_000  # per request body
     max_pixels: int = 16_777_216  # per image (4096 x 4096)
     max_images: int = 16  # per request
@@ -105,6 +107,8 @@ def validate_serve(cfg: ServeConfig) -> None:
     for key in ("max_new_tokens", "max_batch_size", "max_upload_bytes", "max_pixels", "max_images", "max_prompt_chars",
                 "max_points", "max_concurrent", "max_jobs"):  # fmt: skip
         need(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
+    need(cfg.prepare in ("threads", "processes"), f"prepare={cfg.prepare!r}: expected threads or processes")
+    need(cfg.workers >= 0, f"workers={cfg.workers}: must be >= 0 (0 = one per CPU core, up to 8)")
     need(cfg.batch_timeout_ms >= 0, f"batch_timeout_ms={cfg.batch_timeout_ms}: must be >= 0")
     need(cfg.request_timeout_s > 0, f"request_timeout_s={cfg.request_timeout_s}: must be > 0")
     for root in cfg.roots:

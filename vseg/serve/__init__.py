@@ -1,6 +1,7 @@
 """The HTTP service over the `Predictor`: `vseg serve` (see README "Serve").
 
 - `service`  the served model: replicas per placement, loading, switching checkpoints without a restart
+- `prepare`  decoding + processor encoding of requests before the queue, on threads or spawned processes
 - `batcher`  dynamic batching of concurrent requests onto the replicas' worker threads
 - `requests` request / response shapes (OpenAPI), limits, image decoding, path confinement
 - `app`      the FastAPI routes, errors as 4xx JSON, token, the page at /

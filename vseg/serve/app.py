@@ -11,6 +11,8 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from vseg.inference.engine import ItemPrediction
 from vseg.serve import masks
 from vseg.serve.batcher import Outcome, Task
 from vseg.serve.jobs import JobManager
+from vseg.serve.prepare import ImageSource
 from vseg.serve.requests import (
     AnnotationRequest,
     ApiError,
@@ -37,8 +40,9 @@ from vseg.serve.requests import (
     b64,
     check_prompt,
     confined,
+    decode_bytes,
     load_image,
-    segment_inputs,
+    segment_prompts,
     segment_request,
     validation_message,
 )
@@ -87,6 +91,7 @@ def prediction(index: int, out: Outcome, formats: list[str], threshold: float | 
         "seg_tokens": p.seg_tokens,
         "foreground": float(mask.mean()),
         "timings": {
+            "prepare_ms": round(out.prepare_ms, 2),
             "queue_ms": round(out.queue_ms, 2),
             "model_ms": round(out.model_ms, 2),
             "batch_size": out.batch_size,
@@ -170,17 +175,29 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
         if service.state == "failed":
             raise ApiError(503, f"the model failed to load: {service.error}")
 
-    async def run(tasks: list[Task]) -> list[Outcome]:
+    async def run(submits: list[Callable[[], Future]]) -> list[Outcome]:
+        """Each submit hands one image to the service (decoding and the processor on its pool, then the batching
+        queue); the first failure in image order is the request's error."""
         ready()
-        futures = [asyncio.wrap_future(service.submit(t)) for t in tasks]
+        futures = [asyncio.wrap_future(submit()) for submit in submits]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), cfg.request_timeout_s))
+            done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), cfg.request_timeout_s)
         except TimeoutError:
             raise ApiError(
                 503, f"no result within request_timeout_s={cfg.request_timeout_s}; the server is busy"
             ) from None
-        except (ValueError, ApiError) as err:  # an input the model cannot take (collate / refine checks)
-            raise ApiError(422, str(err)) from None
+        for result in done:
+            if isinstance(result, ApiError):
+                raise result
+            if isinstance(result, ValueError):  # an input the model cannot take (encoding / collate / refine)
+                raise ApiError(422, str(result))
+            if isinstance(result, BaseException):
+                raise result
+        return done  # type: ignore[return-value]
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        """Encoding responses (PNG, RLE, polygons) on the pool keeps the event loop free for other requests."""
+        return await asyncio.get_running_loop().run_in_executor(service.pool, fn, *args)
 
     # ------------------------------------------------------------------------------------------ routes
     @app.get("/", include_in_schema=False)
@@ -222,24 +239,33 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
               openapi_extra=_body_schema(SegmentRequest))  # fmt: skip
     async def segment(request: Request):
         start = time.perf_counter()
-        req, decoded = await segment_request(request, cfg)
-        images, prompts = segment_inputs(req, cfg, decoded)
-        decoded = time.perf_counter()
-        tasks = [Task("segment", req.answer, im, p or _default_prompt()) for im, p in zip(images, prompts, strict=True)]
-        outcomes = await run(tasks)
-        results = [prediction(i, o, req.formats, req.threshold) for i, o in enumerate(outcomes)]
+        req, files = await segment_request(request, cfg)
+        count = len(files) if files is not None else len(req.images)
+        prompts = [p or _default_prompt() for p in segment_prompts(req, cfg, count)]
+        parsed = time.perf_counter()
+
+        def source(i: int) -> ImageSource:
+            if files is not None:
+                return ImageSource(files[i][1], raw=files[i][0])
+            return ImageSource(f"images[{i}]", image=req.images[i])
+
+        sources = [source(i) for i in range(count)]
+        outcomes = await run(
+            [lambda s=s, p=p: service.prepare_segment(s, req.answer, p) for s, p in zip(sources, prompts, strict=True)]
+        )
+        results = await off_loop(lambda: [prediction(i, o, req.formats, req.threshold) for i, o in enumerate(outcomes)])
         end = time.perf_counter()
-        return {
-            "results": results,
-            "timings": {"decode_ms": round(1000 * (decoded - start), 2), "total_ms": round(1000 * (end - start), 2)},
-        }
+        timings = {"parse_ms": round(1000 * (parsed - start), 2), "total_ms": round(1000 * (end - start), 2)}
+        return JSONResponse({"results": results, "timings": timings})
 
     @app.post("/v1/chat", response_model=Prediction, summary="free generation about an image (answer=generate)")
     async def chat(body: ChatRequest):
         check_prompt(body.prompt, cfg)
-        image = load_image(body.image, cfg, "image")
-        (outcome,) = await run([Task("segment", "generate", image, body.prompt)])
-        return prediction(0, outcome, body.formats if outcome.prediction.seg_tokens else [], None)
+        (outcome,) = await run(
+            [lambda: service.prepare_segment(ImageSource("image", image=body.image), "generate", body.prompt)]
+        )
+        formats = body.formats if outcome.prediction.seg_tokens else []
+        return JSONResponse(await off_loop(prediction, 0, outcome, formats, None))
 
     @app.post("/v1/refine", response_model=Prediction, summary="the mask again, with positive / negative clicks")
     async def refine(body: RefineRequest):
@@ -249,15 +275,18 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
             )
         if len(body.points) > cfg.max_points:
             raise ApiError(413, f"{len(body.points)} points, over max_points={cfg.max_points}")
-        image = load_image(body.image, cfg, "image")
-        h, w = image.shape[:2]
-        outside = [p for p in body.points if not (0 <= p[0] < w and 0 <= p[1] < h)]
-        if outside:
-            raise ApiError(422, f"points {outside[:3]} lie outside the {w}x{h} image")
         prompt = check_prompt(body.prompt, cfg) or _default_prompt()
-        task = Task("refine", "teacher_forced", image, prompt, [list(p) for p in body.points], list(body.labels))
-        (outcome,) = await run([task])
-        return prediction(0, outcome, body.formats, body.threshold)
+
+        def make() -> Task:
+            image = load_image(body.image, cfg, "image")
+            h, w = image.shape[:2]
+            outside = [p for p in body.points if not (0 <= p[0] < w and 0 <= p[1] < h)]
+            if outside:
+                raise ApiError(422, f"points {outside[:3]} lie outside the {w}x{h} image")
+            return Task("refine", "teacher_forced", image, prompt, [list(p) for p in body.points], list(body.labels))
+
+        (outcome,) = await run([lambda: service.prepare(make)])
+        return JSONResponse(await off_loop(prediction, 0, outcome, body.formats, body.threshold))
 
     @app.post("/v1/annotations", summary="save a corrected mask as data=polygons training data under data_root")
     async def annotations(body: AnnotationRequest):
@@ -308,7 +337,6 @@ def masks_decode(raw: bytes, cfg: ServeConfig) -> np.ndarray:
     from PIL import Image
 
     from vseg.data.io import mask_from_pil
-    from vseg.serve.requests import decode_bytes
 
     decode_bytes(raw, cfg, "mask")  # same size limits and error messages as images
     return mask_from_pil(Image.open(io.BytesIO(raw)), "mask")

@@ -5,9 +5,13 @@ model in spawned worker processes, so /v1/segment, /v1/chat and the page's refin
 per device, and switching the served model (`POST /v1/model`) or keeping refine's [SEG] embedding would have
 to cross process boundaries. Here every front door reaches the same `Predictor` objects in this process.
 
-A worker takes the oldest task, then waits up to `timeout_s` (from that task's arrival) for more tasks of the
-same kind and answer mode, up to `max_batch_size`, and runs them as one `Predictor.predict` call. The model
-releases the GIL in its kernels, so the event loop keeps accepting requests meanwhile.
+Requests reach the queue already encoded: the service's preparation pool decodes each image and runs the
+processor (tiles, SAM-2 resize, tokens) on its threads, so under load the queue fills while the GPU works and a
+worker's batch costs only collating and the model. The queue knows how many tasks are still being prepared
+(`announce` / `submit` / `withdraw`): a worker takes the oldest task and waits for more only while some are on
+their way, at most `timeout_s` from that task's arrival, up to `max_batch_size`. An idle server therefore
+runs a lone request at once, without waiting out the timeout, and a busy one gathers full batches.
+The model releases the GIL in its kernels, so the event loop and the pool keep working meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vseg.inference.engine import ItemPrediction
+from vseg.inference.inputs import collate
 from vseg.inference.predictor import Predictor
 
 
@@ -38,6 +43,9 @@ class Task:
     labels: list[int] = field(default_factory=list)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    sample: dict[str, Any] | None = None  # the processor's features (`Predictor.dataset(...)[0]`), if prepared
+    encoded_by: Any = None  # the processor that made `sample` (a model switch since then: encoded again)
+    prepare_ms: float = 0.0  # decoding + encoding in the preparation pool
 
     def batchable_with(self, other: Task) -> bool:
         return self.kind == other.kind == "segment" and self.mode == other.mode
@@ -48,10 +56,11 @@ class Outcome:
     """A task's prediction and where its time went."""
 
     prediction: ItemPrediction
-    queue_ms: float  # from arrival to its batch starting
-    model_ms: float  # the batch's model call
+    queue_ms: float  # from arrival in the queue to its batch starting
+    model_ms: float  # the batch's model call (collating included)
     batch_size: int  # images in that call
     replica: str
+    prepare_ms: float = 0.0  # decoding + encoding before the queue
 
 
 class Batcher:
@@ -62,17 +71,36 @@ class Batcher:
         self._tasks: deque[Task] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._coming = 0  # tasks announced and still being prepared
 
-    def submit(self, task: Task) -> Future:
+    def announce(self, n: int = 1) -> None:
+        """`n` tasks are being prepared and will be submitted (or withdrawn): workers may wait for them."""
         with self._cond:
+            self._coming += n
+
+    def withdraw(self, n: int = 1) -> None:
+        """Announced tasks that will not come (their preparation failed)."""
+        with self._cond:
+            self._coming = max(0, self._coming - n)
+            self._cond.notify_all()
+
+    def submit(self, task: Task, announced: bool = False) -> Future:
+        with self._cond:
+            if announced:
+                self._coming = max(0, self._coming - 1)
             if self._closed:
                 raise RuntimeError("the service is shutting down")
+            task.enqueued = time.perf_counter()
             self._tasks.append(task)
-            self._cond.notify()
+            self._cond.notify_all()
         return task.future
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    @property
+    def coming(self) -> int:
+        return self._coming
 
     def close(self) -> None:
         with self._cond:
@@ -99,7 +127,8 @@ class Batcher:
                         self._tasks.remove(task)
                         batch.append(task)
                 left = deadline - time.perf_counter()
-                if len(batch) >= self.max_batch_size or left <= 0 or self._closed:
+                # wait only for tasks on their way; an idle server runs what it has at once
+                if len(batch) >= self.max_batch_size or left <= 0 or self._closed or self._coming == 0:
                     break
                 self._cond.wait(left)
             return batch
@@ -141,7 +170,7 @@ class Replica:
             assert predictor is not None, "a worker runs only after its model is loaded"
             if batch[0].kind == "refine":
                 t = batch[0]
-                results = [predictor.refine(t.image, t.prompt, t.points, t.labels)]
+                results: list[Any] = [predictor.refine(t.image, t.prompt, t.points, t.labels)]
             else:
                 results = self._predict(predictor, batch)
         model_ms = 1000 * (time.perf_counter() - start)
@@ -152,21 +181,41 @@ class Replica:
                 task.future.set_exception(result)
             else:
                 queue_ms = 1000 * (start - task.enqueued)
-                task.future.set_result(Outcome(result, queue_ms, model_ms, len(batch), self.name))
+                task.future.set_result(Outcome(result, queue_ms, model_ms, len(batch), self.name, task.prepare_ms))
 
     @staticmethod
-    def _predict(predictor: Predictor, batch: list[Task]) -> list[ItemPrediction | BaseException]:
-        """One `predict` call for the batch; if it fails, each task alone, so one bad input fails only itself."""
-        images, prompts = [t.image for t in batch], [t.prompt for t in batch]
+    def _samples(predictor: Predictor, batch: list[Task]) -> list[dict[str, Any]]:
+        """Each task's encoded features; tasks encoded by another model's processor (a switch) are encoded again."""
+        for t in batch:
+            if t.sample is None or t.encoded_by is not predictor.processor:
+                t.sample, t.encoded_by = encode(predictor, t), predictor.processor
+        return [t.sample for t in batch]  # type: ignore[misc]
+
+    @classmethod
+    def _predict(cls, predictor: Predictor, batch: list[Task]) -> list[ItemPrediction | BaseException]:
+        """One model call for the batch; if it fails, each task alone, so one bad input fails only itself.
+
+        The same steps as `Predictor.predict` (the processor's features, `collate`, the predictor on the batch),
+        so a served mask is the mask predict.py writes for the image.
+        """
+        mode = batch[0].mode
         try:
-            return list(predictor.predict(images, prompts, batch[0].mode, len(batch), probability=True))
+            return list(predictor(collate(predictor.processor, cls._samples(predictor, batch)), mode, True))
         except Exception:
             if len(batch) == 1:
                 raise
         out: list[ItemPrediction | BaseException] = []
         for t in batch:
             try:
-                out.append(predictor.predict([t.image], [t.prompt], t.mode, 1, probability=True)[0])
+                out.append(predictor(collate(predictor.processor, cls._samples(predictor, [t])), mode, True)[0])
             except Exception as err:
                 out.append(err)
         return out
+
+
+def encode(predictor: Predictor, task: Task) -> dict[str, Any]:
+    """The processor's features of a segment task, as `Predictor.predict` makes them (ValueError if unusable)."""
+    from vseg.serve.prepare import encode as encode_sample
+
+    answer = predictor.answer_text if task.mode == "teacher_forced" else None
+    return encode_sample(predictor.processor, task.image, task.prompt, answer)

@@ -32,6 +32,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
+    def __reduce__(self):  # raised in a preparation process, re-raised here with its status
+        return (type(self), (self.status, self.message))
+
 
 class ImageIn(BaseModel):
     """An image: base64 bytes (PNG, JPEG, TIF, ...; a `data:` URL is fine) or a file under the server's roots."""
@@ -215,26 +218,21 @@ def check_prompt(prompt: str | None, cfg: ServeConfig, what: str = "prompt") -> 
     return prompt
 
 
-def segment_inputs(
-    req: SegmentRequest, cfg: ServeConfig, decoded: list[np.ndarray] | None = None
-) -> tuple[list[np.ndarray], list[str | None]]:
-    """Checked images (`decoded`: already read from a multipart body) and one prompt per image."""
-    if len(req.images) > cfg.max_images:
-        raise ApiError(413, f"{len(req.images)} images in one request, over max_images={cfg.max_images}; split it")
+def segment_prompts(req: SegmentRequest, cfg: ServeConfig, count: int) -> list[str | None]:
+    """One checked prompt per image of a request of `count` images (the images are decoded later, on the pool)."""
+    if count > cfg.max_images:
+        raise ApiError(413, f"{count} images in one request, over max_images={cfg.max_images}; split it")
     if req.prompt is not None and req.prompts is not None:
         raise ApiError(422, "give `prompt` (one for all) or `prompts` (one per image), not both")
-    if req.prompts is not None and len(req.prompts) != len(req.images):
-        raise ApiError(422, f"{len(req.prompts)} prompts for {len(req.images)} images: give one per image")
-    prompts = req.prompts if req.prompts is not None else [req.prompt] * len(req.images)
-    prompts = [check_prompt(p, cfg, f"prompts[{i}]") for i, p in enumerate(prompts)]
-    images = (
-        decoded if decoded is not None else [load_image(im, cfg, f"images[{i}]") for i, im in enumerate(req.images)]
-    )
-    return images, prompts
+    if req.prompts is not None and len(req.prompts) != count:
+        raise ApiError(422, f"{len(req.prompts)} prompts for {count} images: give one per image")
+    prompts = req.prompts if req.prompts is not None else [req.prompt] * count
+    return [check_prompt(p, cfg, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
-async def segment_request(request: Any, cfg: ServeConfig) -> tuple[SegmentRequest, list[np.ndarray] | None]:
-    """A JSON or multipart /v1/segment request (multipart images come back decoded, JSON ones as ImageIn)."""
+async def segment_request(request: Any, cfg: ServeConfig) -> tuple[SegmentRequest, list[tuple[bytes, str]] | None]:
+    """A JSON or multipart /v1/segment request; multipart images come back as (file bytes, name) to decode,
+    JSON ones stay in the request (`ImageIn`)."""
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
         form = await request.form(max_files=cfg.max_images + 1, max_fields=64)
@@ -255,8 +253,7 @@ async def segment_request(request: Any, cfg: ServeConfig) -> tuple[SegmentReques
         if form.get("formats") is not None:
             fields["formats"] = [x.strip() for x in str(form.get("formats")).split(",") if x.strip()]
         req = parse(SegmentRequest, fields)
-        images = [decode_bytes(await f.read(), cfg, f"images[{i}] ({f.filename})") for i, f in enumerate(files)]
-        return req, images
+        return req, [(await f.read(), f"images[{i}] ({f.filename})") for i, f in enumerate(files)]
     if kind.split(";")[0].strip() not in ("application/json", ""):
         raise ApiError(415, f"content-type {kind!r}: send application/json or multipart/form-data")
     return parse(SegmentRequest, await json_body(request)), None

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from vseg.config import ConfigError, ModelConfig, ServeConfig
 from vseg.inference.placement import parse_max_memory
 from vseg.inference.predictor import Predictor
 from vseg.serve.batcher import Batcher, Replica, Task
+from vseg.serve.prepare import ImageSource, chain, prepare, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +58,24 @@ def model_config(node: dict[str, Any] | None) -> ModelConfig | None:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def pool_size(cfg: ServeConfig) -> int:
+    """Preparation threads: `workers`, or (0) one per CPU core up to 8 (PIL and torch release the GIL there)."""
+    return cfg.workers or max(2, min(8, os.cpu_count() or 2))
+
+
 class Service:
-    """Replicas over one batch queue; `load` in the background so /health can say "starting" meanwhile."""
+    """Replicas over one batch queue; `load` in the background so /health can say "starting" meanwhile.
+
+    Requests are decoded and encoded on a pool of threads (`prepare`) before they reach the queue, and their
+    responses are encoded there too (`pool`), so neither the event loop nor a replica's worker does that work.
+    """
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.batcher = Batcher(cfg.max_batch_size, cfg.batch_timeout_ms / 1000)
         self.replicas = [Replica(f"replica{i}", p, self.batcher) for i, p in enumerate(placements(cfg))]
+        self.pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-prepare")
+        self.processes: Executor | None = None  # prepare=processes: spawned once the processor is known
         self.ckpt = cfg.ckpt
         self.source: ModelSource | None = None
         self.state = "starting"  # starting | ready | failed
@@ -90,11 +105,30 @@ class Service:
             for replica in self.replicas:
                 replica.predictor = self._predictor(self.source, replica.placement)
                 replica.start(self._worker_error)
+            self._cap_cpu_threads()
+            self._start_processes()
             self.loaded_at, self.state = time.time(), "ready"
             log.info("vseg serve: %d replica(s) ready", len(self.replicas))
         except Exception as err:  # e.g. a checkpoint that does not fit its config: /health reports it
             self.state, self.error = "failed", f"{type(err).__name__}: {err}"
             log.error("vseg serve: loading %s failed: %s", self.ckpt, self.error)
+
+    def _cap_cpu_threads(self) -> None:
+        """With the model on GPUs only, torch's CPU work is the preparation pool's small copies: each pool thread
+        with an OpenMP team as wide as the machine would run pool x cores threads and stall on their barriers,
+        so the intra-op width becomes cores / pool threads (as a DataLoader worker process gets one thread)."""
+        if all(r.predictor is not None and r.predictor.device.type == "cuda" for r in self.replicas):
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // pool_size(self.cfg)))
+
+    def _start_processes(self) -> None:
+        """prepare=processes: a fresh pool with the served model's processor, its processes started now."""
+        if self.cfg.prepare != "processes":
+            return
+        processor = self.replicas[0].predictor.processor  # type: ignore[union-attr]
+        old, self.processes = self.processes, process_pool(self.cfg, processor, pool_size(self.cfg))
+        list(self.processes.map(abs, range(pool_size(self.cfg))))  # spawn and import before /health says ready
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=False)
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="vseg-load", daemon=True)
@@ -120,6 +154,7 @@ class Service:
                 with replica.lock:
                     replica.predictor = fresh
             self.source, self.ckpt, self.switches = source, ckpt, self.switches + 1
+            self._start_processes()
             self.loaded_at = time.time()
         finally:
             self._switching.release()
@@ -128,10 +163,73 @@ class Service:
         self.batcher.close()
         for replica in self.replicas:
             replica.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ running
-    def submit(self, task: Task):
+    def submit(self, task: Task) -> Future:
+        """Queues a task as it is (a segment task without features is encoded by the worker)."""
         return self.batcher.submit(task)
+
+    def prepare_segment(self, source: ImageSource, mode: str, prompt: str) -> Future:
+        """Decodes and encodes one image on the pool (threads or processes), then queues it; the future is the
+        task's (its `Outcome`, or the error of any step: the request's ApiError, ValueError from the processor)."""
+        future: Future = Future()
+        predictor = self.replicas[0].predictor
+        assert predictor is not None, "requests are prepared only once the model is loaded"
+        processor = predictor.processor
+        answer = predictor.answer_text if mode == "teacher_forced" else None
+        start = time.perf_counter()
+
+        def then(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.batcher.withdraw()
+                future.set_exception(error)
+                return
+            image, sample = result
+            task = Task("segment", mode, image, prompt, future=future, sample=sample, encoded_by=processor)
+            task.prepare_ms = 1000 * (time.perf_counter() - start)
+            try:
+                self.batcher.submit(task, announced=True)
+            except RuntimeError as err:
+                future.set_exception(err)
+
+        self.batcher.announce()
+        try:
+            if self.processes is not None:
+                job = self.processes.submit(prepare, source, prompt, answer)
+            else:
+                job = self.pool.submit(prepare, source, prompt, answer, self.cfg, processor)
+        except RuntimeError as err:  # the pool is shut down
+            then(None, err)
+            return future
+        chain(job, then)
+        return future
+
+    def prepare(self, make: Callable[[], Task]) -> Future:
+        """Runs `make` (decoding: raises the request's ApiError) on the thread pool, then queues its task (refine:
+        no processor step); the future is the task's."""
+        future: Future = Future()
+        start = time.perf_counter()
+
+        def then(task: Task | None, error: BaseException | None) -> None:
+            if error is not None or task is None:
+                self.batcher.withdraw()
+                future.set_exception(error or RuntimeError("no task"))
+                return
+            task.future, task.prepare_ms = future, 1000 * (time.perf_counter() - start)
+            try:
+                self.batcher.submit(task, announced=True)
+            except RuntimeError as err:
+                future.set_exception(err)
+
+        self.batcher.announce()
+        try:
+            chain(self.pool.submit(make), then)
+        except RuntimeError as err:
+            then(None, err)
+        return future
 
     def info(self) -> dict[str, Any]:
         """What is loaded, where, in which dtype (GET /v1/model)."""

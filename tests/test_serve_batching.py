@@ -1,0 +1,156 @@
+"""vseg serve's batching queue and replicas, without HTTP: a lone request runs at once, requests still being
+prepared are waited for, several replicas share one queue and give one replica's masks, placements parse."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vseg.config import ConfigError
+from vseg.data.synthetic import generate_vessels
+from vseg.inference.inputs import DEFAULT_PROMPT
+from vseg.serve import config_from_args
+from vseg.serve.batcher import Batcher, Replica, Task
+from vseg.serve.service import Service, placements
+
+
+def task(i: int = 0) -> Task:
+    return Task("segment", "teacher_forced", np.zeros((4, 4, 3), np.uint8), f"p{i}")
+
+
+def take_in_thread(batcher: Batcher) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        start = time.perf_counter()
+        out["batch"] = batcher.take()
+        out["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_idle_queue_runs_a_lone_task_without_waiting_out_the_timeout():
+    batcher = Batcher(max_batch_size=8, timeout_s=5.0)
+    batcher.submit(task())
+    start = time.perf_counter()
+    assert len(batcher.take() or []) == 1
+    assert time.perf_counter() - start < 1.0  # nothing was on its way: no 5 s wait
+
+
+def test_tasks_being_prepared_are_waited_for_and_withdrawn_ones_are_not():
+    batcher = Batcher(max_batch_size=8, timeout_s=5.0)
+    batcher.announce(2)
+    first, second = task(0), task(1)
+    batcher.submit(first, announced=True)
+    thread, out = take_in_thread(batcher)
+    time.sleep(0.3)
+    assert thread.is_alive()  # one more is on its way: the worker waits for it
+    batcher.submit(second, announced=True)
+    thread.join(5)
+    assert out["batch"] == [first, second] and out["seconds"] < 4
+    # an announced task whose preparation fails is withdrawn: the worker stops waiting for it
+    batcher.announce(1)
+    batcher.submit(third := task(2))
+    thread, out = take_in_thread(batcher)
+    time.sleep(0.3)
+    batcher.withdraw()
+    thread.join(5)
+    assert out["batch"] == [third] and out["seconds"] < 4 and batcher.coming == 0
+
+
+def test_placements_of_several_replicas():
+    def cfg(*args):
+        return config_from_args(["ckpt=random", "model=tiny", "port=9123", *args])
+
+    assert placements(cfg("devices=auto"), cuda_count=4) == [{"device": f"cuda:{i}"} for i in range(4)]
+    assert placements(cfg("devices=auto"), cuda_count=0) == [{"device": "cpu"}]
+    assert placements(cfg("devices=[0,2]"), cuda_count=4) == [{"device": "cuda:0"}, {"device": "cuda:2"}]
+    assert placements(cfg("devices=2"), cuda_count=4) == [{"device": "cuda:0"}, {"device": "cuda:1"}]
+    (split,) = placements(cfg("device_map=balanced", "max_memory={0: 12GB, 1: 12GB}"), cuda_count=2)
+    assert split["device_map"] == "balanced" and set(split["max_memory"]) == {0, 1}
+    with pytest.raises(ConfigError, match="not visible"):
+        placements(cfg("devices=[0,5]"), cuda_count=4)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        placements(cfg("device_map=balanced"), cuda_count=0)
+
+
+def test_two_replicas_share_the_queue_and_give_one_replicas_masks():
+    """Two CPU replicas (the code path of devices=auto / [0, 2] on GPUs): each serves requests, masks equal."""
+    service = Service(config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123", "max_batch_size=1"]))
+    service.replicas = [Replica(f"replica{i}", {"device": "cpu"}, service.batcher) for i in range(2)]
+    service.load()
+    try:
+        assert service.state == "ready", service.error
+        images = [generate_vessels(seed=400 + i, size=64, style="angiogram")[0] for i in range(3)]
+        expected = service.replicas[0].predictor.predict(images)
+        prompt = DEFAULT_PROMPT
+        # replica0 busy (its lock held): a task it takes waits; every other task must go to replica1
+        with service.replicas[0].lock:
+            held = None
+            for i in range(3):
+                future = service.prepare(lambda i=i: Task("segment", "teacher_forced", images[i], prompt))
+                try:
+                    outcome = future.result(timeout=20 if held is not None else 5)
+                    assert outcome.replica == "replica1"
+                except TimeoutError:
+                    assert held is None, "both workers stalled"
+                    held = (i, future)
+            assert held is not None, "replica0 never took a task"
+        i, future = held
+        outcome = future.result(timeout=60)
+        assert outcome.replica == "replica0"
+        info = service.info()["replicas"]
+        assert [r["images"] for r in info] == [1, 2] and [r["device"] for r in info] == ["cpu", "cpu"]
+        # both replicas' masks are the single-replica masks
+        for j in range(3):
+            out = service.prepare(lambda j=j: Task("segment", "teacher_forced", images[j], prompt)).result(60)
+            assert (out.prediction.mask == expected[j].mask).all()
+        assert (outcome.prediction.mask == expected[i].mask).all()
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("where", ["threads", "processes"])
+def test_prepared_requests_give_predict_masks_and_their_own_errors(where):
+    """Decoding + processor on the pool (threads, or spawned processes): masks equal `Predictor.predict`'s,
+    concurrent images meet in one batch, and a bad image's 4xx comes back with its status."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vseg.serve.prepare import ImageSource
+    from vseg.serve.requests import ApiError, ImageIn
+
+    cfg = config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123", f"prepare={where}", "workers=2",
+                            "batch_timeout_ms=2000"])  # fmt: skip
+    service = Service(cfg)
+    service.load()
+    try:
+        assert service.state == "ready", service.error
+        images = [generate_vessels(seed=410 + i, size=64 + 8 * i, style="angiogram")[0] for i in range(3)]
+        expected = service.replicas[0].predictor.predict(images)
+
+        def png(image: np.ndarray) -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        sources = [ImageSource(f"images[{i}]", raw=png(im)) for i, im in enumerate(images[:2])]
+        sources.append(ImageSource("images[2]", image=ImageIn(data=base64.b64encode(png(images[2])).decode())))
+        futures = [service.prepare_segment(s, "teacher_forced", DEFAULT_PROMPT) for s in sources]
+        outcomes = [f.result(timeout=120) for f in futures]
+        for outcome, want in zip(outcomes, expected, strict=True):
+            assert (outcome.prediction.mask == want.mask).all()
+        assert max(o.batch_size for o in outcomes) > 1  # announced tasks were waited for
+        bad = service.prepare_segment(ImageSource("images[0]", raw=b"not a png"), "teacher_forced", DEFAULT_PROMPT)
+        with pytest.raises(ApiError) as err:
+            bad.result(timeout=60)
+        assert err.value.status == 415 and "images[0]" in err.value.message and service.batcher.coming == 0
+    finally:
+        service.close()
