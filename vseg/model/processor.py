@@ -215,6 +215,7 @@ class Sa2VAProcessor:
         # Found here, in the loader's workers: the training step then gathers without waiting for the GPU.
         positions = find_positions(input_ids, labels, token_id(self.tokenizer, SEG_TOKEN))
         batch["seg_positions"], batch["answer_positions"] = positions.seg, positions.answer
+        batch["num_tokens"] = int(attention_mask.sum())  # for throughput logs, known without asking the GPU
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]
         if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)

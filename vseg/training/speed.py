@@ -114,13 +114,16 @@ def apply_liger(language_model: nn.Module) -> bool:
         return False
     try:
         import liger_kernel.transformers as liger
-    except ImportError:
+
+        patch = getattr(liger, LIGER_PATCHES[kind])
+    except Exception as err:  # noqa: BLE001 - not installed, or built for another transformers / triton
         log.warning(
-            "speed.liger=true but liger-kernel is not installed (pip install 'vseg[liger]'); "
-            "training with the transformers kernels"
+            "speed.liger=true but liger-kernel cannot be used (%s: %s; pip install 'vseg[liger]'); "
+            "training with the transformers kernels",
+            type(err).__name__,
+            err,
         )
         return False
-    patch = getattr(liger, LIGER_PATCHES[kind])
     patch(
         rope=True,
         rms_norm=True,
