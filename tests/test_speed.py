@@ -64,6 +64,7 @@ def test_master_weights_round_trip():
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, want + 1.0)
     assert bf16_weights_apply("bf16-mixed", deepspeed=False)
     assert not bf16_weights_apply("bf16-mixed", deepspeed=True) and not bf16_weights_apply("32-true", False)
+    assert not bf16_weights_apply("bf16-mixed", False, "float32")
 
 
 def test_liger_falls_back_cleanly_without_cuda(built, caplog):

@@ -108,13 +108,14 @@ class Sa2VAModule(L.LightningModule):
             apply_liger(getattr(self.model.base_mllm.model, "language_model", self.model.base_mllm))
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if speed.bf16_weights and self.masters is None:
-            if bf16_weights_apply(self.trainer.precision, deepspeed):
+            if bf16_weights_apply(self.trainer.precision, deepspeed, self.cfg.model.dtype):
                 self.masters = MasterWeights((n, p) for n, p in self.named_parameters() if p.requires_grad)
             else:
                 log.info(
-                    "speed.bf16_weights=true has no effect here (precision %s%s): it needs bf16-mixed without "
-                    "DeepSpeed",
+                    "speed.bf16_weights=true has no effect here (precision %s, model.dtype %s%s): it needs "
+                    "bf16-mixed, a bfloat16 base and no DeepSpeed",
                     self.trainer.precision,
+                    self.cfg.model.dtype,
                     ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
                 )
 

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 LIGER_PATCHES = {"qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_kernel_to_qwen3"}
 
 
-def bf16_weights_apply(precision: str, deepspeed: bool) -> bool:
-    """Whether `speed.bf16_weights` can take effect: bf16 autocast, and no DeepSpeed (which has its own masters)."""
-    return str(precision) == "bf16-mixed" and not deepspeed
+def bf16_weights_apply(precision: str, deepspeed: bool, base_dtype: str = "bfloat16") -> bool:
+    """Whether `speed.bf16_weights` can take effect: bf16 autocast next to a bf16 frozen base (`model.dtype`; a
+    float32 base keeps float32 trainable weights, which its norms need on the CPU), and no DeepSpeed (which
+    keeps its own masters)."""
+    return str(precision) == "bf16-mixed" and not deepspeed and base_dtype == "bfloat16"
 
 
 class MasterWeights:
