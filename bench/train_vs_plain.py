@@ -7,7 +7,7 @@ images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT`, where 
 (`bf16_weights`, `liger`, `host_positions`). Ratios printed at the end: vseg / plain at each micro-batch,
 best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every run.
 
-    python bench/train_vs_plain.py --out bench/results/train_vs_plain_h200.json
+    python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=150, help="seconds per vseg run")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_vs_plain.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plain_vs_vseg_train.json"))
     args = parser.parse_args()
     out = Path(args.out)
     data: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "rows": []}

@@ -266,7 +266,7 @@ class SpeedConfig:
     liger: bool = False
     # [SEG] and answer positions found on the host before the batch moves to the GPU, so the step's gathers
     # do not wait for the GPU (host syncs).
-    host_positions: bool = False
+    host_positions: bool = True
 
 
 @dataclass
