@@ -119,3 +119,35 @@ def test_bf16_weights_and_host_positions_train_the_same_losses(monkeypatch, tmp_
     # compared element-wise: Adam's update of a near-zero gradient is +-lr whatever its size, so the bf16
     # rounding of norms can flip single elements of the zero-initialised lora_B.
     assert all(w.dtype == torch.float32 for w in new_weights.values())
+
+
+@pytest.mark.slow
+def test_bf16_weights_checkpoint_the_float32_masters_and_resume_from_them(monkeypatch, tmp_path):
+    import lightning as L
+
+    base = ["trainer.precision=bf16-mixed", "model.dtype=bfloat16", "speed.bf16_weights=true"]
+    base += [f"run_dir={tmp_path}", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
+    train_run.run(tiny_cfg([*base, "trainer.max_steps=2"]))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True, map_location="cpu")["state_dict"]
+    lora = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora and all(v.dtype == torch.float32 for v in saved.values())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in lora)  # float32 masters, not bf16 roundings
+    seen = {}
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.clone() for k, v in pl_module.masters.state().items()})
+            seen["dtype"] = next(p for n, p in pl_module.named_parameters() if "lora_B" in n).dtype
+
+    def with_probe(*args):
+        trainer = BUILD_TRAINER(*args)
+        trainer.callbacks.append(AtStart())
+        return trainer
+
+    monkeypatch.setattr(train_run, "build_trainer", with_probe)
+    train_run.run(tiny_cfg([*base, f"ckpt_path={last}", "trainer.max_steps=3"]))
+    assert seen.pop("dtype") == torch.bfloat16
+    assert seen.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(seen[name].cpu(), value), name  # resumed from the masters, bit for bit
