@@ -82,11 +82,22 @@ def overrides(
     return out
 
 
-def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, batch: int, ckpt: bool) -> dict:
+def run_one(
+    args: argparse.Namespace,
+    model: str,
+    strategy: str,
+    devices: int,
+    batch: int,
+    ckpt: bool,
+    extra: list[str] | None = None,
+    label: str = "",
+) -> dict:
+    """One `train.py` run; `extra` overrides are appended (e.g. `speed.*`), `label` names them in the work dir."""
     tag = f"{model}_{strategy}_d{devices}_b{batch}x{args.accum}_gc{int(ckpt)}" + (
         f"_cap{args.cap_gb:g}" if args.cap_gb else ""
     )
     tag += f"_sam{args.sam_cache}" if args.sam_cache != "none" else ""
+    tag += f"_{label}" if label else ""
     work = Path(args.workdir) / tag
     perf = work / "perf.json"
     cmd = [
@@ -108,6 +119,7 @@ def run_one(args: argparse.Namespace, model: str, strategy: str, devices: int, b
             args.flops_step,
             args.sam_cache,
         ),
+        *(extra or []),
     ]
     row = {
         "model": model,

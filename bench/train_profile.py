@@ -71,8 +71,8 @@ def main() -> None:
 
     build = train.build_trainer
 
-    def build_with_profile(cfg, run_dir):
-        trainer = build(cfg, run_dir)
+    def build_with_profile(*args):
+        trainer = build(*args)
         trainer.callbacks.append(StepProfile())
         return trainer
 

@@ -254,6 +254,22 @@ class FaultsConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Per-step host work of training (vseg.training.speed); each switch is measured on its own in BENCHMARKS.md."""
+
+    # Trainable weights held in bf16 in the model, fp32 master copies in the optimizer: no autocast copies of
+    # fp32 LoRA weights on every use. Applies under precision=bf16-mixed without DeepSpeed (DeepSpeed's bf16
+    # mode keeps fp32 masters itself); otherwise ignored.
+    bf16_weights: bool = False
+    # Liger Triton kernels (RMSNorm, SwiGLU, RoPE) in the LLM: needs CUDA and the `liger` extra
+    # (pip install vseg[liger]); without them a warning and the transformers path.
+    liger: bool = False
+    # [SEG] and answer positions found on the host before the batch moves to the GPU, so the step's gathers
+    # do not wait for the GPU (host syncs).
+    host_positions: bool = True
+
+
+@dataclass
 class PlanConfig:
     """Memory planning (vseg/planner): what `strategy=auto`, the start-up report and OOM advice assume."""
 
@@ -274,6 +290,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
     logger: dict[str, Any] = field(default_factory=dict)  # TensorBoard logger options
     callbacks: dict[str, Any] = field(default_factory=dict)  # progress bar, overlays

@@ -29,13 +29,14 @@ from transformers import PreTrainedTokenizerBase
 from vseg.config import ModelConfig
 from vseg.model.families import MLLMFamily
 from vseg.model.preprocess import resize_mask, sam_pixels, to_pil
-from vseg.model.sa2va import IGNORE_INDEX
+from vseg.model.sa2va import IGNORE_INDEX, find_positions
 from vseg.model.tokenizer import (
     QWEN_IMAGE_PAD_TOKEN,
     QWEN_VISION_END_TOKEN,
     QWEN_VISION_START_TOKEN,
     SEG_TOKEN,
     get_template,
+    token_id,
 )
 
 PROMPT_STYLES = ("train", "chat")
@@ -211,6 +212,10 @@ class Sa2VAProcessor:
             "mllm_inputs": self.family.collate([s["mllm_inputs"] for s in samples]),
             "image_sizes": [s["image_size"] for s in samples],
         }
+        # Found here, in the loader's workers: the training step then gathers without waiting for the GPU.
+        positions = find_positions(input_ids, labels, token_id(self.tokenizer, SEG_TOKEN))
+        batch["seg_positions"], batch["answer_positions"] = positions.seg, positions.answer
+        batch["num_tokens"] = int(attention_mask.sum())  # for throughput logs, known without asking the GPU
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]
         if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)

@@ -36,6 +36,23 @@ class Sa2VAOutput:
     seg_sample_index: torch.Tensor  # (N,) which sample of the batch each mask belongs to
 
 
+@dataclass
+class Positions:
+    """Where the step gathers from, found before the batch reaches the GPU (`find_positions`).
+
+    Gathering with these index tensors needs no host sync; a boolean mask (`hidden[input_ids == seg]`) makes
+    the host wait for the GPU to learn how many rows it selects.
+    """
+
+    seg: torch.Tensor  # (N, 2) long: (sample, position) of every [SEG] input token, in (sample, position) order
+    answer: torch.Tensor  # (T, 2) long: (sample, position) whose next token is supervised (labels[s, p + 1])
+
+
+def find_positions(input_ids: torch.Tensor, labels: torch.Tensor, seg_token_id: int) -> Positions:
+    """[SEG] and answer positions of a batch, on the device of its ids (the host, in a collate or before transfer)."""
+    return Positions((input_ids == seg_token_id).nonzero(), (labels[:, 1:] != IGNORE_INDEX).nonzero())
+
+
 def build_text_hidden_fcs(hidden_size: int, prompt_size: int) -> nn.Sequential:
     """Sa2VA's [SEG] projection; indices 0 and 2 match the released checkpoint keys."""
     return nn.Sequential(
@@ -86,30 +103,43 @@ class Sa2VA(nn.Module):
         """
         return self.family.decoder_states(self.base_mllm, input_ids, attention_mask, mllm_inputs, row_image)
 
-    def seg_embeddings(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def seg_embeddings(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected [SEG] states (N, C) and the sample index of each, in (sample, position) order."""
-        seg = input_ids.to(hidden.device) == self.seg_token_id
-        sample_index = seg.nonzero(as_tuple=True)[0]
         first = self.text_hidden_fcs[0].weight
-        states = hidden[seg].to(device=first.device, dtype=first.dtype)
-        return self.text_hidden_fcs(states), sample_index
+        if positions is not None:
+            at = positions.seg.to(hidden.device, non_blocking=True)
+            states, sample_index = hidden[at[:, 0], at[:, 1]], at[:, 0]
+        else:
+            seg = input_ids.to(hidden.device) == self.seg_token_id
+            sample_index = seg.nonzero(as_tuple=True)[0]
+            states = hidden[seg]
+        return self.text_hidden_fcs(states.to(device=first.device, dtype=first.dtype)), sample_index
 
-    def llm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def llm_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over supervised positions, computing logits only there.
 
         Projecting only the answer positions through lm_head avoids a (B, L, vocab) logits tensor,
-        which at a 152k vocabulary is larger than the activations of the whole LLM.
+        which at a 152k vocabulary is larger than the activations of the whole LLM. With `positions` the
+        count is known on the host (a CPU tensor) and nothing waits for the GPU.
         """
         labels = labels.to(hidden.device)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        head = self.family.lm_head(self.base_mllm)
-        states = hidden[:, :-1][keep]
-        count = keep.sum()
+        if positions is not None:
+            at = positions.answer.to(hidden.device, non_blocking=True)
+            states, targets = hidden[at[:, 0], at[:, 1]], labels[at[:, 0], at[:, 1] + 1]
+            count = torch.tensor(at.shape[0])
+        else:
+            keep = labels[:, 1:] != IGNORE_INDEX
+            states, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+            count = keep.sum()
         if states.shape[0] == 0:
             return hidden.sum() * 0.0, count
+        head = self.family.lm_head(self.base_mllm)
         logits = head(states).float()
-        loss = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
+        loss = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
         return loss, count
 
     def forward(
@@ -120,6 +150,7 @@ class Sa2VA(nn.Module):
         sam_pixel_values: torch.Tensor,
         mllm_inputs: dict[str, Any],
         backbone: list[torch.Tensor] | None = None,
+        positions: Positions | None = None,
     ) -> Sa2VAOutput:
         """Teacher-forced pass: LM loss on the answer and one mask per [SEG] token.
 
@@ -131,10 +162,12 @@ class Sa2VA(nn.Module):
             mllm_inputs: the family's image inputs (e.g. InternVL `pixel_values` of all tiles).
             backbone: SAM-2 backbone features of these images already computed (`BackboneCache`); None: from
                 `sam_pixel_values`.
+            positions: [SEG] and answer positions found on the host (`find_positions`); None: found here from
+                `input_ids` / `labels` (each boolean gather then waits for the GPU).
         """
         hidden = self.decoder_states(input_ids, attention_mask, mllm_inputs)
-        llm_sum, llm_tokens = self.llm_loss(hidden, labels)
-        prompts, sample_index = self.seg_embeddings(hidden, input_ids)
+        llm_sum, llm_tokens = self.llm_loss(hidden, labels, positions)
+        prompts, sample_index = self.seg_embeddings(hidden, input_ids, positions)
         if backbone is None:
             backbone = self.grounding.encode_backbone(sam_pixel_values)
         features = self.grounding.project(backbone)

@@ -15,8 +15,9 @@ from vseg.config import ConfigError, TrainConfig
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
-from vseg.model.sa2va import Sa2VA
+from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults import NonFiniteGuard, TestFaults
+from vseg.training.speed import MasterWeights, apply_liger, bf16_weights_apply
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Sa2VAModule(L.LightningModule):
         self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
+        self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
 
     def setup(self, stage: str) -> None:
         from vseg.data.dataset import target_names
@@ -95,6 +97,27 @@ class Sa2VAModule(L.LightningModule):
         if self.model is None and self._builder is not None:
             self.model = self._builder(self.trainer.strategy)
             _one_dtype_for_zero3(self.model, self.trainer.strategy.config)
+        self._speed_setup()
+
+    def _speed_setup(self) -> None:
+        """The `speed:` switches that change the model; before DDP wraps it (its buckets take the dtypes)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        speed = self.cfg.speed
+        if speed.liger:
+            apply_liger(getattr(self.model.base_mllm.model, "language_model", self.model.base_mllm))
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if speed.bf16_weights and self.masters is None:
+            if bf16_weights_apply(self.trainer.precision, deepspeed, self.cfg.model.dtype):
+                self.masters = MasterWeights((n, p) for n, p in self.named_parameters() if p.requires_grad)
+            else:
+                log.info(
+                    "speed.bf16_weights=true has no effect here (precision %s, model.dtype %s%s): it needs "
+                    "bf16-mixed, a bfloat16 base and no DeepSpeed",
+                    self.trainer.precision,
+                    self.cfg.model.dtype,
+                    ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
+                )
 
     def on_train_epoch_end(self) -> None:
         cache = self.sam_cache
@@ -126,6 +149,7 @@ class Sa2VAModule(L.LightningModule):
             batch["sam_pixel_values"],
             batch["mllm_inputs"],
             backbone=backbone,
+            positions=self._positions(batch),
         )
         mode = self.cfg.loss.mask_size
         if mode == "image":
@@ -139,6 +163,12 @@ class Sa2VAModule(L.LightningModule):
         bce, dice = mask_loss_sums(out.mask_logits, targets, mode)
         sums = LossSums(bce, dice, int(targets.shape[0]), out.llm_loss_sum, int(out.llm_tokens))
         return out, sums
+
+    def _positions(self, batch: dict[str, Any]) -> Positions | None:
+        """speed.host_positions: the collate's [SEG] / answer positions, so the step's gathers need no host sync."""
+        if self.cfg.speed.host_positions and "seg_positions" in batch:
+            return Positions(batch["seg_positions"], batch["answer_positions"])
+        return None
 
     def _window(self, batch: dict[str, Any], sums: LossSums) -> Window:
         info = batch.get("window")
@@ -202,8 +232,12 @@ class Sa2VAModule(L.LightningModule):
         self.log("train/bad_steps", float(self.guard.total), batch_size=1)
         if skip:
             optimizer.zero_grad(set_to_none=True)
+            for p in params:  # with bf16 weights the gradients are still on the model, not yet on the masters
+                p.grad = None
             return
         optimizer.step(closure=lambda: closure_result)
+        if self.masters is not None:
+            self.masters.masters_to_model()
         self.test_faults.weights(params, step)
 
     def on_validation_epoch_start(self) -> None:
@@ -285,11 +319,21 @@ class Sa2VAModule(L.LightningModule):
         experiment.add_image("val/overlay", np.clip(grid, 0, 1), self.global_step, dataformats="CHW")
 
     # ---------------------------------------------------------------- optimizer
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.masters is not None:  # before Lightning clips the optimizer's (the masters') gradients
+            self.masters.grads_to_masters()
+
+    def on_train_end(self) -> None:
+        if self.masters is not None:  # final weights, last.ckpt and exports in float32
+            self.masters.restore_fp32()
+            self.masters = None
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
         decay, no_decay = [], []
         for p in self.model.parameters():
             if p.requires_grad:
+                p = self.masters.master_of(p) if self.masters is not None else p
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.strategy.offload_optimizer:
@@ -314,6 +358,8 @@ class Sa2VAModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+            if self.masters is not None:  # the float32 masters, not their bf16 roundings
+                checkpoint["state_dict"].update(self.masters.state())
         checkpoint["vseg"] = {"trainable_keys": sorted(keep)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -330,6 +376,8 @@ class Sa2VAModule(L.LightningModule):
                 )
             return
         state = checkpoint["state_dict"]
+        if self.masters is not None:  # resume: the masters from the saved float32 values
+            self.masters.load(state)
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:

@@ -265,7 +265,9 @@ class PerfMonitor(Callback):
             self._stop_count()
         self._batch_size = len(batch["ids"]) if isinstance(batch, dict) and "ids" in batch else 0
         self._window["samples"] += self._batch_size
-        if isinstance(batch, dict) and "attention_mask" in batch:
+        if isinstance(batch, dict) and "num_tokens" in batch:  # counted by the collate: no host sync
+            self._window["tokens"] += int(batch["num_tokens"])
+        elif isinstance(batch, dict) and "attention_mask" in batch:
             self._window["tokens"] += int(batch["attention_mask"].sum())
         self._micro += 1
         step = trainer.global_step

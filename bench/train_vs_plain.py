@@ -1,0 +1,137 @@
+"""Plain stack against vseg, training, in one call on one GPU: samples/s and the ratios between them.
+
+First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's
+`train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
+images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT`, where VARIANT is `off` (every
+`speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
+(`bf16_weights`, `liger`, `host_positions`). Ratios printed at the end: vseg / plain at each micro-batch,
+best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every run.
+
+    python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train import run_one  # noqa: E402  (bench/train.py)
+
+SWITCHES = ("bf16_weights", "liger", "host_positions")
+DEFAULT_VSEG = "off:2:on,all:1:on,all:2:on,all:8:on,all:32:off,bf16_weights:2:on,liger:2:on,host_positions:2:on"
+
+
+def speed_overrides(variant: str) -> list[str]:
+    if variant not in ("off", "all", *SWITCHES):
+        raise SystemExit(f"unknown variant {variant!r}: off | all | {' | '.join(SWITCHES)}")
+    return [f"speed.{s}={str(variant in ('all', s)).lower()}" for s in SWITCHES]
+
+
+def steps_for(batch: int) -> int:
+    return 14 if batch <= 2 else (8 if batch <= 8 else 6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sa2va_4b")
+    parser.add_argument("--plain", default="1:on,2:on,8:on,32:off", help="plain configs MICRO_BATCH:CKPT ('' = none)")
+    parser.add_argument("--plain-steps", type=int, default=8)
+    parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--timeout", type=int, default=150, help="seconds per vseg run")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plain_vs_vseg_train.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    data: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "rows": []}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+
+    if args.plain:
+        plain_json = Path("/tmp/vseg_bench/plain.json")
+        plain_json.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "bench/plain_train.py",
+            "--model-yaml",
+            f"conf/model/{args.model}.yaml",
+            "--configs",
+            args.plain,
+            "--steps",
+            str(args.plain_steps),
+            "--out",
+            str(plain_json),
+        ]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        print(f"[plain] {time.perf_counter() - start:.0f} s, exit {proc.returncode}", flush=True)
+        if plain_json.is_file():
+            for row in json.loads(plain_json.read_text())["rows"]:
+                row["command"] = "python " + " ".join(cmd[1:])
+                data["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        if proc.returncode != 0:
+            print((proc.stdout + proc.stderr)[-3000:], flush=True)
+        save()
+
+    for item in filter(None, args.vseg.split(",")):
+        variant, batch, ckpt = item.split(":")
+        batch = int(batch)
+        run_args = argparse.Namespace(
+            accum=1,
+            steps=steps_for(batch),
+            cap_gb=None,
+            sam_cache="none",
+            image_size=512,
+            workers=args.workers,
+            flops_step=2 if batch >= 32 else -1,  # counted once, for MFU; a counted step is slow on the host
+            workdir="/tmp/vseg_bench",
+            timeout=args.timeout,
+        )
+        row = run_one(run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant)
+        row.update(stack="vseg", variant=variant)
+        data["rows"].append(row)
+        save()
+        brief = {k: row.get(k) for k in ("variant", "micro_batch", "grad_ckpt", "status", "samples_per_s", "mfu")}
+        brief.update(peak_gb=row.get("peak_allocated_gb"), wall_s=row.get("wall_s"))
+        print(json.dumps(brief), flush=True)
+        if row["status"] != "ok":
+            print(row.get("tail", "")[-2000:], flush=True)
+
+    data["ratios"] = ratios(data["rows"])
+    save()
+    print(json.dumps(data["ratios"], indent=1), flush=True)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """vseg / plain per micro-batch, best / best, and each switch / off at the same micro-batch."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("samples_per_s")]
+    plain = {r["micro_batch"]: r["samples_per_s"] for r in ok if r["stack"] == "plain"}
+    vseg: dict[str, dict[int, float]] = {}
+    for r in ok:
+        if r["stack"] == "vseg":
+            vseg.setdefault(r["variant"], {})[r["micro_batch"]] = r["samples_per_s"]
+    out: dict = {}
+    for variant, by_batch in vseg.items():
+        for batch, value in by_batch.items():
+            if batch in plain:
+                out[f"vseg_{variant}/plain@mb{batch}"] = round(value / plain[batch], 3)
+            base = vseg.get("off", {}).get(batch)
+            if variant != "off" and base:
+                out[f"{variant}/off@mb{batch}"] = round(value / base, 3)
+    if plain and vseg:
+        best_vseg = max(v for by_batch in vseg.values() for v in by_batch.values())
+        out["best_vseg/best_plain"] = round(best_vseg / max(plain.values()), 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()

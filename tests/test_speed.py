@@ -1,0 +1,153 @@
+"""speed: switches: each trains what the previous path trained (same losses on a fixed seed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vseg.training.run as train_run
+from vseg.model.sa2va import find_positions
+from vseg.training.speed import MasterWeights, apply_liger, bf16_weights_apply
+
+from conftest import random_batch, tiny_cfg
+
+BUILD_TRAINER = train_run.build_trainer
+
+
+def _forward(model, batch, positions=None):
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch["sam_pixel_values"],
+        batch["mllm_inputs"],
+        positions=positions,
+    )
+
+
+def test_host_positions_give_exactly_the_boolean_gathers(built):
+    model, _, processor = built
+    batch = random_batch(processor, sizes=((60, 72), (50, 40), (64, 64)), seed=2)
+    positions = find_positions(batch["input_ids"], batch["labels"], model.seg_token_id)
+    assert torch.equal(batch["seg_positions"], positions.seg)  # the collate finds them in the loader's workers
+    assert torch.equal(batch["answer_positions"], positions.answer)
+    results = []
+    for pos in (None, positions):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = _forward(model, batch, pos)
+        (out.llm_loss_sum + out.mask_logits.sigmoid().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (old, old_grads), (new, new_grads) = results
+    assert int(new.llm_tokens) == int(old.llm_tokens) > 0 and new.llm_tokens.device.type == "cpu"
+    assert torch.equal(new.llm_loss_sum, old.llm_loss_sum)
+    assert torch.equal(new.mask_logits, old.mask_logits) and torch.equal(new.seg_sample_index, old.seg_sample_index)
+    assert old_grads.keys() == new_grads.keys() and len(old_grads) > 0
+    for name, grad in old_grads.items():
+        assert torch.equal(new_grads[name], grad), name
+
+
+def test_master_weights_round_trip():
+    layer = torch.nn.Linear(4, 3)
+    want = layer.weight.detach().clone()
+    masters = MasterWeights(layer.named_parameters())
+    assert layer.weight.dtype == torch.bfloat16 and masters.master_of(layer.weight).dtype == torch.float32
+    assert torch.equal(masters.state()["weight"], want)  # the masters keep every bit of the float32 value
+    layer.weight.grad = torch.ones_like(layer.weight)
+    masters.grads_to_masters()
+    assert layer.weight.grad is None and masters.master_of(layer.weight).grad.dtype == torch.float32
+    masters.master_of(layer.weight).data += 1.0
+    masters.masters_to_model()
+    assert torch.equal(layer.weight.float(), (want + 1.0).bfloat16().float())
+    masters.restore_fp32()
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, want + 1.0)
+    assert bf16_weights_apply("bf16-mixed", deepspeed=False)
+    assert not bf16_weights_apply("bf16-mixed", deepspeed=True) and not bf16_weights_apply("32-true", False)
+    assert not bf16_weights_apply("bf16-mixed", False, "float32")
+
+
+def test_liger_falls_back_cleanly_without_cuda(built, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("CPU fallback only")
+    model, _, _ = built
+    with caplog.at_level("WARNING"):
+        assert apply_liger(model.base_mllm.model.language_model) is False
+    assert "speed.liger=true" in caplog.text
+
+
+def _train_losses(monkeypatch, tmp_path, name: str, extra: list[str]) -> tuple[list[float], dict]:
+    import lightning as L
+
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    def with_record(*args):
+        trainer = BUILD_TRAINER(*args)
+        trainer.callbacks.append(Record())
+        return trainer
+
+    monkeypatch.setattr(train_run, "build_trainer", with_record)
+    torch.manual_seed(0)
+    base = [
+        "trainer.precision=bf16-mixed",
+        "model.dtype=bfloat16",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+    ]
+    result = train_run.run(tiny_cfg([*base, f"run_dir={tmp_path / name}", *extra]))
+    weights = {n: p.detach().clone() for n, p in result.module.named_parameters() if p.requires_grad}
+    return losses, weights
+
+
+@pytest.mark.slow
+def test_bf16_weights_and_host_positions_train_the_same_losses(monkeypatch, tmp_path):
+    """Under bf16 autocast a float32 weight is used as its bf16 rounding: the first step is bit-identical;
+    later steps differ only by the bf16 rounding of trained weights used outside autocast (norms, token rows)."""
+    old, old_weights = _train_losses(monkeypatch, tmp_path, "old", ["speed.host_positions=false"])
+    new, new_weights = _train_losses(
+        monkeypatch, tmp_path, "new", ["speed.bf16_weights=true", "speed.host_positions=true"]
+    )
+    assert len(old) == len(new) == 4
+    assert new[0] == old[0]
+    assert new == pytest.approx(old, rel=1e-3)  # measured: within 7e-5
+    assert old_weights.keys() == new_weights.keys()
+    # The masters are back in the model at the end (final weights and exports in float32). Weights are not
+    # compared element-wise: Adam's update of a near-zero gradient is +-lr whatever its size, so the bf16
+    # rounding of norms can flip single elements of the zero-initialised lora_B.
+    assert all(w.dtype == torch.float32 for w in new_weights.values())
+
+
+@pytest.mark.slow
+def test_bf16_weights_checkpoint_the_float32_masters_and_resume_from_them(monkeypatch, tmp_path):
+    import lightning as L
+
+    base = ["trainer.precision=bf16-mixed", "model.dtype=bfloat16", "speed.bf16_weights=true"]
+    base += [f"run_dir={tmp_path}", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
+    train_run.run(tiny_cfg([*base, "trainer.max_steps=2"]))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True, map_location="cpu")["state_dict"]
+    lora = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora and all(v.dtype == torch.float32 for v in saved.values())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in lora)  # float32 masters, not bf16 roundings
+    seen = {}
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.clone() for k, v in pl_module.masters.state().items()})
+            seen["dtype"] = next(p for n, p in pl_module.named_parameters() if "lora_B" in n).dtype
+
+    def with_probe(*args):
+        trainer = BUILD_TRAINER(*args)
+        trainer.callbacks.append(AtStart())
+        return trainer
+
+    monkeypatch.setattr(train_run, "build_trainer", with_probe)
+    train_run.run(tiny_cfg([*base, f"ckpt_path={last}", "trainer.max_steps=3"]))
+    assert seen.pop("dtype") == torch.bfloat16
+    assert seen.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(seen[name].cpu(), value), name  # resumed from the masters, bit for bit

@@ -1,0 +1,138 @@
+"""Less host work per training step: the switches of `speed:` in the training config.
+
+At the micro-batches users train with on 24 GB cards (1-2) a step is bound by the host issuing kernels, not
+by the GPU (BENCHMARKS.md, "What a micro-batch-8 step waits for"). Each switch removes a share of that work
+and is measured on its own (`bench/train_vs_plain.py`):
+
+- `bf16_weights` (`MasterWeights`): PEFT keeps LoRA weights in float32, so every adapted linear layer casts
+  its input to float32 and autocast casts input and both weights back to bf16 on every use, again in the
+  recomputation of gradient checkpointing. Holding the trainable weights in bf16 removes those copies; the
+  optimizer steps float32 master copies (the usual mixed-precision recipe), so the update itself keeps full
+  precision. Under autocast a float32 weight is used as its bf16 rounding, so a run without accumulation
+  computes exactly the same losses either way (tested); with accumulation the micro-batch gradients add up
+  in bf16 before reaching the masters.
+- `liger`: Liger's Triton kernels (one kernel each for RMSNorm, SwiGLU and rotary embedding) in the LLM.
+  Not its fused linear cross-entropy: vseg already projects only the answer tokens through the LM head
+  (a few per sample), and the head carries PEFT's trainable token rows, whose merged weight would have to
+  be built on every call to hand it to a fused kernel.
+- `host_positions`: see `vseg.model.sa2va.find_positions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LIGER_PATCHES = {"qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_kernel_to_qwen3"}
+
+
+def bf16_weights_apply(precision: str, deepspeed: bool, base_dtype: str = "bfloat16") -> bool:
+    """Whether `speed.bf16_weights` can take effect: bf16 autocast next to a bf16 frozen base (`model.dtype`; a
+    float32 base keeps float32 trainable weights, which its norms need on the CPU), and no DeepSpeed (which
+    keeps its own masters)."""
+    return str(precision) == "bf16-mixed" and not deepspeed and base_dtype == "bfloat16"
+
+
+class MasterWeights:
+    """Trainable parameters held in bf16 in the model, with float32 masters that the optimizer steps.
+
+    Built before the model is wrapped (DDP buckets take the parameters' dtype when they are made). Each
+    optimizer step: `grads_to_masters` (before clipping and the optimizer), the optimizer on the masters,
+    then `masters_to_model`. Checkpoints store the masters (float32, the same keys as before).
+
+    Args:
+        named: (name, parameter) of every trainable parameter, names as in the module's state dict.
+    """
+
+    def __init__(self, named: Iterable[tuple[str, nn.Parameter]]):
+        named = list(named)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
+        for p in self.params:
+            p.data = p.data.to(torch.bfloat16)
+
+    def master_of(self, param: nn.Parameter) -> nn.Parameter:
+        """The float32 master of a model parameter."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p is param:
+                return m
+        raise KeyError("not a trainable parameter of this model")
+
+    @torch.no_grad()
+    def grads_to_masters(self) -> None:
+        """Moves the model's bf16 gradients into the masters' float32 gradients (a few grouped kernels)."""
+        pairs = [(m, p) for m, p in zip(self.masters, self.params, strict=True) if p.grad is not None]
+        if not pairs:
+            return
+        for m, _ in pairs:
+            if m.grad is None:
+                m.grad = torch.empty_like(m)
+        torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
+        for _, p in pairs:
+            p.grad = None
+
+    @torch.no_grad()
+    def masters_to_model(self) -> None:
+        """Rounds the stepped masters into the model's bf16 weights."""
+        torch._foreach_copy_([p.data for p in self.params], [m.data for m in self.masters])
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Takes the masters from a checkpoint's float32 values (resume), before they are rounded into the model."""
+        for name, m in zip(self.names, self.masters, strict=True):
+            if name in state:
+                m.data.copy_(state[name])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Masters by state-dict name, for checkpoints."""
+        return {n: m.detach() for n, m in zip(self.names, self.masters, strict=True)}
+
+    @torch.no_grad()
+    def restore_fp32(self) -> None:
+        """Puts the float32 masters back into the model (end of training: final weights and exports in float32)."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.data = m.detach().clone()
+
+
+def apply_liger(language_model: nn.Module) -> bool:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels in `language_model` (a transformers Qwen2 / Qwen3 decoder).
+
+    Returns False, with a warning naming what is missing, where they cannot run (no CUDA, `liger-kernel` not
+    installed, another decoder type): the transformers path then stays as it is. The RoPE patch replaces
+    the decoder module's rotary function for the whole process (that is how Liger applies it).
+    """
+    kind = getattr(getattr(language_model, "config", None), "model_type", None)
+    if not torch.cuda.is_available():
+        log.warning("speed.liger=true: Liger's kernels need a CUDA GPU; training with the transformers kernels")
+        return False
+    if kind not in LIGER_PATCHES:
+        log.warning("speed.liger=true: no Liger patch for a %s decoder; training with the transformers kernels", kind)
+        return False
+    try:
+        import liger_kernel.transformers as liger
+
+        patch = getattr(liger, LIGER_PATCHES[kind])
+    except Exception as err:  # noqa: BLE001 - not installed, or built for another transformers / triton
+        log.warning(
+            "speed.liger=true but liger-kernel cannot be used (%s: %s; pip install 'vseg[liger]'); "
+            "training with the transformers kernels",
+            type(err).__name__,
+            err,
+        )
+        return False
+    patch(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=language_model,
+    )
+    log.info("speed.liger: Liger RMSNorm, SwiGLU and RoPE kernels in the %s decoder", kind)
+    return True
