@@ -409,7 +409,7 @@ def main() -> None:
     folder = tmp / "inputs"
     small = tmp / "small"
     small.mkdir()
-    if {"single", "dp", "mp"} & set(args.parts):  # the parts that read PNG folders
+    if {"single", "dp", "mp", "fast"} & set(args.parts):  # the parts that read PNG folders
         write_inputs(folder, args.images)
         for i in range(args.single_images):
             os.link(folder / f"img_{i:05d}.png", small / f"img_{i:05d}.png")
