@@ -153,12 +153,19 @@ class VesselDataModule(L.LightningDataModule):
         accumulate: micro-batches per optimizer step (for window-normalised losses).
         report: a finished `check_dataset` report to reuse (training checks the data before building
             the model); None checks in `setup`.
+        content_keys: training samples carry the hashes the disk feature cache files them under.
     """
 
     def __init__(
-        self, cfg: DataConfig, processor: Sa2VAProcessor, accumulate: int = 1, report: DatasetReport | None = None
+        self,
+        cfg: DataConfig,
+        processor: Sa2VAProcessor,
+        accumulate: int = 1,
+        report: DatasetReport | None = None,
+        content_keys: bool = False,
     ):
         super().__init__()
+        self.content_keys = content_keys
         self.cfg = cfg
         self.processor = processor
         self.accumulate = accumulate
@@ -172,7 +179,9 @@ class VesselDataModule(L.LightningDataModule):
         c = self.cfg
         report = self.report if self.report is not None else checked_dataset(c, progress=False)
         self.report = report
-        self.train_set = SegmentationDataset(expand(report.train, c.objects), self.processor, c, c.repeats, train=True)
+        self.train_set = SegmentationDataset(
+            expand(report.train, c.objects), self.processor, c, c.repeats, train=True, content_keys=self.content_keys
+        )
         self.val_set = SegmentationDataset(expand(report.val, c.objects), self.processor, c, 1, train=False)
 
     def _distributed(self) -> tuple[int, int]:

@@ -211,6 +211,8 @@ class Sa2VAProcessor:
             "mllm_inputs": self.family.collate([s["mllm_inputs"] for s in samples]),
             "image_sizes": [s["image_size"] for s in samples],
         }
+        if all("content_keys" in s for s in samples):  # hashes of the encoders' inputs (disk feature cache)
+            batch["content_keys"] = [s["content_keys"] for s in samples]
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]
         if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)

@@ -17,6 +17,7 @@ from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Sa2VA
 from vseg.training.faults import NonFiniteGuard, TestFaults
+from vseg.training.feature_cache import FrozenFeatures
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Sa2VAModule(L.LightningModule):
         self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
+        # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
+        self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
 
     def setup(self, stage: str) -> None:
         from vseg.data.dataset import target_names
@@ -97,6 +100,8 @@ class Sa2VAModule(L.LightningModule):
             _one_dtype_for_zero3(self.model, self.trainer.strategy.config)
 
     def on_train_epoch_end(self) -> None:
+        if self.feature_cache is not None:
+            log.info("rank %d: feature cache: %s", self.global_rank, self.feature_cache.summary())
         cache = self.sam_cache
         if cache is not None:
             seen = cache.hits + cache.misses
@@ -114,9 +119,20 @@ class Sa2VAModule(L.LightningModule):
         return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # ---------------------------------------------------------------- steps
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is True on any rank: a collective under multi-rank ZeRO-3 (the feature cache's
+        agreement on running the partitioned encoders), `flag` itself elsewhere."""
+        if not self._zero3() or self.trainer.world_size == 1:
+            return flag
+        agreed = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="max")
+        return bool(agreed > 0)
+
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
         backbone = None
-        if self.sam_cache is not None and self.training:
+        mllm_inputs = batch["mllm_inputs"]
+        if self.feature_cache is not None and self.training and "content_keys" in batch:
+            backbone, mllm_inputs = self.feature_cache.inputs(batch, self.model, self._any_rank)
+        elif self.sam_cache is not None and self.training:
             keys = list(batch.get("image_ids", batch["ids"]))
             backbone = self.sam_cache.features(keys, batch["sam_pixel_values"], self.model.grounding)
         out = self.model(
@@ -124,7 +140,7 @@ class Sa2VAModule(L.LightningModule):
             batch["attention_mask"],
             batch["labels"],
             batch["sam_pixel_values"],
-            batch["mllm_inputs"],
+            mllm_inputs,
             backbone=backbone,
         )
         mode = self.cfg.loss.mask_size

@@ -263,6 +263,10 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned
     # model inside configure_model; otherwise `model` is the model (builder None).
     model, tokenizer, builder = model_for_run(cfg)
+    if cfg.feature_cache.enabled and not cfg.feature_cache.dir:  # recorded in config.yaml: where the cache lives
+        cfg = dataclasses.replace(
+            cfg, feature_cache=dataclasses.replace(cfg.feature_cache, dir=str(run_dir / "feature_cache"))
+        )
     trainer = build_trainer(cfg, run_dir, checkpoint_step(resume) if resume is not None else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +276,9 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
+    datamodule = VesselDataModule(
+        cfg.data, processor, accumulate=accumulate, report=data_report, content_keys=cfg.feature_cache.enabled
+    )
     module = Sa2VAModule(None if builder else model, cfg, builder)
     if resume is not None:
         log.info("resuming from %s", resume)

@@ -1,0 +1,163 @@
+"""feature_cache: the frozen encoders' outputs on disk, written once and read back exactly; a changed model or
+size lands elsewhere; a damaged entry is re-encoded, never used; augmented variants are fixed per image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vseg.artifacts.feature_store import FeatureStore, content_key
+from vseg.config import ConfigError, StrategyConfig, validate
+from vseg.training.feature_cache import FrozenFeatures, model_identity
+from vseg.training.module import Sa2VAModule
+
+from conftest import random_batch, tiny_cfg
+
+
+def _keys(batch: dict) -> None:
+    """The content keys the dataset adds (this batch comes straight from the processor)."""
+    pixels, tiles = batch["mllm_inputs"]["pixel_values"], len(batch["ids"])
+    per = pixels.shape[0] // tiles
+    batch["content_keys"] = [
+        {
+            "sam": content_key(batch["sam_pixel_values"][i]),
+            "vision": content_key(pixels[i * per : (i + 1) * per]),
+            "tiles": per,
+        }
+        for i in range(tiles)
+    ]
+
+
+def _cache_cfg(tmp_path, *extra):
+    return tiny_cfg(["feature_cache.enabled=true", f"feature_cache.dir={tmp_path / 'cache'}", *extra])
+
+
+def _losses(module: Sa2VAModule, batch: dict) -> list[float]:
+    _, sums = module._forward(batch)
+    return [float(sums.mask_bce), float(sums.mask_dice), float(sums.llm)]
+
+
+def test_written_then_read_gives_the_losses_of_no_cache_and_skips_the_encoders(built, tmp_path):
+    model, _, processor = built
+    cfg = _cache_cfg(tmp_path)
+    batch = random_batch(processor, sizes=((60, 72), (50, 40), (60, 72)), seed=5)
+    batch["sam_pixel_values"][2] = batch["sam_pixel_values"][0]  # the third sample shows the first's image
+    batch["mllm_inputs"]["pixel_values"][2] = batch["mllm_inputs"]["pixel_values"][0]
+    _keys(batch)
+    plain = Sa2VAModule(model, tiny_cfg())
+    cached = Sa2VAModule(model, cfg)
+    assert set(cached.feature_cache.stores) == {"sam", "vision"}
+    with torch.no_grad():
+        want = _losses(plain, batch)
+        first = _losses(cached, batch)  # encodes and writes
+        calls = []
+        sam_encode, vision_encode = model.grounding.encode_backbone, model.family.frozen_image_features
+        model.grounding.encode_backbone = lambda *a: calls.append("sam") or sam_encode(*a)
+        type(model.family).frozen_image_features = lambda self, *a: calls.append("vision") or vision_encode(*a)
+        try:
+            second = _losses(Sa2VAModule(model, cfg), batch)  # a new process's view: everything from disk
+        finally:
+            del model.grounding.encode_backbone
+            type(model.family).frozen_image_features = vision_encode.__func__
+    assert calls == []  # neither frozen encoder ran
+    assert first == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert second == pytest.approx(want, rel=1e-5, abs=1e-6)
+    stats = {p: s.stats for p, s in cached.feature_cache.stores.items()}
+    # three samples, two distinct images: each encoded and written once
+    assert all((s.misses, s.written, s.hits) == (2, 2, 0) for s in stats.values())
+    assert all(len(list(s.dir.glob("*/*.safetensors"))) == 2 for s in cached.feature_cache.stores.values())
+
+
+def test_a_changed_model_or_size_lands_in_another_directory(tmp_path):
+    base = _cache_cfg(tmp_path)
+    dirs = {p: FrozenFeatures.from_config(base).stores[p].dir for p in ("sam", "vision")}
+    assert dirs == {p: FrozenFeatures.from_config(_cache_cfg(tmp_path)).stores[p].dir for p in dirs}  # stable
+    other_dtype = _cache_cfg(tmp_path, "model.dtype=bfloat16")
+    other_seed = _cache_cfg(tmp_path, "seed=7")  # a random-init base drawn from another seed
+    for cfg in (other_dtype, other_seed):
+        stores = FrozenFeatures.from_config(cfg).stores
+        assert all(stores[p].dir != dirs[p] for p in dirs)
+    sam_size = _cache_cfg(tmp_path, "model.sam2.prompt_encoder_config.image_size=256")
+    assert model_identity(sam_size, "sam") != model_identity(base, "sam")
+    tile_size = _cache_cfg(tmp_path, "model.vision.image_size=[112,112]")
+    assert model_identity(tile_size, "vision") != model_identity(base, "vision")
+    # a folder's weights: their files identify them; replacing one changes the fingerprint
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, path=str(folder)))
+    before = FrozenFeatures.from_config(cfg).stores["sam"].dir
+    (folder / "model.safetensors").write_bytes(b"y" * 11)
+    assert FrozenFeatures.from_config(cfg).stores["sam"].dir != before
+    # the input size changes the key itself: the key is the hash of the encoder's input
+    assert content_key(torch.zeros(3, 64, 64, dtype=torch.uint8)) != content_key(
+        torch.zeros(3, 32, 32, dtype=torch.uint8)
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other_key"])
+def test_a_damaged_entry_is_detected_removed_and_encoded_again(tmp_path, damage):
+    store = FeatureStore(tmp_path, "sam", {"m": 1})
+    tensors = [torch.randn(4, 8, 8), torch.randn(4, 4, 4).bfloat16()]
+    assert store.write("ab" * 20, tensors)
+    path = store.path("ab" * 20)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) - 100])
+    elif damage == "flip":
+        raw[-7] ^= 0xFF
+        path.write_bytes(raw)
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:  # another entry's file under this name
+        store.write("cd" * 20, [t + 1 for t in tensors])
+        path.write_bytes(store.path("cd" * 20).read_bytes())
+    fresh = FeatureStore(tmp_path, "sam", {"m": 1})  # another process: nothing verified yet
+    calls = []
+
+    def encode(indices):
+        calls.append(indices)
+        return [tensors for _ in indices]
+
+    got = FrozenFeatures.lookup(fresh, ["ab" * 20], encode, agree=lambda flag: flag)
+    assert calls == [[0]] and fresh.stats.corrupt == 1 and fresh.stats.written == 1
+    assert all(torch.equal(a, b) for a, b in zip(got[0], tensors, strict=True))
+    again = FeatureStore(tmp_path, "sam", {"m": 1}).read("ab" * 20)  # rewritten whole
+    assert again is not None and all(torch.equal(a, b) for a, b in zip(again, tensors, strict=True))
+
+
+def test_a_rank_without_misses_joins_the_encoder_when_another_rank_encodes(tmp_path):
+    """ZeRO-3: the partitioned encoder gathers from every rank, so all run it or none does."""
+    store = FeatureStore(tmp_path, "sam", {"m": 1})
+    store.write("ab" * 20, [torch.ones(2)])
+    calls = []
+
+    def encode(indices):
+        calls.append(indices)
+        return [[torch.zeros(2)] for _ in indices]
+
+    got = FrozenFeatures.lookup(store, ["ab" * 20], encode, agree=lambda flag: True)  # another rank misses
+    assert calls == [[0]] and torch.equal(got[0][0], torch.ones(2))  # ran once, its result unused
+    FrozenFeatures.lookup(store, ["ab" * 20], encode, agree=lambda flag: flag)  # nobody misses: not called
+    assert calls == [[0]] and store.stats.written == 1
+
+
+def test_a_busy_entry_is_used_but_not_written_twice(tmp_path):
+    store = FeatureStore(tmp_path, "sam", {"m": 1})
+    path = store.path("ef" * 20)
+    path.parent.mkdir(parents=True)
+    path.with_name(path.name + ".lock").write_text("12345")  # another process is writing it
+    assert not store.write("ef" * 20, [torch.ones(1)]) and store.stats.busy == 1 and not path.exists()
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="needs data.augment.variants=N"):
+        tiny_cfg(["feature_cache.enabled=true", "data.augment.enabled=true"])
+    with pytest.raises(ConfigError, match="pick one"):
+        tiny_cfg(["feature_cache.enabled=true", "model.sam_feature_cache=gpu"])
+    with pytest.raises(ConfigError, match="feature_cache.parts"):
+        tiny_cfg(["feature_cache.parts=[sam,llm]"])
+    cfg = tiny_cfg(["feature_cache.enabled=true", "data.augment.enabled=true", "data.augment.variants=3"])
+    validate(dataclasses.replace(cfg, strategy=StrategyConfig(name="zero3", stage=3)), cuda_available=True)
