@@ -161,3 +161,59 @@ def test_config_rules():
         tiny_cfg(["feature_cache.parts=[sam,llm]"])
     cfg = tiny_cfg(["feature_cache.enabled=true", "data.augment.enabled=true", "data.augment.variants=3"])
     validate(dataclasses.replace(cfg, strategy=StrategyConfig(name="zero3", stage=3)), cuda_available=True)
+
+
+def test_fixed_variants_give_each_image_at_most_n_encoder_inputs(built):
+    from vseg.data.dataset import SegmentationDataset, expand
+    from vseg.data.sources import read_records
+
+    _, _, processor = built
+    keys = {}
+    for variants in (0, 2):
+        augment = ["data.augment.enabled=true", "data.augment.brightness=0.3", f"data.augment.variants={variants}"]
+        cfg = tiny_cfg(["data.num_samples=3", *augment])
+        items = expand(read_records(cfg.data), cfg.data.objects)
+        dataset = SegmentationDataset(items, processor, cfg.data, repeats=4, train=True, content_keys=True)
+        seen: dict[str, set[str]] = {}
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for i in range(len(dataset)):
+                sample = dataset[i]
+                seen.setdefault(sample["image_id"], set()).add(sample["content_keys"]["sam"])
+        keys[variants] = seen
+    assert all(len(k) == 2 for k in keys[2].values())  # 12 visits per image, exactly its two variants
+    assert all(len(k) > 2 for k in keys[0].values())  # fresh draws: (nearly) every visit differs
+    # the variant's pixels do not depend on the epoch or the visit: visit 0 of epoch 5 shows one of them
+    dataset.set_epoch(5)
+    assert dataset[0]["content_keys"]["sam"] in keys[2][dataset[0]["image_id"]]
+
+
+@pytest.mark.slow
+def test_training_reads_the_cache_and_ends_where_training_without_it_ends(tmp_path):
+    """No cache, then a `vseg cache` pass and a run that reads every feature from disk, then a run that fills a
+    fresh cache on first visit: the same trained weights each time."""
+    from vseg.training.cache_pass import fill
+    from vseg.training.run import run
+
+    base = ["data.num_samples=5", "data.repeats=3", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    torch.manual_seed(0)
+    plain = run(tiny_cfg([*base, f"run_dir={tmp_path / 'none'}"]))
+    shared = tmp_path / "shared"
+    cfg = tiny_cfg([*base, f"run_dir={tmp_path / 'read'}", "feature_cache.enabled=true", f"feature_cache.dir={shared}"])
+    filled = fill(cfg, progress=False)
+    assert all(s.stats.written == 4 for s in filled.stores.values())  # 4 training images
+    torch.manual_seed(0)
+    read = run(cfg)
+    torch.manual_seed(0)
+    first_visit = run(tiny_cfg([*base, f"run_dir={tmp_path / 'fill'}", "feature_cache.enabled=true"]))
+    # every feature read from disk (a batch holding one image twice reads it once)
+    assert all(s.stats.misses == 0 and s.stats.hits >= 4 for s in read.module.feature_cache.stores.values())
+    fresh = first_visit.module.feature_cache.stores
+    assert all(s.stats.misses == 4 and s.stats.written == 4 for s in fresh.values())
+    assert all(s.dir.parent == tmp_path / "fill" / "feature_cache" for s in fresh.values())
+    want = {n: p for n, p in plain.module.named_parameters() if p.requires_grad}
+    for result in (read, first_visit):
+        got = {n: p for n, p in result.module.named_parameters() if p.requires_grad}
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -40,14 +40,22 @@ log = logging.getLogger(__name__)
 _NOT_FEATURES = ("name", "gradient_checkpointing", "sam_feature_cache", "prompt_style", "template", "init_device")
 
 
+def encoder_dtype(precision: str) -> torch.dtype | None:
+    """The half dtype a trainer precision (`bf16-mixed`, `16-true`, ...) runs in; None for 32-bit."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+
+
 def model_identity(cfg: TrainConfig, part: str) -> dict[str, Any]:
     """Everything besides the input that decides `part`'s features: the weights (a folder's files, or for a
-    random-init base the config and seed it was drawn from), dtype, attention kernel and the encoder config."""
+    random-init base the config and seed it was drawn from), dtype, attention kernel, the encoder config, and
+    how the step runs it (trainer precision; DeepSpeed casts bf16/fp16 parameters and drops autocast)."""
     m = cfg.model
     identity: dict[str, Any] = {
         "family": m.family,
         "dtype": m.dtype,
         "attn_implementation": m.attn_implementation,
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+        "deepspeed": cfg.strategy.stage > 0,
         **weights_identity(m.path),
     }
     if m.path is None:  # random weights: drawn from the seed, in an order the whole config and build path decide
