@@ -217,3 +217,60 @@ def test_training_reads_the_cache_and_ends_where_training_without_it_ends(tmp_pa
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _train_ddp(run_dir, extra: list[str]):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = [
+        "strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.num_samples=7",
+        "data.repeats=3",
+        "data.batch_size=2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=100",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"run_dir={run_dir}", *args, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_one_cache_directory(tmp_path):
+    """gloo DDP, two ranks on one node: both fill one directory (one writer per entry), a second run reads
+    every feature from it, and both end with the weights of the run without a cache."""
+    from safetensors.torch import load_file
+
+    shared = tmp_path / "cache"
+    cache = ["feature_cache.enabled=true", f"feature_cache.dir={shared}"]
+    _train_ddp(tmp_path / "none", [])
+    filling = _train_ddp(tmp_path / "fill", cache)
+    reading = _train_ddp(tmp_path / "read", cache)
+    assert filling.count("feature cache: sam:") == 2 and reading.count("feature cache: sam:") == 2  # both ranks
+    assert reading.count("sam: 0 read") == 0 and reading.count(" 0 encoded (0 written here") == 4  # 2 ranks x 2 parts
+    for part in ("sam", "vision"):
+        (directory,) = shared.glob(f"{part}-*")
+        entries = list(directory.glob("*/*.safetensors"))
+        assert 1 <= len(entries) <= 6  # at most the 6 training images, each stored once
+        assert not list(directory.glob("*/*.lock")) and not list(directory.glob("*/.*tmp*"))
+    want = load_file(tmp_path / "none" / "weights" / "trainable.safetensors")
+    for run in ("fill", "read"):
+        got = load_file(tmp_path / run / "weights" / "trainable.safetensors")
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{run}: {name}")

@@ -99,9 +99,11 @@ class Sa2VAModule(L.LightningModule):
             self.model = self._builder(self.trainer.strategy)
             _one_dtype_for_zero3(self.model, self.trainer.strategy.config)
 
-    def on_train_epoch_end(self) -> None:
+    def on_train_end(self) -> None:
         if self.feature_cache is not None:
             log.info("rank %d: feature cache: %s", self.global_rank, self.feature_cache.summary())
+
+    def on_train_epoch_end(self) -> None:
         cache = self.sam_cache
         if cache is not None:
             seen = cache.hits + cache.misses
