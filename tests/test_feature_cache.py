@@ -274,3 +274,59 @@ def test_two_ddp_processes_share_one_cache_directory(tmp_path):
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{run}: {name}")
+
+
+@pytest.mark.slow
+def test_zero3_ranks_agree_and_skip_the_partitioned_encoders_when_cached(tmp_path):
+    """Two gloo ranks of DeepSpeed ZeRO-3 on the CPU (tests/workers/zero3_feature_cache.py)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    worker = ROOT / "tests" / "workers" / "zero3_feature_cache.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(port), str(rank), str(tmp_path / "cache")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    reports = {}
+    try:
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=500)  # a rank left alone in a gather would hang: the timeout fails it
+            lines = [line for line in out.splitlines() if line.startswith("REPORT ")]
+            assert proc.returncode == 0 and lines, out[-4000:]
+            reports[rank] = json.loads(lines[-1][len("REPORT ") :])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, r in reports.items():
+        calls = [p["calls"] for p in r["phases"]]
+        assert calls[0] == {"sam": 1, "vision": 1}  # nothing on disk: every rank encodes
+        # rank 0 has all of batch A on disk but rank 1 misses batch B: rank 0 still joins the encoders once
+        assert calls[1] == {"sam": 1, "vision": 1}
+        assert calls[2] == {"sam": 0, "vision": 0} and r["step"]["calls"] == {"sam": 0, "vision": 0}
+        # bf16 partitioned model vs the fp32 unpartitioned one on the same batch (observed ~3e-5 apart; the
+        # two batches' losses differ by >= 4e-4)
+        first, second, third = (p["loss"] for p in r["phases"])
+        assert first == pytest.approx(r["want"]["A"], rel=2e-4) and third == first
+        assert second == pytest.approx(r["want"]["A" if rank == 0 else "B"], rel=2e-4)
+        assert r["step"]["loss"] == pytest.approx(first)
+    for part in ("sam", "vision"):
+        (directory,) = (tmp_path / "cache").glob(f"{part}-*")
+        assert len(list(directory.glob("*/*.safetensors"))) == 6  # batches A of both ranks + rank 1's batch B

@@ -73,6 +73,15 @@ def model_identity(cfg: TrainConfig, part: str) -> dict[str, Any]:
     return identity
 
 
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True when `flag` is True on any rank of the default process group (one all-reduce of one number)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def cache_parts(cfg: TrainConfig) -> list[str]:
     """`feature_cache.parts` this model can cache (vision only where the family computes it apart)."""
     family = get_family(cfg.model.family)

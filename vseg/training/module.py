@@ -17,7 +17,7 @@ from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Sa2VA
 from vseg.training.faults import NonFiniteGuard, TestFaults
-from vseg.training.feature_cache import FrozenFeatures
+from vseg.training.feature_cache import FrozenFeatures, any_rank
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ class Sa2VAModule(L.LightningModule):
         agreement on running the partitioned encoders), `flag` itself elsewhere."""
         if not self._zero3() or self.trainer.world_size == 1:
             return flag
-        agreed = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="max")
-        return bool(agreed > 0)
+        return any_rank(flag, self.device)
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
         backbone = None
