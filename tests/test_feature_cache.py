@@ -330,3 +330,28 @@ def test_zero3_ranks_agree_and_skip_the_partitioned_encoders_when_cached(tmp_pat
     for part in ("sam", "vision"):
         (directory,) = (tmp_path / "cache").glob(f"{part}-*")
         assert len(list(directory.glob("*/*.safetensors"))) == 6  # batches A of both ranks + rank 1's batch B
+
+
+def test_plan_reports_the_disk_size_that_entries_really_take(built, tmp_path, capsys):
+    from vseg.planner.disk import cache_size
+    from vseg.planner.plan import main
+
+    model, _, processor = built
+    cfg = _cache_cfg(tmp_path)
+    batch = random_batch(processor, sizes=((60, 72),), seed=2)
+    _keys(batch)
+    cache = FrozenFeatures.from_config(cfg)
+    with torch.no_grad():
+        cache.inputs(batch, model, agree=lambda flag: flag)
+    size = cache_size(cfg, 1)
+    for part, store in cache.stores.items():
+        (entry,) = store.dir.glob("*/*.safetensors")
+        tensors = store.read(entry.stem)
+        assert size.per_image[part] == sum(t.numel() * t.element_size() for t in tensors)
+        assert 0 < entry.stat().st_size - size.per_image[part] < 1024  # + the safetensors header
+    variants = tiny_cfg(["feature_cache.enabled=true", "data.augment.enabled=true", "data.augment.variants=3"])
+    assert cache_size(variants, 10).total == 10 * 3 * sum(size.per_image.values())
+    assert main(["model=tiny", "gpu_memory=8GB", "data.num_samples=9", "data.augment.variants=2"]) == 0
+    out = capsys.readouterr().out
+    assert "feature cache on disk (off; feature_cache.enabled=true to use it): sam " in out
+    assert "per image x 8 training images = " in out  # 9 synthetic images, one held out; no augmentation

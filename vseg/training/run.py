@@ -34,6 +34,7 @@ from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
+from vseg.planner.disk import cache_size
 from vseg.strategy import build_strategy, is_deepspeed
 from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.training.module import Sa2VAModule, trainable_state_dict
@@ -267,6 +268,8 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         cfg = dataclasses.replace(
             cfg, feature_cache=dataclasses.replace(cfg.feature_cache, dir=str(run_dir / "feature_cache"))
         )
+    if cfg.feature_cache.enabled and _is_rank_zero():
+        log.info("%s; in %s", cache_size(cfg, len(data_report.train)).line(True), cfg.feature_cache.dir)
     trainer = build_trainer(cfg, run_dir, checkpoint_step(resume) if resume is not None else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
