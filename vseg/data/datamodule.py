@@ -153,7 +153,8 @@ class VesselDataModule(L.LightningDataModule):
         accumulate: micro-batches per optimizer step (for window-normalised losses).
         report: a finished `check_dataset` report to reuse (training checks the data before building
             the model); None checks in `setup`.
-        content_keys: training samples carry the hashes the disk feature cache files them under.
+        feature_stores: the disk feature cache's stores: training samples carry their content keys and the
+            entries already on disk, read in the loader's workers.
     """
 
     def __init__(
@@ -162,10 +163,10 @@ class VesselDataModule(L.LightningDataModule):
         processor: Sa2VAProcessor,
         accumulate: int = 1,
         report: DatasetReport | None = None,
-        content_keys: bool = False,
+        feature_stores: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.content_keys = content_keys
+        self.feature_stores = feature_stores
         self.cfg = cfg
         self.processor = processor
         self.accumulate = accumulate
@@ -180,7 +181,12 @@ class VesselDataModule(L.LightningDataModule):
         report = self.report if self.report is not None else checked_dataset(c, progress=False)
         self.report = report
         self.train_set = SegmentationDataset(
-            expand(report.train, c.objects), self.processor, c, c.repeats, train=True, content_keys=self.content_keys
+            expand(report.train, c.objects),
+            self.processor,
+            c,
+            c.repeats,
+            train=True,
+            feature_stores=self.feature_stores,
         )
         self.val_set = SegmentationDataset(expand(report.val, c.objects), self.processor, c, 1, train=False)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vseg.artifacts.feature_store import content_key
+from vseg.artifacts.feature_store import FeatureStore, content_key
 from vseg.config import AugmentConfig, DataConfig, SplitConfig, parse_spacing
 from vseg.data.augment import Augmenter
 from vseg.data.geometry import Resize
@@ -117,6 +117,8 @@ class SegmentationDataset(Dataset):
         train: draw phrasings and augmentation; False: first phrasing, no augmentation (validation).
         content_keys: add `content_keys` to each sample, hashes of the encoders' inputs (`sam`: SAM-2 pixels,
             `vision`: the MLLM's image tensor) that the disk feature cache files its entries under.
+        feature_stores: the disk feature cache's stores by part: each sample also carries `cached_features`,
+            the entries already on disk (read here, in the loader's workers, off the training step's path).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class SegmentationDataset(Dataset):
         repeats: int = 1,
         train: bool = True,
         content_keys: bool = False,
+        feature_stores: dict[str, FeatureStore] | None = None,
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -136,7 +139,8 @@ class SegmentationDataset(Dataset):
         self.repeats = repeats
         self.train = train
         self.augment = Augmenter(cfg.augment if train else AugmentConfig(enabled=False))
-        self.content_keys = content_keys
+        self.feature_stores = feature_stores or {}
+        self.content_keys = content_keys or bool(self.feature_stores)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -193,6 +197,9 @@ class SegmentationDataset(Dataset):
                 "vision": content_key(features["mllm_inputs"]["pixel_values"]),
                 "tiles": int(features["mllm_inputs"]["pixel_values"].shape[0]),
             }
+        if self.feature_stores:  # None where not on disk (yet): the training step encodes it
+            keys = features["content_keys"]
+            features["cached_features"] = {part: s.read(keys[part]) for part, s in self.feature_stores.items()}
         if fov is not None:
             features["fov"] = fov
         features["image_id"] = item.record.id  # the objects of one image share its SAM-2 features

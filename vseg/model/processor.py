@@ -213,6 +213,8 @@ class Sa2VAProcessor:
         }
         if all("content_keys" in s for s in samples):  # hashes of the encoders' inputs (disk feature cache)
             batch["content_keys"] = [s["content_keys"] for s in samples]
+        if all("cached_features" in s for s in samples):  # entries the loader already read from that cache
+            batch["cached_features"] = [s["cached_features"] for s in samples]
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]
         if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)

@@ -82,14 +82,15 @@ def fill(cfg: TrainConfig, progress: bool = True) -> FrozenFeatures:
     """Encodes every training visit (image x variant) not yet on disk; returns the cache with its counts."""
     import lightning as L
 
-    from vseg.artifacts import build_sa2va
     from vseg.data.datamodule import checked_dataset
     from vseg.data.dataset import SegmentationDataset, expand
     from vseg.model.processor import Sa2VAProcessor
+    from vseg.training.zero3 import model_for_run
 
     report = checked_dataset(cfg.data, progress=progress)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train.py: a random-init base is the same
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    # Seeded and built as train.py builds it (model.init_device included): a random-init base is the same.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer, _ = model_for_run(cfg)  # ZeRO-3: the CPU-loaded base of a model.path run
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)

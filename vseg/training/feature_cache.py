@@ -123,6 +123,8 @@ class FrozenFeatures:
             agree: True when any rank says True (under ZeRO-3 a collective; elsewhere the identity).
         """
         keys = batch["content_keys"]
+        # entries the loader's workers already read: {part: tensors or None} per sample
+        prefetched = batch.get("cached_features") or [{} for _ in keys]
         backbone = None
         mllm_inputs = batch["mllm_inputs"]
         if "sam" in self.stores:
@@ -133,7 +135,8 @@ class FrozenFeatures:
                 fresh = grounding.encode_backbone(pixels[indices])
                 return [[f[j] for f in fresh] for j in range(len(indices))]
 
-            found = self.lookup(self.stores["sam"], [k["sam"] for k in keys], encode_sam, agree)
+            known = [p.get("sam") for p in prefetched]
+            found = self.lookup(self.stores["sam"], [k["sam"] for k in keys], encode_sam, agree, known)
             device = next(grounding.sam.vision_encoder.parameters()).device
             backbone = [
                 torch.stack([levels[i] for levels in found]).to(device, non_blocking=True) for i in range(len(found[0]))
@@ -149,7 +152,8 @@ class FrozenFeatures:
                 fresh = model.family.frozen_image_features(mllm, chosen)
                 return [[part] for part in fresh.split([tiles[i] for i in indices])]
 
-            found = self.lookup(self.stores["vision"], [k["vision"] for k in keys], encode_vision, agree)
+            known = [p.get("vision") for p in prefetched]
+            found = self.lookup(self.stores["vision"], [k["vision"] for k in keys], encode_vision, agree, known)
             device = next(mllm.model.vision_tower.parameters()).device
             features = torch.cat([f[0].to(device, non_blocking=True) for f in found])
             mllm_inputs = {**mllm_inputs, "image_features": features}
@@ -161,8 +165,10 @@ class FrozenFeatures:
         keys: list[str],
         encode: Callable[[list[int]], list[list[torch.Tensor]]],
         agree: Callable[[bool], bool],
+        known: list[list[torch.Tensor] | None] | None = None,
     ) -> list[list[torch.Tensor]]:
-        """Per key its tensors: read from `store`, or encoded (all misses of the batch in one call) and written.
+        """Per key its tensors: given (`known`, read by the loader), read from `store`, or encoded (all misses of
+        the batch in one call) and written.
 
         `encode(indices)` runs the frozen encoder on those batch rows. When no key misses but `agree` says
         another rank encodes, the encoder still runs once on row 0 (ZeRO-3: every rank joins its gathers).
@@ -171,6 +177,10 @@ class FrozenFeatures:
         missing: dict[str, int] = {}
         for i, key in enumerate(keys):
             if key in found or key in missing:
+                continue
+            if known is not None and known[i] is not None:
+                found[key] = known[i]
+                store.stats.hits += 1
                 continue
             tensors = store.read(key)
             if tensors is None:

@@ -37,6 +37,7 @@ from vseg.planner import OOMGuard, check_sam_cache, prepare_run
 from vseg.planner.disk import cache_size
 from vseg.strategy import build_strategy, is_deepspeed
 from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
+from vseg.training.feature_cache import FrozenFeatures
 from vseg.training.module import Sa2VAModule, trainable_state_dict
 from vseg.training.monitor import PerfMonitor
 from vseg.training.zero3 import model_for_run
@@ -279,9 +280,9 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-    datamodule = VesselDataModule(
-        cfg.data, processor, accumulate=accumulate, report=data_report, content_keys=cfg.feature_cache.enabled
-    )
+    # The loader's workers read the disk cache's entries (their own store objects: counts stay the module's).
+    stores = FrozenFeatures.from_config(cfg).stores if cfg.feature_cache.enabled else None
+    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report, feature_stores=stores)
     module = Sa2VAModule(None if builder else model, cfg, builder)
     if resume is not None:
         log.info("resuming from %s", resume)
