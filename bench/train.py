@@ -10,6 +10,12 @@ mimic a 24 GB card. Example (one H200):
     python bench/train.py --models sa2va_4b --strategies single --devices 1 --batch 8 \
         --out bench/results/train_h200.json
 
+`--feature-cache none,disk` adds rows with the disk cache of the frozen encoders' outputs (`vseg cache` with the
+same overrides fills it first; its time is `cache_fill_s`), e.g. 4B with vs without at micro-batch 2 and 8:
+
+    python bench/train.py --models sa2va_4b --batch 2,8 --feature-cache none,disk --steps 12 \
+        --out bench/results/train_h200_diskcache.json
+
 `--profile MODEL` instead times the parts of one training step in-process (no Lightning) and prints the
 torch.profiler table of the heaviest CUDA kernels, for batch sizes and gradient checkpointing on/off.
 """
