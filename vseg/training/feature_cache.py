@@ -138,8 +138,9 @@ class FrozenFeatures:
             known = [p.get("sam") for p in prefetched]
             found = self.lookup(self.stores["sam"], [k["sam"] for k in keys], encode_sam, agree, known)
             device = next(grounding.sam.vision_encoder.parameters()).device
+            # entries may sit on the host (read here) or the device (from the loader, or just encoded)
             backbone = [
-                torch.stack([levels[i] for levels in found]).to(device, non_blocking=True) for i in range(len(found[0]))
+                torch.stack([levels[i].to(device, non_blocking=True) for levels in found]) for i in range(len(found[0]))
             ]
         if "vision" in self.stores:
             mllm = model.base_mllm
