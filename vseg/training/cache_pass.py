@@ -48,14 +48,14 @@ def cache_config(overrides: list[str]) -> TrainConfig:
     if not cfg.feature_cache.dir:
         if not cfg.run_dir:
             raise ConfigError(
-                "vseg cache needs feature_cache.dir=DIR (node-local; pass the same to train.py) or run_dir=RUN "
+                "feature_cache.dir is not set: give feature_cache.dir=DIR (node-local; pass the same to train.py) or run_dir=RUN "
                 "(the cache goes to RUN/feature_cache, where train.py run_dir=RUN looks)"
             )
         fc = dataclasses.replace(cfg.feature_cache, dir=f"{cfg.run_dir}/feature_cache")
         cfg = dataclasses.replace(cfg, feature_cache=fc)
     if cfg.model.path is None and cfg.strategy.stage == 3:
         raise ConfigError(
-            "vseg cache: a random-init base (model.path=null) is drawn differently under ZeRO-3; its cache fills on "
+            "a random-init base (model.path=null) is drawn differently under ZeRO-3; its cache fills on "
             "first visit during training instead"
         )
     return cfg
