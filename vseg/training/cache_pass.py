@@ -48,8 +48,8 @@ def cache_config(overrides: list[str]) -> TrainConfig:
     if not cfg.feature_cache.dir:
         if not cfg.run_dir:
             raise ConfigError(
-                "feature_cache.dir is not set: give feature_cache.dir=DIR (node-local; pass the same to train.py) or run_dir=RUN "
-                "(the cache goes to RUN/feature_cache, where train.py run_dir=RUN looks)"
+                "feature_cache.dir is not set: give feature_cache.dir=DIR (node-local; pass the same to train.py) "
+                "or run_dir=RUN (the cache goes to RUN/feature_cache, where train.py run_dir=RUN looks)"
             )
         fc = dataclasses.replace(cfg.feature_cache, dir=f"{cfg.run_dir}/feature_cache")
         cfg = dataclasses.replace(cfg, feature_cache=fc)
