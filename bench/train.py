@@ -10,6 +10,12 @@ mimic a 24 GB card. Example (one H200):
     python bench/train.py --models sa2va_4b --strategies single --devices 1 --batch 8 \
         --out bench/results/train_h200.json
 
+`--feature-cache none,disk` adds rows with the disk cache of the frozen encoders' outputs (`vseg cache` with the
+same overrides fills it first; its time is `cache_fill_s`), e.g. 4B with vs without at micro-batch 2 and 8:
+
+    python bench/train.py --models sa2va_4b --batch 2,8 --feature-cache none,disk --steps 12 \
+        --out bench/results/train_h200_diskcache.json
+
 `--profile MODEL` instead times the parts of one training step in-process (no Lightning) and prints the
 torch.profiler table of the heaviest CUDA kernels, for batch sizes and gradient checkpointing on/off.
 """
@@ -42,6 +48,7 @@ def overrides(
     workers: int = 4,
     flops_step: int = 2,
     sam_cache: str = "none",
+    feature_cache: Path | None = None,
 ) -> list[str]:
     samples = max(16, batch * accum * devices * 2)
     out = [
@@ -79,6 +86,8 @@ def overrides(
     ]
     if cap:
         out.append(f"callbacks.memory_cap_gb={cap}")
+    if feature_cache is not None:  # the disk cache of the frozen encoders' outputs, filled before the timed run
+        out += ["feature_cache.enabled=true", f"feature_cache.dir={feature_cache}"]
     return out
 
 
@@ -91,36 +100,37 @@ def run_one(
     ckpt: bool,
     extra: list[str] | None = None,
     label: str = "",
+    disk: bool = False,
 ) -> dict:
-    """One `train.py` run; `extra` overrides are appended (e.g. `speed.*`), `label` names them in the work dir."""
+    """One `train.py` run; `extra` overrides are appended (e.g. `speed.*`), `label` names them in the work dir;
+    `disk`: with the disk feature cache (filled by `vseg cache` first)."""
     tag = f"{model}_{strategy}_d{devices}_b{batch}x{args.accum}_gc{int(ckpt)}" + (
         f"_cap{args.cap_gb:g}" if args.cap_gb else ""
     )
     tag += f"_sam{args.sam_cache}" if args.sam_cache != "none" else ""
     tag += f"_{label}" if label else ""
+    tag += "_disk" if disk else ""
     work = Path(args.workdir) / tag
     perf = work / "perf.json"
-    cmd = [
-        sys.executable,
-        "train.py",
-        *overrides(
-            model,
-            strategy,
-            devices,
-            batch,
-            args.accum,
-            args.steps,
-            ckpt,
-            args.cap_gb,
-            perf,
-            work / "run",
-            args.image_size,
-            args.workers or min(15, max(1, (os.cpu_count() or 2) // devices - 1)),
-            args.flops_step,
-            args.sam_cache,
-        ),
-        *(extra or []),
-    ]
+    config = overrides(
+        model,
+        strategy,
+        devices,
+        batch,
+        args.accum,
+        args.steps,
+        ckpt,
+        args.cap_gb,
+        perf,
+        work / "run",
+        args.image_size,
+        args.workers or min(15, max(1, (os.cpu_count() or 2) // devices - 1)),
+        args.flops_step,
+        args.sam_cache,
+        work / "feature_cache" if disk else None,
+    )
+    config += list(extra or [])
+    cmd = [sys.executable, "train.py", *config]
     row = {
         "model": model,
         "strategy": strategy,
@@ -131,9 +141,19 @@ def run_one(
         "image_size": args.image_size,
         "memory_cap_gb": args.cap_gb,
         "sam_feature_cache": args.sam_cache,
+        "disk_feature_cache": disk,
         "steps": args.steps,
         "command": "python " + " ".join(cmd[1:]),
     }
+    if disk:  # `vseg cache` with the same overrides: every timed step then reads its frozen features from disk
+        start = time.perf_counter()
+        fill = [sys.executable, "-m", "vseg.cli", "cache", *config]
+        proc = subprocess.run(fill, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        row.update(cache_command="python " + " ".join(fill[1:]), cache_fill_s=round(time.perf_counter() - start, 1))
+        if proc.returncode != 0:
+            row.update(status="error", returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-2500:])
+            return row
+        row["cache_report"] = proc.stdout.strip().splitlines()[-3:]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -276,6 +296,12 @@ def main() -> None:
         help="model.sam_feature_cache: reuse each image's frozen SAM-2 features on its repeats (data.repeats=50)",
     )
     parser.add_argument(
+        "--feature-cache",
+        default="none",
+        help="none, disk or none,disk: feature_cache.enabled (the frozen SAM-2 and vision-tower outputs on local disk, "
+        "filled by `vseg cache` before the timed run; its time is reported as cache_fill_s)",
+    )
+    parser.add_argument(
         "--flops-step",
         type=int,
         default=2,
@@ -301,8 +327,12 @@ def main() -> None:
                 if strategy == "single" and devices != 1:
                     continue
                 for batch in (int(b) for b in args.batch.split(",")):
-                    for ckpt in (c == "on" for c in args.grad_ckpt.split(",")):
-                        row = run_one(args, model, strategy, devices, batch, ckpt)
+                    for ckpt, disk in (
+                        (c == "on", d == "disk")
+                        for c in args.grad_ckpt.split(",")
+                        for d in args.feature_cache.split(",")
+                    ):
+                        row = run_one(args, model, strategy, devices, batch, ckpt, disk)
                         row["device"] = device
                         data["rows"].append(row)
                         out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +345,8 @@ def main() -> None:
                                 "devices",
                                 "micro_batch",
                                 "grad_ckpt",
+                                "disk_feature_cache",
+                                "cache_fill_s",
                                 "memory_cap_gb",
                                 "status",
                                 "samples_per_s",

@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vseg.serve",
         "the model as an HTTP service: ckpt=RUN [devices=auto|device=cuda:1|device_map=...] port=8000",
     ),
+    "cache": (
+        "vseg.training.cache_pass",
+        "encode the training set's frozen features once into the disk cache: feature_cache.dir=DIR [train overrides]",
+    ),
     "plan": ("vseg.planner.plan", "per-GPU memory of every strategy and what fits: gpu_memory=24GB trainer.devices=4"),
 }
 

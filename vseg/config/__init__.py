@@ -139,6 +139,10 @@ class AugmentConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    # 0: a fresh augmentation on every visit. N >= 1: each image has N fixed augmented variants (drawn from
+    # data.seed and the image id) and every visit picks one (seeded by epoch and index), so the disk feature
+    # cache (feature_cache.enabled) can hold exact features for each: N entries per image, less diversity.
+    variants: int = 0
 
 
 @dataclass
@@ -278,6 +282,18 @@ class PlanConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    """The frozen encoders' outputs on local disk (vseg.training.feature_cache), shared by every rank of a node."""
+
+    enabled: bool = False  # training reads each image's frozen features from disk, encoding it only once
+    dir: str | None = None  # node-local directory; None = <run_dir>/feature_cache (one run); shareable between runs
+    # which frozen outputs: sam (SAM-2 Hiera trunk + FPN neck) and vision (InternVL vision tower + pixel shuffle,
+    # before the trained projector; the Qwen-VL families keep their vision tower in the step)
+    parts: list[str] = field(default_factory=lambda: ["sam", "vision"])
+    verify: str = "first"  # checksum an entry on its first read in a process (first) or on every read (always)
+
+
+@dataclass
 class TrainConfig:
     """Everything `train.py` needs."""
 
@@ -291,6 +307,7 @@ class TrainConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
     logger: dict[str, Any] = field(default_factory=dict)  # TensorBoard logger options
     callbacks: dict[str, Any] = field(default_factory=dict)  # progress bar, overlays
@@ -475,6 +492,30 @@ def validate_data(d: DataConfig, need) -> None:
     )
 
 
+def validate_feature_cache(cfg: TrainConfig, need) -> None:
+    """`feature_cache.*` and `data.augment.variants`."""
+    fc = cfg.feature_cache
+    variants = cfg.data.augment.variants
+    need(variants >= 0, f"data.augment.variants={variants}: 0 (fresh augmentation every visit) or a count >= 1")
+    need(
+        set(fc.parts) <= {"sam", "vision"} and bool(fc.parts),
+        f"feature_cache.parts={list(fc.parts)}: a non-empty list of sam, vision",
+    )
+    need(fc.verify in ("first", "always"), f"feature_cache.verify={fc.verify!r}: first|always")
+    if not fc.enabled:
+        return
+    need(
+        not cfg.data.augment.enabled or variants >= 1,
+        "feature_cache.enabled=true with data.augment.enabled=true needs data.augment.variants=N (N fixed augmented "
+        "variants per image, each encoded once): features are exact only for pixels that were encoded",
+    )
+    need(
+        cfg.model.sam_feature_cache == "none",
+        f"feature_cache.enabled=true and model.sam_feature_cache={cfg.model.sam_feature_cache}: pick one "
+        "(the disk cache also holds the SAM-2 features)",
+    )
+
+
 def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     """Collects every impossible setting and raises one ConfigError listing them all."""
     import torch
@@ -524,6 +565,7 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
             f"model.sam_feature_cache={cache} is not supported with strategy={cfg.strategy.name}: skipping the "
             "frozen encoder changes the module order ZeRO-3 prefetches by (untested); use ddp, zero2 or zero2_offload",
         )
+    validate_feature_cache(cfg, need)
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")

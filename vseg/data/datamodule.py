@@ -153,12 +153,20 @@ class VesselDataModule(L.LightningDataModule):
         accumulate: micro-batches per optimizer step (for window-normalised losses).
         report: a finished `check_dataset` report to reuse (training checks the data before building
             the model); None checks in `setup`.
+        feature_stores: the disk feature cache's stores: training samples carry their content keys and the
+            entries already on disk, read in the loader's workers.
     """
 
     def __init__(
-        self, cfg: DataConfig, processor: Sa2VAProcessor, accumulate: int = 1, report: DatasetReport | None = None
+        self,
+        cfg: DataConfig,
+        processor: Sa2VAProcessor,
+        accumulate: int = 1,
+        report: DatasetReport | None = None,
+        feature_stores: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.feature_stores = feature_stores
         self.cfg = cfg
         self.processor = processor
         self.accumulate = accumulate
@@ -172,7 +180,14 @@ class VesselDataModule(L.LightningDataModule):
         c = self.cfg
         report = self.report if self.report is not None else checked_dataset(c, progress=False)
         self.report = report
-        self.train_set = SegmentationDataset(expand(report.train, c.objects), self.processor, c, c.repeats, train=True)
+        self.train_set = SegmentationDataset(
+            expand(report.train, c.objects),
+            self.processor,
+            c,
+            c.repeats,
+            train=True,
+            feature_stores=self.feature_stores,
+        )
         self.val_set = SegmentationDataset(expand(report.val, c.objects), self.processor, c, 1, train=False)
 
     def _distributed(self) -> tuple[int, int]:

@@ -9,6 +9,7 @@ processor, so training, validation and prediction share one path from pixels to 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from vseg.artifacts.feature_store import FeatureStore, content_key
 from vseg.config import AugmentConfig, DataConfig, SplitConfig, parse_spacing
 from vseg.data.augment import Augmenter
 from vseg.data.geometry import Resize
@@ -113,6 +115,10 @@ class SegmentationDataset(Dataset):
         cfg: data settings (size, aspect, holes, phrasings, answer, augmentation).
         repeats: how many times each item appears per epoch.
         train: draw phrasings and augmentation; False: first phrasing, no augmentation (validation).
+        content_keys: add `content_keys` to each sample, hashes of the encoders' inputs (`sam`: SAM-2 pixels,
+            `vision`: the MLLM's image tensor) that the disk feature cache files its entries under.
+        feature_stores: the disk feature cache's stores by part: each sample also carries `cached_features`,
+            the entries already on disk (read here, in the loader's workers, off the training step's path).
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class SegmentationDataset(Dataset):
         cfg: DataConfig,
         repeats: int = 1,
         train: bool = True,
+        content_keys: bool = False,
+        feature_stores: dict[str, FeatureStore] | None = None,
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -131,6 +139,8 @@ class SegmentationDataset(Dataset):
         self.repeats = repeats
         self.train = train
         self.augment = Augmenter(cfg.augment if train else AugmentConfig(enabled=False))
+        self.feature_stores = feature_stores or {}
+        self.content_keys = content_keys or bool(self.feature_stores)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -150,9 +160,22 @@ class SegmentationDataset(Dataset):
         text = choices[pick]
         return text.format(phrase=phrase or "blood vessels") if per_object else text
 
+    def variant_of(self, index: int) -> int | None:
+        """Which fixed augmented variant visit `index` of this epoch sees (`data.augment.variants`); None: a
+        fresh draw (variants 0) or no augmentation."""
+        variants = self.cfg.augment.variants
+        if not (self.train and self.augment.cfg.enabled and variants >= 1):
+            return None
+        return int(np.random.default_rng([self.cfg.seed, self.epoch, index, 3]).integers(variants))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        return self.sample(index, self.variant_of(index))
+
+    def sample(self, index: int, variant: int | None = None) -> dict[str, Any]:
+        """Visit `index` (item `index % len(items)`); `variant`: that fixed augmented variant of its image (the
+        same pixels for every object of the image, every epoch and every rank), None: this visit's own draw."""
         item = self.items[index % len(self.items)]
         c = self.cfg
         sample = load_sample(item.record, c.image_size, c.aspect, c.holes)
@@ -161,10 +184,22 @@ class SegmentationDataset(Dataset):
         else:
             masks, phrase = sample.masks[item.object_index : item.object_index + 1], sample.phrases[item.object_index]
         image, fov = sample.image, sample.fov
-        if self.train:
+        if self.train and variant is not None:
+            rng = np.random.default_rng([c.seed, zlib.crc32(item.record.id.encode()), variant, 4])
+            image, masks, fov = self.augment(image, masks, fov, rng)
+        elif self.train:
             rng = np.random.default_rng([c.seed, self.epoch, index, 1])
             image, masks, fov = self.augment(image, masks, fov, rng)
         features = self.processor.encode(image, self.question_for(index, phrase), c.answer, masks, sample_id=item.id)
+        if self.content_keys:
+            features["content_keys"] = {
+                "sam": content_key(features["sam_pixel_values"]),
+                "vision": content_key(features["mllm_inputs"]["pixel_values"]),
+                "tiles": int(features["mllm_inputs"]["pixel_values"].shape[0]),
+            }
+        if self.feature_stores:  # None where not on disk (yet): the training step encodes it
+            keys = features["content_keys"]
+            features["cached_features"] = {part: s.read(keys[part]) for part, s in self.feature_stores.items()}
         if fov is not None:
             features["fov"] = fov
         features["image_id"] = item.record.id  # the objects of one image share its SAM-2 features

@@ -95,6 +95,10 @@ class MLLMFamily(Protocol):
         """The side of the largest square image the model sees whole (planning for images of any size)."""
         ...
 
+    #: whether `frozen_image_features` exists: the frozen part of image encoding can be computed apart and
+    #: handed to `decoder_states` as `inputs["image_features"]` (the disk feature cache)
+    vision_cacheable: bool
+
 
 def embedding_device(mllm: nn.Module) -> torch.device:
     """Where the input embedding lives (its first parameter's device).
@@ -225,6 +229,27 @@ class InternVLFamily:
         # Tiles of all samples go into one batch; the placeholders in input_ids keep their order.
         return {"pixel_values": torch.cat([item["pixel_values"] for item in items])}
 
+    vision_cacheable = True
+
+    def frozen_image_features(self, mllm: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen part of InternVL's image encoding, (tiles, tokens, 4 x vision width): the vision tower at
+        the configured layer, the class token dropped, pixel shuffle. Only the projector (trained) is left, as
+        transformers' `get_image_features` computes it."""
+        base = mllm.model
+        vision = base.vision_tower
+        pixels = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
+        config = mllm.config
+        layer = config.vision_feature_layer
+        with torch.no_grad():
+            out = vision(pixel_values=pixels.to(base.dtype), return_dict=True, output_hidden_states=layer != -1)
+            features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+            if config.vision_feature_select_strategy == "default":
+                features = features[:, 1:, :]
+            side = int(features.shape[1] ** 0.5)
+            features = features.reshape(features.shape[0], side, side, -1)
+            features = base.pixel_shuffle(features, scale_factor=config.downsample_ratio)
+        return features.reshape(features.shape[0], -1, features.shape[-1]).detach()
+
     def decoder_states(
         self,
         mllm: nn.Module,
@@ -234,6 +259,19 @@ class InternVLFamily:
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = embedding_device(mllm)
+        if "image_features" in inputs:  # the frozen part already computed (feature cache): the projector only
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            projector = mllm.model.multi_modal_projector
+            features = inputs["image_features"].to(next(projector.parameters()).device)
+            image = BaseModelOutputWithPooling(pooler_output=projector(features))
+            out = mllm.model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                mm_encoder_outputs={"image": image},
+                use_cache=False,
+            )
+            return out.last_hidden_state
         pixel_values = inputs["pixel_values"]
         vision = mllm.model.vision_tower
         pixel_values = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
@@ -345,6 +383,9 @@ class QwenVLFamily:
     language_prefix = "model.language_model."
     # The image tokens are the Qwen tokenizer's own (<|vision_start|>, <|image_pad|>, ...): Sa2VA adds only its five.
     added_tokens = SA2VA_ADDED_TOKENS
+    # The merger (the projector, trained) sits inside `visual` and Qwen3-VL's deepstack mergers read the
+    # tower's middle layers: the frozen blocks are not cached apart (the disk cache keeps SAM-2 only).
+    vision_cacheable = False
     config_class: Any = None
     model_class: Any = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -216,6 +216,10 @@ class Sa2VAProcessor:
         positions = find_positions(input_ids, labels, token_id(self.tokenizer, SEG_TOKEN))
         batch["seg_positions"], batch["answer_positions"] = positions.seg, positions.answer
         batch["num_tokens"] = int(attention_mask.sum())  # for throughput logs, known without asking the GPU
+        if all("content_keys" in s for s in samples):  # hashes of the encoders' inputs (disk feature cache)
+            batch["content_keys"] = [s["content_keys"] for s in samples]
+        if all("cached_features" in s for s in samples):  # entries the loader already read from that cache
+            batch["cached_features"] = [s["cached_features"] for s in samples]
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]
         if any("pixel_spacing" in s for s in samples):  # mm per pixel at the sample's size (distances in mm)

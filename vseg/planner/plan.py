@@ -420,6 +420,9 @@ def main(overrides: list[str]) -> int:
     finally:
         quiet.setLevel(level)
     print(render(plan))
+    from vseg.planner.disk import cache_size, training_images
+
+    print(cache_size(cfg, training_images(cfg)).line(cfg.feature_cache.enabled))
     return 0 if plan.recommended is not None else 1
 
 

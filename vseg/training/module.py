@@ -17,6 +17,7 @@ from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults import NonFiniteGuard, TestFaults
+from vseg.training.feature_cache import FrozenFeatures, any_rank
 from vseg.training.speed import MasterWeights, apply_liger, bf16_weights_apply
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Sa2VAModule(L.LightningModule):
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
         self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
+        # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
+        self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
 
     def setup(self, stage: str) -> None:
         from vseg.data.dataset import target_names
@@ -137,9 +140,19 @@ class Sa2VAModule(L.LightningModule):
         return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # ---------------------------------------------------------------- steps
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is True on any rank: a collective under multi-rank ZeRO-3 (the feature cache's
+        agreement on running the partitioned encoders), `flag` itself elsewhere."""
+        if not self._zero3() or self.trainer.world_size == 1:
+            return flag
+        return any_rank(flag, self.device)
+
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, LossSums]:
         backbone = None
-        if self.sam_cache is not None and self.training:
+        mllm_inputs = batch["mllm_inputs"]
+        if self.feature_cache is not None and self.training and "content_keys" in batch:
+            backbone, mllm_inputs = self.feature_cache.inputs(batch, self.model, self._any_rank)
+        elif self.sam_cache is not None and self.training:
             keys = list(batch.get("image_ids", batch["ids"]))
             backbone = self.sam_cache.features(keys, batch["sam_pixel_values"], self.model.grounding)
         out = self.model(
@@ -147,7 +160,7 @@ class Sa2VAModule(L.LightningModule):
             batch["attention_mask"],
             batch["labels"],
             batch["sam_pixel_values"],
-            batch["mllm_inputs"],
+            mllm_inputs,
             backbone=backbone,
             positions=self._positions(batch),
         )
@@ -327,6 +340,8 @@ class Sa2VAModule(L.LightningModule):
         if self.masters is not None:  # final weights, last.ckpt and exports in float32
             self.masters.restore_fp32()
             self.masters = None
+        if self.feature_cache is not None:
+            log.info("rank %d: feature cache: %s", self.global_rank, self.feature_cache.summary())
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim

@@ -34,8 +34,10 @@ from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
+from vseg.planner.disk import cache_size
 from vseg.strategy import build_strategy, is_deepspeed
 from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
+from vseg.training.feature_cache import FrozenFeatures
 from vseg.training.module import Sa2VAModule, trainable_state_dict
 from vseg.training.monitor import PerfMonitor
 from vseg.training.zero3 import model_for_run
@@ -263,6 +265,12 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     # ZeRO-3: `model` is a stand-in (meta device, or the CPU-loaded base) and `builder` makes the partitioned
     # model inside configure_model; otherwise `model` is the model (builder None).
     model, tokenizer, builder = model_for_run(cfg)
+    if cfg.feature_cache.enabled and not cfg.feature_cache.dir:  # recorded in config.yaml: where the cache lives
+        cfg = dataclasses.replace(
+            cfg, feature_cache=dataclasses.replace(cfg.feature_cache, dir=str(run_dir / "feature_cache"))
+        )
+    if cfg.feature_cache.enabled and _is_rank_zero():
+        log.info("%s; in %s", cache_size(cfg, len(data_report.train)).line(True), cfg.feature_cache.dir)
     trainer = build_trainer(cfg, run_dir, checkpoint_step(resume) if resume is not None else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +279,9 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         log.info("parameters: %s", count_parameters(model))
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report)
+    # The loader's workers read the disk cache's entries (their own store objects: counts stay the module's).
+    stores = FrozenFeatures.from_config(cfg).stores if cfg.feature_cache.enabled else None
+    datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report, feature_stores=stores)
     module = Sa2VAModule(None if builder else model, cfg, builder)
     if resume is not None:
         log.info("resuming from %s", resume)

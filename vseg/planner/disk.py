@@ -1,0 +1,93 @@
+"""Disk the feature cache (`feature_cache.*`) takes: per image x training images x augmented variants.
+
+Per image, from the model config alone (no build): SAM-2 keeps its three FPN maps (the size
+`sam_cache_bytes` computes, ~45 MB for Hiera-L at 1024 px in bf16); InternVL's vision part keeps, per tile,
+(tile / patch)^2 tokens x the tower's width (pixel shuffle regroups them), for up to `max_tiles` tiles
+(+ the thumbnail when more than one). Entries are stored in the dtype the encoders run in; a safetensors
+header adds a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vseg.config import TrainConfig
+
+GB = 2**30
+
+
+def feature_dtype_bytes(cfg: TrainConfig) -> int:
+    """Bytes per element of the cached features: the half dtype under DeepSpeed's bf16/fp16 or `*-true`
+    precision (parameters cast), the model dtype otherwise."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    half = precision.split("-")[0] in ("bf16", "16")
+    if half and (cfg.strategy.stage > 0 or precision.endswith("-true")):
+        return 2
+    return 4 if cfg.model.dtype == "float32" else 2
+
+
+def sam_bytes_per_image(cfg: TrainConfig) -> float:
+    from transformers import Sam2Config
+
+    vision = Sam2Config(**cfg.model.sam2).vision_config
+    pixels = sum(int(h) * int(w) for h, w in vision.backbone_feature_sizes)
+    return float(vision.fpn_hidden_size * pixels * feature_dtype_bytes(cfg))
+
+
+def vision_bytes_per_image(cfg: TrainConfig) -> float:
+    """InternVL only (the Qwen-VL towers are not cached): 0 for other families."""
+    if cfg.model.family != "internvl":
+        return 0.0
+    from transformers import InternVLVisionConfig
+
+    vision = InternVLVisionConfig(**cfg.model.vision)
+    size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, list | tuple) else vision.patch_size
+    tiles = 1 if cfg.model.max_tiles == 1 else cfg.model.max_tiles + 1
+    return float(tiles * (int(size) // int(patch)) ** 2 * vision.hidden_size * feature_dtype_bytes(cfg))
+
+
+@dataclass
+class CacheSize:
+    """The disk feature cache of a config: bytes per image per part, images, variants."""
+
+    per_image: dict[str, float]
+    images: int | None  # distinct training images (None: the data could not be read)
+    variants: int  # encoder inputs per image: the fixed augmented variants, or 1
+
+    @property
+    def total(self) -> float | None:
+        return None if self.images is None else sum(self.per_image.values()) * self.images * self.variants
+
+    def line(self, enabled: bool) -> str:
+        parts = " + ".join(f"{p} {b / 2**20:.1f} MB" for p, b in self.per_image.items())
+        state = "on" if enabled else "off; feature_cache.enabled=true to use it"
+        if self.images is None:
+            return f"feature cache on disk ({state}): {parts} per image (the training images could not be counted)"
+        variants = f" x {self.variants} variants" if self.variants > 1 else ""
+        return (
+            f"feature cache on disk ({state}): {parts} per image x {self.images} training images{variants} = "
+            f"{self.total / GB:.2f} GB"
+        )
+
+
+def cache_size(cfg: TrainConfig, images: int | None) -> CacheSize:
+    """Per-image sizes of the cached parts of `cfg` (`feature_cache.parts` the family supports)."""
+    sizes = {"sam": sam_bytes_per_image, "vision": vision_bytes_per_image}
+    per_image = {p: sizes[p](cfg) for p in cfg.feature_cache.parts if p in sizes}
+    per_image = {p: b for p, b in per_image.items() if b > 0}
+    a = cfg.data.augment
+    variants = a.variants if a.enabled and a.variants >= 1 else 1
+    return CacheSize(per_image, images, variants)
+
+
+def training_images(cfg: TrainConfig) -> int | None:
+    """Distinct training images of the configured data (records read and split, no image decoded)."""
+    from vseg.data.dataset import split_records
+    from vseg.data.sources import read_records
+
+    try:
+        train, _ = split_records(read_records(cfg.data), cfg.data.split, cfg.data.seed)
+    except Exception:  # noqa: BLE001 - the plan stays useful without the count; train.py reports the data
+        return None
+    return len(train)
