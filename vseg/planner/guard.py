@@ -3,7 +3,7 @@
 - `OOMGuard` (Lightning callback, first in the list) tracks the phase (set-up, training, validation) and
   the step; when an exception reaches Lightning it records, for an OOM, this process's GPU memory at that
   moment (before teardown frees it). Lightning saves nothing on an exception, so the last good checkpoint
-  stays as it was; the rank watchdog (vseg/training/faults.py) then stops every other rank.
+  stays as it was; the rank watchdog (vseg/training/faults/watchdog.py) then stops every other rank.
 - `exit_on_oom()` (around `train.py`'s run) turns the OOM into the message: phase, step, rank, per-GPU
   memory at failure, the plan's estimate for the failed setting and ranked advice with the planner's numbers
   ("strategy=zero3: est. 13.1 GB/GPU"), and exits with status 4.

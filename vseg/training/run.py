@@ -35,7 +35,7 @@ from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
 from vseg.strategy import build_strategy, is_deepspeed
-from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
+from vseg.training.faults import FaultInjection, RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.training.module import Sa2VAModule, trainable_state_dict
 from vseg.training.monitor import PerfMonitor
 from vseg.training.zero3 import model_for_run
@@ -190,14 +190,17 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resume_step: int | None = Non
     checkpoint were logged once already and run again, and the curves must show each step once.
     """
     ckpt = cfg.checkpoint
+    faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*): none unless the environment asks
     callbacks: list[L.Callback] = [
         OOMGuard(),  # first: records phase, step and GPU memory before the others react to an OOM
+        # Ahead of RunCheckpoint: a step's faults and trace land before that step's checkpoint is written.
+        *([FaultInjection(faults)] if faults.active else []),
         RunCheckpoint(
             run_dir / "checkpoints",
             every_n_steps=ckpt.every_n_steps,
             keep=ckpt.keep,
             handle_signals=cfg.faults.handle_signals,
-            faults=TestFaults.from_env(),
+            commit_delay_s=faults.checkpoint_delay_s,
         ),
     ]
     if cfg.faults.watchdog:
