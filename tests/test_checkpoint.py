@@ -341,7 +341,7 @@ def test_folder_of_another_family_is_refused(official_folder):
 def test_loading_reads_one_tensor_at_a_time(official_folder, monkeypatch):
     """Nothing loads whole shards: every tensor comes from safe_open.get_tensor, each at most once."""
     _, cfg, _, _, folder = official_folder
-    import vseg.artifacts.folders as checkpoint
+    import vseg.artifacts.folders.load as checkpoint  # where tensors are read
 
     reads: list[str] = []
 

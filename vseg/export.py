@@ -6,7 +6,7 @@ The run's model is rebuilt exactly as `predict.py` does (`vseg.artifacts.runs.re
   vseg's own key layout: safetensors shards + index, `config.json` (`vseg_format: native` + the model
   config), tokenizer files. `model.path=DIR` loads it back bit-exactly (same dtype).
 * `official` — the same merged weights under the released Sa2VA key names with the authors'
-  `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write_official_folder`); `model.path` loads it too.
+  `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write.write_official_folder`); `model.path` loads it too.
 * `adapter`  — small: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the trained
   non-LoRA modules (`vseg_modules.safetensors`: projector, mask decoder, text_hidden_fcs), the run config and
   the tokenizer. `vseg.artifacts.adapters` writes and loads it.
@@ -27,7 +27,6 @@ from omegaconf import DictConfig
 
 from vseg.artifacts.adapters import merge_adapters, write_adapter_folder
 from vseg.artifacts.folders import (
-    DTYPES,
     folder_architecture,
     merge_architecture,
     read_folder,
@@ -36,6 +35,7 @@ from vseg.artifacts.folders import (
 )
 from vseg.artifacts.runs import rebuild_run
 from vseg.config import ConfigError, ModelConfig
+from vseg.model.build import DTYPES
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
