@@ -27,13 +27,23 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vseg.artifacts import official
 from vseg.artifacts.folders.read import Folder, folder_architecture, merge_architecture, read_folder
 from vseg.artifacts.loading import CheckpointError
-from vseg.artifacts.official import InternVLLayout, Piece, QwenVLLayout
 from vseg.config import ModelConfig
-from vseg.model.build import DTYPES
+from vseg.model.build import DTYPES, build_grounding
+from vseg.model.families import get_family
+from vseg.model.families.layout import (
+    DROPPED_SAM2_PREFIXES,
+    LANGUAGE,
+    LM_HEAD,
+    MEMORY,
+    SAM,
+    UNUSED_SAM2_PREFIXES,
+    Piece,
+)
 from vseg.model.random_init import alias_groups, parameters_on_meta, set_tensor
+from vseg.model.sa2va import Sa2VA
+from vseg.model.tokenizer import SEG_TOKEN, ensure_special_tokens, load_tokenizer, token_id
 
 log = logging.getLogger(__name__)
 
@@ -197,26 +207,18 @@ def load_tensors(
 def layout_for(
     folder: Folder, cfg: ModelConfig, arch: dict[str, Any], with_memory: bool = True
 ) -> tuple[Converter, Callable[[str], bool]]:
-    """How keys of `folder` become native keys, and which of them are deliberately left out."""
+    """How keys of `folder` become native keys (the family's release layout), and which are deliberately left out."""
     if folder.kind == "native":
         return (lambda key, tensor: [Piece(key, tensor)]), (lambda key: False)
-    if arch.get("family") in official.QWEN_MODEL_TYPES.values():
-        qwen = QwenVLLayout(with_grounding=folder.kind == "sa2va")
-        qwen.with_memory = with_memory
-        return qwen.to_native, qwen.is_dropped
-    heads = int(cfg.text["num_attention_heads"])
-    layout = InternVLLayout(
-        arch["llm_architecture"],
-        heads,
-        int(cfg.text.get("num_key_value_heads") or heads),
-        with_grounding=folder.kind == "sa2va",
+    layout = get_family(cfg.family).layout(
+        cfg, with_grounding=folder.kind == "sa2va", llm_architecture=arch.get("llm_architecture")
     )
     layout.with_memory = with_memory
     return layout.to_native, layout.is_dropped
 
 
 def _drop_prefix(key: str) -> str:
-    for prefix in (*official.DROPPED_SAM2_PREFIXES, *official.UNUSED_SAM2_PREFIXES):
+    for prefix in (*DROPPED_SAM2_PREFIXES, *UNUSED_SAM2_PREFIXES):
         if key.startswith(prefix):
             return prefix
     return key
@@ -228,11 +230,6 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
     Returns:
         (model, tokenizer, the effective ModelConfig: the preset with the folder's architecture).
     """
-    from vseg.model.build import build_grounding
-    from vseg.model.families import get_family
-    from vseg.model.sa2va import Sa2VA
-    from vseg.model.tokenizer import SEG_TOKEN, ensure_special_tokens, load_tokenizer, token_id
-
     folder = read_folder(cfg.path)  # type: ignore[arg-type]
     arch = folder_architecture(folder)
     tokenizer = load_tokenizer(cfg.tokenizer_path or str(folder.path))
@@ -253,7 +250,7 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
         mllm = family.build(cfg, tokenizer)
     with parameters_on_meta(enabled=not base):
         model = Sa2VA(mllm, family, build_grounding(cfg), token_id(tokenizer, SEG_TOKEN))
-    memory_prefixes = (*official.DROPPED_SAM2_PREFIXES, official.MEMORY)
+    memory_prefixes = (*DROPPED_SAM2_PREFIXES, MEMORY)
     has_memory = any(k.startswith(memory_prefixes) for keys in folder.files.values() for k in keys)
     if model.grounding.memory is not None and not base and not has_memory:
         # An export written before memory was kept: images work, runs cannot be tracked (Tracker says so).
@@ -269,10 +266,8 @@ def load_sa2va(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn
         device=device,
         is_dropped=is_dropped,
         drop_prefix=_drop_prefix,
-        may_grow=frozenset({official.LANGUAGE + "embed_tokens.weight", official.LM_HEAD + "weight"})
-        if base
-        else frozenset(),
-        may_miss=(official.SAM, official.MEMORY, "text_hidden_fcs.") if base else (),
+        may_grow=frozenset({LANGUAGE + "embed_tokens.weight", LM_HEAD + "weight"}) if base else frozenset(),
+        may_miss=(SAM, MEMORY, "text_hidden_fcs.") if base else (),
     )
     model.requires_grad_(False)
     model.to(dtype)

@@ -21,9 +21,16 @@ from typing import Any
 
 from safetensors import safe_open
 
-from vseg.artifacts import official
 from vseg.artifacts.loading import CheckpointError
 from vseg.config import ModelConfig
+from vseg.model.families import (
+    BASE_ARCHITECTURES,
+    BASE_MODEL_TYPES,
+    RELEASE_ARCHITECTURES,
+    SA2VA_MODEL_TYPES,
+    release_family,
+)
+from vseg.model.families.configs import with_rope_parameters
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,9 @@ def folder_kind(config: dict[str, Any], where: Path) -> str:
         return "native"
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    if model_type in official.SA2VA_MODEL_TYPES or {"Sa2VAChatModel", official.QWEN_ARCHITECTURE} & set(architectures):
+    if model_type in SA2VA_MODEL_TYPES or RELEASE_ARCHITECTURES & set(architectures):
         return "sa2va"
-    if model_type in official.INTERNVL_BASE_MODEL_TYPES or "InternVLChatModel" in architectures:
+    if model_type in BASE_MODEL_TYPES or set(BASE_ARCHITECTURES) & set(architectures):
         return "internvl_base"
     raise CheckpointError(
         f"{where}/config.json: model_type={model_type!r}, architectures={architectures} is not a checkpoint vseg "
@@ -123,9 +130,7 @@ def folder_architecture(folder: Folder) -> dict[str, Any]:
         arch.update({k: dict(model.get(k) or {}) for k in ("vision", "text", "sam2")})
         return arch
     try:
-        if folder.kind == "sa2va" and official.qwen_family(folder.config) is not None:
-            return official.qwen_architecture_from_config(folder.config)
-        return official.architecture_from_config(folder.config)
+        return release_family(folder.config).architecture_from_config(folder.config)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{folder.path}/config.json: {err}") from None
 
@@ -137,8 +142,8 @@ FOLDER_DECIDES = frozenset({"tie_word_embeddings"})
 
 def merge_architecture(cfg: ModelConfig, folder: Folder, arch: dict[str, Any]) -> ModelConfig:
     """The preset with the folder's architecture; raises listing every field where the two disagree."""
-    arch = {**arch, "text": official.with_rope_parameters(arch.get("text") or {})}
-    cfg = dataclasses.replace(cfg, text=official.with_rope_parameters(cfg.text))
+    arch = {**arch, "text": with_rope_parameters(arch.get("text") or {})}
+    cfg = dataclasses.replace(cfg, text=with_rope_parameters(cfg.text))
     problems = []
     for name, value in arch.items():
         if name == "llm_architecture" or value is None:

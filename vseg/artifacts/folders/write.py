@@ -19,12 +19,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vseg.artifacts import official
 from vseg.artifacts.files import save_safetensors
 from vseg.artifacts.folders.read import INDEX_FILE, NATIVE_FORMAT, SINGLE_FILE, Folder
-from vseg.artifacts.official import InternVLLayout, QwenVLLayout
 from vseg.config import ModelConfig
 from vseg.model.build import DTYPES
+from vseg.model.families import MLLMFamily, get_family
+from vseg.model.families.layout import LANGUAGE
 from vseg.model.random_init import alias_groups
 
 
@@ -123,44 +123,6 @@ def write_native_folder(
     tokenizer.save_pretrained(str(folder))
 
 
-def _full_architecture(model: nn.Module, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`cfg.vision` / `cfg.text` completed with the defaults the built transformers configs filled in."""
-    config = model.base_mllm.config if hasattr(model, "base_mllm") else model.mllm.config
-    text, vision = dict(cfg.text), dict(cfg.vision)
-    for name in official.TEXT_FIELDS:
-        if name not in text and getattr(config.text_config, name, None) is not None:
-            text[name] = getattr(config.text_config, name)
-    text = official.with_rope_parameters(text)
-    if "rope_parameters" not in text and getattr(config.text_config, "rope_parameters", None):
-        text["rope_parameters"] = dict(config.text_config.rope_parameters)
-    for name in (
-        "layer_norm_eps",
-        "hidden_act",
-        "norm_type",
-        "use_qk_norm",
-        "attention_bias",
-        "layer_scale_init_value",
-    ):
-        if name not in vision and getattr(config.vision_config, name, None) is not None:
-            vision[name] = getattr(config.vision_config, name)
-    return vision, text
-
-
-def official_layout(cfg: ModelConfig) -> tuple[InternVLLayout | QwenVLLayout, str | None]:
-    """The official key layout (and, for the InternVL family, the LLM architecture name) of a ModelConfig."""
-    if cfg.family in official.QWEN_MODEL_TYPES.values():
-        return QwenVLLayout(), None
-    if cfg.family != "internvl":
-        raise ValueError(f"model.family={cfg.family!r} has no official Sa2VA layout")
-    model_type = cfg.text.get("model_type", "qwen2")
-    # Sa2VA's Llama-layout LLMs are InternLM2 (8B, 26B): the released names are InternLM2's.
-    arch = {"qwen2": "Qwen2ForCausalLM", "llama": "InternLM2ForCausalLM"}.get(model_type)
-    if arch is None:
-        raise ValueError(f"model.text.model_type={model_type!r} has no official Sa2VA layout (qwen2 | llama)")
-    heads = int(cfg.text["num_attention_heads"])
-    return InternVLLayout(arch, heads, int(cfg.text.get("num_key_value_heads") or heads)), arch
-
-
 def write_official_folder(
     model: nn.Module,
     cfg: ModelConfig,
@@ -179,11 +141,11 @@ def write_official_folder(
     it, the folder lacks those memory tensors (the authors' `from_pretrained` initialises them) and their
     `*.py` files must be added by hand to use it with `trust_remote_code`.
     """
-    layout, arch = official_layout(cfg)
+    family = get_family(cfg.family)
+    layout = family.layout(cfg)
     torch_dtype = DTYPES[dtype]
     tensors = _tensors_in(model, torch_dtype)
-    tied = bool(cfg.tie_word_embeddings)
-    converted = dict(layout.to_official(tensors, tied=tied))
+    converted = dict(layout.to_official(tensors, tied=bool(cfg.tie_word_embeddings)))
     if base is not None and base.kind == "sa2va":
         for name, keys in base.files.items():
             with safe_open(str(base.path / name), framework="pt", device="cpu") as f:
@@ -192,59 +154,29 @@ def write_official_folder(
                         value = f.get_tensor(key)
                         converted[key] = value.to(torch_dtype) if value.is_floating_point() else value
     write_safetensors(converted.items(), folder, max_shard_bytes)
-    vocab = int(tensors[official.LANGUAGE + "embed_tokens.weight"].shape[0])
+    vocab = int(tensors[LANGUAGE + "embed_tokens.weight"].shape[0])
+    mllm = model.base_mllm if hasattr(model, "base_mllm") else model.mllm
     if base is not None and base.kind == "sa2va":
-        config = json.loads(json.dumps(base.config))
-        if arch is None:  # Qwen-VL: nested text_config (or, saved by older transformers, top-level text fields)
-            text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
-            text["vocab_size"] = vocab
-            text["torch_dtype"] = dtype
-        else:
-            config["llm_config"].update(vocab_size=vocab, torch_dtype=dtype)
-        config["torch_dtype"] = dtype
+        config = family.release_config(base.config, vocab_size=vocab, dtype=dtype)
         for source in sorted(base.path.glob("*.py")):
             (folder / source.name).write_bytes(source.read_bytes())
-    elif arch is None:
-        mllm = model.base_mllm if hasattr(model, "base_mllm") else model.mllm
-        config = official.qwen_config_from_mllm(mllm.config, template=cfg.template, dtype=dtype)
     else:
-        vision, text = _full_architecture(model, cfg)
-        config = official.config_from_architecture(
-            vision,
-            text,
-            downsample_ratio=cfg.downsample_ratio,
-            template=cfg.template,
-            tie_word_embeddings=tied,
-            vocab_size=vocab,
-            llm_architecture=arch,
-            max_tiles=cfg.max_tiles,
-            dtype=dtype,
-        )
+        config = family.official_config(mllm.config, cfg, vocab_size=vocab, dtype=dtype)
     write_json(folder / "config.json", config)
     tokenizer.save_pretrained(str(folder))
-    if arch is None:
-        _write_qwen_processor_files(model, cfg, folder, base)
+    if family.processor_files:
+        _write_processor_files(family, mllm.config, cfg, folder, base)
 
 
-#: Qwen-VL releases ship their processor too (the authors' `predict_forward` takes it)
-QWEN_PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
-
-
-def _write_qwen_processor_files(model: nn.Module, cfg: ModelConfig, folder: Path, base: Folder | None) -> None:
+def _write_processor_files(
+    family: MLLMFamily, mllm_config: Any, cfg: ModelConfig, folder: Path, base: Folder | None
+) -> None:
     """The base release's processor files, or (no base) the image processor config vseg uses."""
     copied = False
     if base is not None:
-        for name in QWEN_PROCESSOR_FILES:
+        for name in family.processor_files:
             if (base.path / name).is_file() and not (folder / name).exists():
                 (folder / name).write_bytes((base.path / name).read_bytes())
                 copied = copied or name == "preprocessor_config.json"
     if not copied:
-        mllm = model.base_mllm if hasattr(model, "base_mllm") else model.mllm
-        family = model.family
-        family.image_processor(mllm.config, cfg).save_pretrained(str(folder))
+        family.image_processor(mllm_config, cfg).save_pretrained(str(folder))
