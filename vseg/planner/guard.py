@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vseg.config import TrainConfig
-from vseg.planner.memory import GB
+from vseg.planner.memory import GB, Setting, estimate, estimate_inference, model_facts, sequence_facts
+from vseg.planner.plan import make_plan, world_size
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,6 @@ def _capacity() -> float | None:
 
 def training_advice(cfg: TrainConfig, capacity: float | None, limit: int = 5) -> list[str]:
     """Ranked, concrete changes with the planner's estimates: the fastest settings that fit first."""
-    from dataclasses import replace
-
-    from vseg.planner.memory import Setting, estimate
-    from vseg.planner.plan import make_plan, world_size
-
     devices = world_size(cfg)
     if cfg.strategy.name == "single":
         devices = 1
@@ -143,8 +139,6 @@ def training_advice(cfg: TrainConfig, capacity: float | None, limit: int = 5) ->
 
 def prediction_advice(cfg: TrainConfig, batch_size: int, capacity: float | None) -> list[str]:
     """Smaller prediction batches with their estimates (one GPU, weights as built)."""
-    from vseg.planner.memory import estimate_inference, model_facts, sequence_facts
-
     f, model, tokenizer = model_facts(cfg)
     seq = sequence_facts(cfg, model, tokenizer)
     now = estimate_inference(f, seq, batch_size)

@@ -33,6 +33,7 @@ from vseg.console import ModelSummary, ProgressBar
 from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sizes import build_on_meta
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
 from vseg.strategy import build_strategy, is_deepspeed
 from vseg.training.faults import FaultInjection, RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
@@ -163,8 +164,6 @@ def check_resume(cfg: TrainConfig, ckpt: Path, run_dir: Path) -> None:
         raise ConfigError(f"ckpt_path={ckpt}: holds no `state_dict`; not a Lightning checkpoint written by vseg")
     if cfg.model.path is not None:
         return  # the architecture comes from the folder: Lightning checks the keys when it restores
-    from vseg.model.sizes import build_on_meta
-
     model, _ = build_on_meta(cfg.model, cfg.lora)
     expected = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     saved = {k: tuple(v.shape) for k, v in state["state_dict"].items()}

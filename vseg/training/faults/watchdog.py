@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vseg.artifacts.files import StorageError
+from vseg.planner.guard import OOM_EXIT_CODE, explain, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class RankWatchdog(Callback):
                 self._exit(store.get(FAILED_KEY).decode())
         except Exception:  # noqa: BLE001 - the store may already be gone
             pass
-        from vseg.planner.guard import OOM_EXIT_CODE, explain, is_oom
-
         oom = is_oom(exception)
         if oom:  # the planner's explanation and advice instead of a stack trace, as on a single device
             message = f"{OOM_PREFIX}rank {self._rank} ran out of GPU memory at step {trainer.global_step}"
@@ -116,8 +115,6 @@ class RankWatchdog(Callback):
             pass
         if reason:
             if reason.startswith(OOM_PREFIX):
-                from vseg.planner.guard import OOM_EXIT_CODE
-
                 reason, code = reason.removeprefix(OOM_PREFIX), OOM_EXIT_CODE
             os.write(2, f"vseg: rank {self._rank}: stopping because {reason}\n".encode())
         os._exit(code)
