@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import random_batch, tiny_cfg
 from vseg.artifacts import build_sa2va
 from vseg.artifacts.folders import CheckpointError, write_official_folder
-from vseg.artifacts.official import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
+from vseg.model.families.internvl import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
 from vseg.model.processor import Sa2VAProcessor
 
 INTERNLM2 = [
@@ -341,7 +341,7 @@ def test_folder_of_another_family_is_refused(official_folder):
 def test_loading_reads_one_tensor_at_a_time(official_folder, monkeypatch):
     """Nothing loads whole shards: every tensor comes from safe_open.get_tensor, each at most once."""
     _, cfg, _, _, folder = official_folder
-    import vseg.artifacts.folders as checkpoint
+    import vseg.artifacts.folders.load as checkpoint  # where tensors are read
 
     reads: list[str] = []
 

@@ -16,7 +16,7 @@ from tests.test_checkpoint import model_outputs
 from vseg.artifacts import build_sa2va
 from vseg.artifacts.adapters import load_adapter_folder, merge_adapters
 from vseg.artifacts.folders import write_native_folder
-from vseg.artifacts.runs import rebuild_run
+from vseg.artifacts.sources import rebuild_run
 from vseg.cli import main as cli
 from vseg.training.module import trainable_state_dict
 
@@ -108,6 +108,30 @@ def test_adapter_export_is_small_and_reapplies_exactly(run_dir, tmp_path):
         for t in load_file(str(out / f)).values()
     )
     assert stored < frozen / 2
+
+
+def test_export_reads_a_run_without_final_weights_from_its_newest_checkpoint(run_dir, tmp_path, capsys):
+    """The loader predict.py uses: a run stopped before its final weights exports from its newest checkpoint
+    (also passed as the .ckpt itself), the same weights as the finished run; a model that is not a training
+    run is refused before anything is written."""
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+    weights = load_file(str(run_dir / "weights" / "trainable.safetensors"))
+    state = {"global_step": 2, "state_dict": {f"model.{k}": v for k, v in weights.items()}, "vseg": {}}
+    torch.save(state, stopped / "checkpoints" / "step0000002.ckpt")
+    exports = tmp_path / "exports"
+    assert _export(run_dir, exports / "finished", "native") == 0
+    assert _export(stopped, exports / "from_run", "native") == 0
+    assert _export(stopped / "checkpoints" / "step0000002.ckpt", exports / "from_ckpt", "native") == 0
+    finished = _all_tensors(exports / "finished")
+    for name in ("from_run", "from_ckpt"):
+        other = _all_tensors(exports / name)
+        assert set(other) == set(finished) and all(torch.equal(other[k], finished[k]) for k in finished)
+    capsys.readouterr()
+    assert _export(exports / "finished", tmp_path / "again", "native") == 2
+    assert "is a native model, not a training run" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
 
 
 def test_export_refuses_a_non_empty_out_unless_overwrite(run_dir, tmp_path, capsys):

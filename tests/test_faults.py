@@ -1,7 +1,7 @@
 """Runs that survive (issue 8): atomic checkpoints, exact resume, signals, kill -9, NaN steps, failing ranks.
 
 Faults are injected for real: subprocesses running `train.py` are sent SIGTERM or SIGKILL, NaNs come
-from the test-only VSEG_TEST_* hooks (vseg/training/faults.py), a rank raises in a 2-process gloo run. Resumed
+from the test-only VSEG_TEST_* hooks (vseg/training/faults/injection.py), a rank raises in a 2-process gloo run. Resumed
 runs are compared with an uninterrupted run of the same seed through the per-micro-batch trace
 (VSEG_TEST_TRACE: step, sample ids, loss): the same samples in the same order, and the same losses up
 to CPU float noise (usually bit-identical; see `assert_continues`).

@@ -400,9 +400,10 @@ def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
     """SAM-2 Hiera-L exactly as their `SAM2()` builds it for every release (random weights): each key loads into
     vseg's full-size SAM-2 and its video memory with its shape (SAM 2.1-only parts excepted), and no tensor of
     vseg's grounding is left without a source."""
-    from vseg.artifacts import official
     from vseg.artifacts.sources import preset
     from vseg.model.build import build_grounding
+    from vseg.model.families.internvl import InternVLLayout
+    from vseg.model.families.layout import UNUSED_SAM2_PREFIXES
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -411,7 +412,7 @@ def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
         mine = build_grounding(preset("sa2va_1b"))
     assert mine.memory is not None
     native = {"grounding." + k: tuple(v.shape) for k, v in mine.state_dict().items()}
-    layout = official.InternVLLayout("Qwen2ForCausalLM", 14, 2)
+    layout = InternVLLayout("Qwen2ForCausalLM", 14, 2)
     loaded, dropped = set(), []
     for key, tensor in theirs.state_dict().items():
         full = "grounding_encoder." + key
@@ -427,4 +428,4 @@ def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
             loaded.add(piece.key)
     assert sorted(set(native) - loaded) == []
     assert len(loaded) > 500
-    assert all(k.startswith(official.UNUSED_SAM2_PREFIXES) for k in dropped), dropped
+    assert all(k.startswith(UNUSED_SAM2_PREFIXES) for k in dropped), dropped

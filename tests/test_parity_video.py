@@ -3,7 +3,7 @@
 Their `sam2.py` is imported from the local mirror as in `test_parity_authors.py` (never copied here). A small
 SAM-2 (64-channel FPN: transformers' memory parts need multiples of 64, as Hiera-L's 256 is) is built by their
 classes, randomised, saved under the released key names and loaded into vseg's grounding through the official
-layout (`vseg.artifacts.official`, memory included). Then both track one random [SEG] embedding through a short
+layout (`vseg.model.families.layout`, memory included). Then both track one random [SEG] embedding through a short
 clip: theirs with `init_state` + `add_language_embd` on the key frames + `propagate_in_video`, exactly the calls
 of their `language_embd_inference` (without its bf16 autocast, so both sides run in float32), and vseg's
 `Tracker`. Low-res mask logits are compared on every frame.
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from tests.test_parity_authors import MIRROR, _git_show, _randomise, _their_sam2
-from vseg.artifacts import official
+from vseg.model.families.internvl import InternVLLayout
+from vseg.model.families.layout import OFFICIAL_SAM
 from vseg.model.tracking import Tracker
 
 from conftest import tiny_cfg
@@ -85,10 +86,10 @@ def test_tracking_matches_the_authors_video_predictor(their_sam2, monkeypatch, d
     theirs = _build_theirs(their_sam2)
     _randomise(theirs, torch.Generator().manual_seed(5))
     theirs.eval()
-    layout = official.InternVLLayout("Qwen2ForCausalLM", 4, 2)
+    layout = InternVLLayout("Qwen2ForCausalLM", 4, 2)
     native = {}
     for key, tensor in theirs.state_dict().items():
-        full = official.OFFICIAL_SAM + key
+        full = OFFICIAL_SAM + key
         if layout.is_dropped(full):
             continue
         for piece in layout.to_native(full, tensor):

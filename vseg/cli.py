@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vseg: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from vseg.console import setup_console
+    from vseg.console import setup_console  # Lightning comes with it: `vseg` alone and its usage stay instant
 
     setup_console()
     module = importlib.import_module(COMMANDS[name][0])

@@ -1,12 +1,15 @@
 """`vseg export ckpt=RUN_DIR out=DIR format=official|native|adapter`: a trained run as a standalone model folder.
 
-The run's model is rebuilt exactly as `predict.py` does (`vseg.artifacts.runs.rebuild_run`), then:
+The run's model is loaded by the loader `predict.py`'s `Predictor` uses (`ModelSource.build`), but kept as training left it: LoRA unmerged and the trained parameters
+marked trainable and in the dtype they trained in (the adapter format needs both; the merge below is done
+once, in the base's own dtype). `ckpt` is a run directory (its final weights, else its newest complete
+checkpoint), a Lightning `.ckpt` or a DeepSpeed checkpoint directory. Then:
 
 * `native`   — LoRA and the trained token rows folded into the base (PEFT `merge_and_unload`), written in
   vseg's own key layout: safetensors shards + index, `config.json` (`vseg_format: native` + the model
   config), tokenizer files. `model.path=DIR` loads it back bit-exactly (same dtype).
 * `official` — the same merged weights under the released Sa2VA key names with the authors'
-  `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write_official_folder`); `model.path` loads it too.
+  `Sa2VAChatConfig` config.json (see `vseg.artifacts.folders.write.write_official_folder`); `model.path` loads it too.
 * `adapter`  — small: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the trained
   non-LoRA modules (`vseg_modules.safetensors`: projector, mask decoder, text_hidden_fcs), the run config and
   the tokenizer. `vseg.artifacts.adapters` writes and loads it.
@@ -27,15 +30,16 @@ from omegaconf import DictConfig
 
 from vseg.artifacts.adapters import merge_adapters, write_adapter_folder
 from vseg.artifacts.folders import (
-    DTYPES,
     folder_architecture,
     merge_architecture,
     read_folder,
     write_native_folder,
     write_official_folder,
 )
-from vseg.artifacts.runs import rebuild_run
-from vseg.config import ConfigError, ModelConfig
+from vseg.artifacts.runs import config_near
+from vseg.artifacts.sources import trained_source
+from vseg.config import ConfigError, ModelConfig, compose
+from vseg.model.build import DTYPES
 from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
@@ -83,9 +87,9 @@ def run(pcfg: DictConfig) -> Path:
 
     if pcfg.format not in FORMATS:
         raise ConfigError(f"format={pcfg.format!r}: expected one of {FORMATS}")
-    run_dir = Path(pcfg.ckpt).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise ConfigError(f"ckpt={pcfg.ckpt}: not a directory; pass a training run directory")
+    source = trained_source(pcfg.ckpt)  # configs only: a wrong ckpt fails before anything is built
+    assert source.path is not None and source.train_cfg is not None
+    run_dir = source.path if source.form == "run" else config_near(source.path).parent
     out = Path(pcfg.out).expanduser().resolve()
     if pcfg.dtype is not None and pcfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={pcfg.dtype!r}: expected one of {sorted(DTYPES)} or null (the run's model.dtype)")
@@ -94,7 +98,8 @@ def run(pcfg: DictConfig) -> Path:
         raise ConfigError(f"max_shard_size_mb={pcfg.max_shard_size_mb}: must be > 0")
     tmp = _staging(out, run_dir, bool(pcfg.overwrite))
     try:
-        cfg, model, tokenizer = rebuild_run(run_dir)
+        cfg = source.train_cfg
+        model, tokenizer = source.build("cpu", frozen=False)
         model.eval()
         dtype = pcfg.dtype or cfg.model.dtype
         if pcfg.format == "adapter":
@@ -111,14 +116,12 @@ def run(pcfg: DictConfig) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s (%s) to %s", run_dir, pcfg.format, out)
-    print(f"{pcfg.format} export of {run_dir} written to {out}", flush=True)
+    log.info("exported %s (%s) to %s", source.describe(), pcfg.format, out)
+    print(f"{pcfg.format} export of {source.path} written to {out}", flush=True)
     return out
 
 
 def main(overrides: list[str]) -> int:
     """`vseg export ...`: compose conf/export.yaml with the overrides and export."""
-    from vseg.config import compose
-
     run(compose("export", overrides))
     return 0

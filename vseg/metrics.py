@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from vseg.distances import surface_distances
+
 
 def dice_iou_per_image(
     pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
@@ -86,8 +88,6 @@ class TargetScores(Metric):
         spacing: tuple[float, float] | None = None,
     ) -> None:
         """Adds one sample: boolean (1, H, W) or (H, W) masks, its field of view, target name and pixel size."""
-        from vseg.distances import surface_distances
-
         pred, target = pred.bool().reshape(pred.shape[-2:]).cpu(), target.bool().reshape(target.shape[-2:]).cpu()
         if valid is not None:
             valid = valid.bool().cpu()

@@ -30,7 +30,15 @@ from tqdm import tqdm
 
 from vseg.artifacts.files import check_writable
 from vseg.artifacts.sources import ModelSource, check_weights_file, resolve_source
-from vseg.config import ConfigError, DataConfig, ModelConfig, PredictConfig, load_predict_config, parse_spacing
+from vseg.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PredictConfig,
+    load_predict_config,
+    parse_spacing,
+    validate_data,
+)
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes
 from vseg.inference.feed import chunk_size, device_batches
@@ -66,8 +74,6 @@ def _model_override(pcfg: DictConfig) -> tuple[ModelConfig | None, dict[str, Any
 
 
 def _data_override(pcfg: DictConfig) -> DataConfig | None:
-    from vseg.config import validate_data
-
     node = pcfg.get("data")
     if node is None or not isinstance(node, DictConfig) or "source" not in node:
         return None

@@ -2,8 +2,8 @@
 
 - `files`     atomic writes, one file mode, storage errors (full disk, read-only)
 - `loading`   the one safe `torch.load` (weights_only, a restricted unpickler for metadata) and safetensors checks
-- `official`  the released Sa2VA key layouts and config conversion
-- `folders`   Hugging Face-style folders: read, load into vseg's model, write (native / official)
+- `folders`   Hugging Face-style folders: read, load into vseg's model, write (native / official); the released
+              key layouts and config conversion they use belong to the model families (`vseg.model.families`)
 - `runs`      run directories: their config, their trained weights, their checkpoints
 - `sources`   what a `ckpt=` names and how to rebuild its model
 - `adapters`  PEFT adapter exports and merging adapters into the base

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import torch
 from omegaconf import OmegaConf
+from peft import set_peft_model_state_dict
 
+from vseg.artifacts import build_sa2va
 from vseg.artifacts.files import save_safetensors
 from vseg.artifacts.folders import write_json
 from vseg.artifacts.loading import load_safetensors
@@ -59,11 +62,6 @@ def write_adapter_folder(model: Sa2VA, cfg: TrainConfig, tokenizer, folder: Path
 def load_adapter_folder(path: str | Path, dtype: str | None = None) -> tuple[TrainConfig, Sa2VA, object]:
     """Rebuilds the base of an `adapter` export (seeded random init or its `model.path`, read in `dtype` when
     given: `read_in`) and applies it."""
-    import lightning as L
-    from peft import set_peft_model_state_dict
-
-    from vseg.artifacts import build_sa2va
-
     folder = Path(path)
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text()) if config_file.is_file() else {}

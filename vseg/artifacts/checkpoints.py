@@ -1,7 +1,7 @@
 """Checkpoint files of a run directory: which are complete, which is newest, rotation, atomic commit.
 
 A checkpoint is written under a temporary name and committed with `os.replace` (files) or a completion
-marker plus a rename (DeepSpeed directories), after fsync (`vseg.training.faults.save_checkpoint_atomic`
+marker plus a rename (DeepSpeed directories), after fsync (`vseg.training.faults.checkpointing.save_checkpoint_atomic`
 drives the writing). Everything here is about the files: a write killed half way never replaces the last
 good checkpoint and is never taken for the newest one.
 """

@@ -19,6 +19,7 @@ from vseg.artifacts.files import atomic_write, save_safetensors
 from vseg.artifacts.loading import load_torch_file
 from vseg.artifacts.runs import CONFIG_FILE, WEIGHTS_FILE, load_train_config
 from vseg.config import ConfigError
+from vseg.model.sizes import build_on_meta
 
 # ---------------------------------------------------------------------------------- DeepSpeed checkpoints
 _OPTIM_FILE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -139,8 +140,6 @@ def write_trainable_weights(ckpt: str | Path, run_dir: str | Path | None = None)
 
 def _expected_trainable(run: Path) -> set[str] | None:
     """Trainable parameter names of the run's model, from a meta-device build (None if it cannot be built)."""
-    from vseg.model.sizes import build_on_meta
-
     cfg = load_train_config(run / CONFIG_FILE)
     if cfg.model.path is not None:
         return None  # the architecture comes from the folder; predict/export check the keys when loading

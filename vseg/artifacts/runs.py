@@ -1,4 +1,4 @@
-"""Run directories: the resolved config a run wrote, its trained weights, and the model rebuilt from both.
+"""Run directories: the resolved config a run wrote, and its trained weights (applied by `apply_trainable`).
 
     RUN/config.yaml                         the resolved TrainConfig (written once every check has passed)
     RUN/weights/trainable.safetensors       the trained weights (what predict.py and `vseg export` read)
@@ -14,13 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vseg.artifacts.loading import CheckpointError, load_safetensors
+from vseg.artifacts.loading import CheckpointError
 from vseg.config import ConfigError, TrainConfig, one_line
-from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +45,6 @@ def load_train_config(source: Path | dict[str, Any] | DictConfig, what: str = "r
         raise ConfigError(
             f"{where}: the {what}'s config cannot be read ({type(err).__name__}: {one_line(err)})"
         ) from None
-
-
-def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The run's typed config and trainable weights; a ConfigError says what is missing."""
-    config_file, weights_file = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
-    for path in (config_file, weights_file):
-        if not path.is_file():
-            raise ConfigError(
-                f"ckpt={run_dir}: {path.name} not found at {path}; pass a finished training run directory"
-            )
-    return load_train_config(config_file), load_safetensors(weights_file, WEIGHTS_FIX.format(run=run_dir))
-
-
-def rebuild_run(run_dir: Path) -> tuple[TrainConfig, Sa2VA, Any]:
-    """The run's model as training left it: base rebuilt (seeded random init, or `model.path`), trained weights in."""
-    from vseg.artifacts import build_sa2va
-
-    cfg, weights = load_run(run_dir)
-    L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
-    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
-    apply_trainable(model, weights, run_dir / WEIGHTS_FILE)
-    return cfg, model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------- trained weights

@@ -28,15 +28,24 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from vseg.artifacts import build_sa2va
+from vseg.artifacts.adapters import load_adapter_folder
+from vseg.artifacts.checkpoints import newest_checkpoint
+from vseg.artifacts.deepspeed import deepspeed_trainable_weights
 from vseg.artifacts.folders import CheckpointError, folder_architecture, merge_architecture, read_folder
-from vseg.artifacts.loading import load_checkpoint
+from vseg.artifacts.loading import check_safetensors, load_checkpoint, load_safetensors
 from vseg.artifacts.runs import WEIGHTS_FIX, apply_trainable, config_near, load_train_config
-from vseg.config import ConfigError, ModelConfig, TrainConfig
+from vseg.config import ConfigError, ModelConfig, TrainConfig, describe_differences, model_differences
+from vseg.model.build import read_in
+from vseg.model.random_init import build_random
+from vseg.model.sa2va import Sa2VA
 
 log = logging.getLogger(__name__)
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 FORMS = ("run", "lightning", "deepspeed", "native", "official", "adapter", "random")
+#: forms that hold a training run: its config, and trained weights to apply to the base it rebuilds
+TRAINED_FORMS = ("run", "lightning", "deepspeed")
 
 
 @dataclass
@@ -56,21 +65,19 @@ class ModelSource:
     def describe(self) -> str:
         return f"{self.form}:{self.path}" if self.path else self.form
 
-    def build(self, device: torch.device | str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
-        """(model, tokenizer) with every weight loaded, frozen, on `device` (random: materialised there).
+    def build(
+        self, device: torch.device | str = "cpu", dtype: str | None = None, *, frozen: bool = True
+    ) -> tuple[Any, Any]:
+        """(model, tokenizer) with every weight loaded, on `device` (random: materialised there).
 
-        `dtype`: the dtype inference will run in; weights read from files are read in it (`read_in`).
+        Args:
+            dtype: the dtype inference will run in; weights read from files are read in it (`read_in`).
+            frozen: every parameter frozen (inference). False keeps a run's trainable parameters trainable and
+                in the dtype they trained in, LoRA unmerged: `vseg export` tells them apart for its adapter format.
         """
-        from vseg.artifacts import build_sa2va
-        from vseg.model.build import read_in
-
         if self.form == "random":
-            from vseg.model.random_init import build_random
-
             return build_random(self.model_cfg, {"": str(device)})
         if self.form == "adapter":
-            from vseg.artifacts.adapters import load_adapter_folder
-
             _, model, tokenizer = load_adapter_folder(self.path, dtype)  # type: ignore[arg-type]
         elif self.form in ("native", "official"):
             model, tokenizer = build_sa2va(read_in(self.model_cfg, dtype), None)
@@ -81,7 +88,8 @@ class ModelSource:
             L.seed_everything(cfg.seed, verbose=False)  # reproduces a random-init base exactly as training built it
             model, tokenizer = build_sa2va(read_in(cfg.model, dtype), cfg.lora)
             apply_trainable(model, weights, self.weights_file)
-        model.requires_grad_(False)
+        if frozen:
+            model.requires_grad_(False)
         return model.to(device), tokenizer
 
 
@@ -108,8 +116,6 @@ def deepspeed_model_states(directory: Path) -> Path | None:
 def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     """The trainable weights (Sa2VA parameter names) stored at `path` by a run, Lightning or DeepSpeed."""
     if form == "run":
-        from vseg.artifacts.loading import load_safetensors
-
         return load_safetensors(path, WEIGHTS_FIX.format(run=path.parent.parent))
     if form == "lightning":
         ckpt = load_checkpoint(path)
@@ -121,8 +127,6 @@ def read_trainable(form: str, path: Path) -> dict[str, torch.Tensor]:
     if any(path.parent.glob("*optim_states.pt")):
         # The optimizer's fp32 partitions: exact for any ZeRO stage (the module weights are bf16 copies, and
         # empty under ZeRO-3). The same reader as `vseg weights`.
-        from vseg.artifacts.deepspeed import deepspeed_trainable_weights
-
         return {
             k.removeprefix("model."): v
             for k, v in deepspeed_trainable_weights(path.parent.parent, path.parent.name).items()
@@ -188,8 +192,6 @@ def resolve_source(ckpt: str, model: ModelConfig | None = None, given: dict[str,
 
 def with_model_options(source: ModelSource, given: dict[str, Any]) -> ModelSource:
     """`source` with the command line's model options applied, or a ConfigError naming each contradiction."""
-    from vseg.config import describe_differences, model_differences
-
     own = source.model_cfg
     contradictions, runtime = model_differences(own, given)
     if source.form == "adapter":  # its model is rebuilt from the folder's own config: nothing can be changed
@@ -212,11 +214,30 @@ def with_model_options(source: ModelSource, given: dict[str, Any]) -> ModelSourc
     return dataclasses.replace(source, model_cfg=model_cfg, train_cfg=train_cfg)
 
 
+def trained_source(ckpt: str | Path) -> ModelSource:
+    """`ckpt` resolved, refused unless it is a training run: a run directory (its final weights, else its newest
+    complete checkpoint), a Lightning checkpoint or a DeepSpeed checkpoint. Reads configs only."""
+    source = resolve_source(str(ckpt))
+    if source.form not in TRAINED_FORMS:
+        raise ConfigError(
+            f"ckpt={ckpt} is a {source.form} model, not a training run; pass a run directory, a Lightning .ckpt "
+            "or a DeepSpeed checkpoint directory"
+        )
+    return source
+
+
+def rebuild_run(ckpt: str | Path) -> tuple[TrainConfig, Sa2VA, Any]:
+    """A training run's config and model as training left it (trainable parameters trainable, LoRA unmerged),
+    on the CPU, by the loader predict.py's `Predictor` uses (`ModelSource.build`)."""
+    source = trained_source(ckpt)
+    model, tokenizer = source.build("cpu", frozen=False)
+    assert source.train_cfg is not None
+    return source.train_cfg, model, tokenizer
+
+
 def check_weights_file(source: ModelSource) -> None:
     """Reads what can be read cheaply before anything is written: the trained weights file of a run (header)
     or a Lightning checkpoint (mmap). A truncated, corrupt or UNSAFE file is a CheckpointError naming it."""
-    from vseg.artifacts.loading import check_safetensors
-
     if source.weights_file is None:
         return
     if source.form == "run":
@@ -246,8 +267,6 @@ def _resolve(ckpt: str, model: ModelConfig | None = None) -> ModelSource:
         weights = path / "weights" / "trainable.safetensors"
         if weights.is_file():
             return ModelSource("run", path, cfg.model, cfg, weights)
-        from vseg.artifacts.checkpoints import newest_checkpoint
-
         newest = newest_checkpoint(path / "checkpoints")
         if newest is None:
             raise ConfigError(

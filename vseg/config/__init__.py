@@ -7,7 +7,9 @@ before anything is built or launched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,8 +364,6 @@ def model_differences(
 
     `name` is a label and never compared; an unset `path` / `tokenizer_path` (a preset's null) says nothing.
     """
-    import dataclasses
-
     mine = dataclasses.asdict(own)
     contradictions, runtime = [], []
     for field_name in given if only_given else mine:
@@ -421,9 +421,6 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
 
 def validate_data(d: DataConfig, need) -> None:
     """Source-specific required fields and paths; file-level problems are `vseg check`'s job."""
-    import re
-    from pathlib import Path
-
     need(d.source in SOURCES, f"data.source={d.source!r}: expected one of {SOURCES}")
     if d.source == "synthetic":
         need(d.style in ("angiogram", "fundus", "mixed"), f"data.style={d.style!r}: angiogram|fundus|mixed")
@@ -518,7 +515,7 @@ def validate_feature_cache(cfg: TrainConfig, need) -> None:
 
 def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     """Collects every impossible setting and raises one ConfigError listing them all."""
-    import torch
+    import torch  # here only: importing vseg.config (every command line, first) stays free of torch
 
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     errors: list[str] = []
@@ -608,10 +605,10 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Composes `conf/<config_name>.yaml` with command-line overrides; a bad override is a ConfigError."""
+    # Hydra is imported by the commands that compose (not by every reader of these schemas).
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     if not CONF_DIR.is_dir():
         raise ConfigError(f"config directory {CONF_DIR} not found; install vseg from its repository (pip install -e .)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vseg.config import SEG_TOKEN, ConfigError, one_line, parse_spacing
+from vseg.config import SEG_TOKEN, ConfigError, TrainConfig, one_line, parse_spacing
 
 ANSWER_MODES = ("teacher_forced", "generate")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
@@ -170,8 +170,6 @@ def load_predict_config(node: DictConfig | dict[str, Any]) -> PredictConfig:
     """The typed, validated PredictConfig of a composed predict.yaml (its model/data groups left aside)."""
     raw = OmegaConf.create(node) if isinstance(node, dict) else node
     known = {f.name for f in fields(PredictConfig)}
-    from vseg.config import TrainConfig
-
     skip = {*GROUP_KEYS, *(f.name for f in fields(TrainConfig))}
     options = {k: raw[k] for k in raw if k not in skip}
     unknown = sorted(set(options) - known)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -66,8 +67,6 @@ def load_serve_config(cfg: DictConfig | dict) -> ServeConfig:
 
 def validate_serve(cfg: ServeConfig) -> None:
     """Collects every impossible serve setting and raises one ConfigError listing them all."""
-    from pathlib import Path
-
     errors: list[str] = []
 
     def need(ok: bool, message: str) -> None:

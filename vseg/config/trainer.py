@@ -7,12 +7,16 @@ arguments vseg passes itself are refused with the reason. Used by `vseg.config.v
 from __future__ import annotations
 
 import inspect
+import math
+import re
+import types
+import typing
 from typing import Any
 
 
 def _trainer_arguments() -> dict[str, Any]:
     """lightning.Trainer.__init__'s argument names -> their annotations."""
-    import lightning
+    import lightning  # here only: importing vseg.config (every command line, first) stays free of lightning
 
     params = inspect.signature(lightning.Trainer.__init__).parameters
     return {name: p.annotation for name, p in params.items() if name != "self"}
@@ -30,9 +34,6 @@ TRAINER_OWN = {
 
 def _type_name(tp: Any) -> str:
     """A readable name of a simple annotation: `int`, `int | float | null`, `'value' | 'norm'`."""
-    import types
-    import typing
-
     if tp is type(None):
         return "null"
     if isinstance(tp, type):
@@ -50,9 +51,6 @@ def _type_name(tp: Any) -> str:
 
 def _matches(value: Any, tp: Any) -> bool:
     """Whether a config value (None, bool, int, float, str, list, dict) fits annotation `tp`."""
-    import types
-    import typing
-
     if tp is inspect.Parameter.empty or tp is Any:
         return True
     if tp is type(None):
@@ -86,8 +84,6 @@ def _batch_limit_ok(value: Any) -> bool:
 
 def _devices_ok(value: Any) -> bool:
     """Lightning's `devices`: "auto", a count >= 1, -1 (all), a list of device indices, or those as a string."""
-    import re
-
     if isinstance(value, str):
         text = value.strip()
         return text == "auto" or bool(re.fullmatch(r"-1|[1-9]\d*|\d+(\s*,\s*\d+)*\s*,?", text))
@@ -126,8 +122,6 @@ TRAINER_RANGES: dict[str, tuple[Any, str]] = {
 
 def validate_trainer(t: dict[str, Any], need) -> None:
     """Every `trainer.*` value against lightning.Trainer's signature (names, simple types) and its ranges."""
-    import math
-
     arguments = _trainer_arguments()
     unknown = sorted(set(t) - set(arguments))
     need(not unknown, f"trainer: unknown lightning.Trainer arguments {unknown}")

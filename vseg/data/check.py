@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vseg.config import ConfigError, DataConfig
+from vseg.config import ConfigError, DataConfig, compose, load_config
 from vseg.data.dataset import expand, split_records
 from vseg.data.records import Sample, VesselRecord, inspect_sample
 from vseg.data.sources import read_records
@@ -208,8 +208,6 @@ def _dump(sample: Sample, cfg: DataConfig, out: Path) -> None:
 
 def main(overrides: list[str]) -> int:
     """`vseg check data=... [key=value ...] [dump=DIR] [workers=N]`."""
-    from vseg.config import compose, load_config
-
     own = {"dump": None, "workers": None}
     rest = []
     for arg in overrides:

@@ -146,7 +146,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, DicomMeta]:
         DataFileError: not DICOM, no pixel data, or pixel data pydicom cannot decode (the message says which
             decoder package would help, as pydicom does).
     """
-    import pydicom
+    import pydicom  # optional (DICOM only): imported where a DICOM file is read
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
@@ -202,7 +202,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, DicomMeta]:
 
 def dicom_frame_count(path: str | Path) -> int:
     """NumberOfFrames from the header only (1 when absent); 0 when the file is not readable DICOM."""
-    import pydicom
+    import pydicom  # optional (DICOM only)
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)

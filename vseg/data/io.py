@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vseg.data.dicom import DICOM_SUFFIXES
+from vseg.data.dicom import DICOM_SUFFIXES, read_dicom_image
 from vseg.data.errors import DataFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", *DICOM_SUFFIXES)
@@ -39,7 +39,7 @@ def _open(path: Path, what: str) -> Image.Image:
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) read from the header only."""
     if path.suffix.lower() in DICOM_SUFFIXES:
-        import pydicom
+        import pydicom  # optional (DICOM only): imported where a DICOM file is read
 
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         return int(ds.Rows), int(ds.Columns)
@@ -51,8 +51,6 @@ def read_image(path: str | Path) -> np.ndarray:
     """The image at `path` as HxWx3 uint8 RGB."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:  # single-frame DICOM (vseg.data.dicom: windowing, MONOCHROME1)
-        from vseg.data.dicom import read_dicom_image
-
         return read_dicom_image(path)
     return rgb_array(_open(path, "image"), f"image {path}")
 

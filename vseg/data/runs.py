@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageSequence
 
-from vseg.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataFileError, read_image
+from vseg.data.dicom import dicom_frame_count, read_dicom
+from vseg.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataFileError, read_image, read_mask
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 STACK_SUFFIXES = (".gif", ".tif", ".tiff")
@@ -62,7 +63,7 @@ def _stack(frames: list[np.ndarray], source: Path | str) -> np.ndarray:
 
 def read_video(path: Path) -> tuple[np.ndarray, float | None]:
     """Frames of a video file (PyAV) and its frame rate."""
-    import av
+    import av  # optional (videos only): imported where a video is read
 
     try:
         with av.open(str(path)) as container:
@@ -126,8 +127,6 @@ def is_run_file(path: Path) -> bool:
     if suffix in VIDEO_SUFFIXES:
         return True
     if suffix in DICOM_SUFFIXES:
-        from vseg.data.dicom import dicom_frame_count
-
         return dicom_frame_count(path) > 1
     if suffix in STACK_SUFFIXES:
         return stack_frames(path) > 1
@@ -148,8 +147,6 @@ def read_run(path: str | Path, run_id: str | None = None) -> Run:
         frames, fps = read_video(path)
         return Run(run_id, str(path), frames, frame_names(len(frames)), fps)
     if suffix in DICOM_SUFFIXES:
-        from vseg.data.dicom import read_dicom
-
         frames, meta = read_dicom(path)
         return Run(run_id, str(path), frames, frame_names(len(frames)), meta.fps, meta.as_dict())
     if suffix in STACK_SUFFIXES:
@@ -166,8 +163,6 @@ def read_truth(folder: Path, run: Run) -> dict[int, np.ndarray]:
 
     Frames without a file are simply not scored; a mask of the wrong size raises naming it.
     """
-    from vseg.data.io import read_mask
-
     by_stem = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     truth: dict[int, np.ndarray] = {}
     height, width = run.frames.shape[1:3]

@@ -24,6 +24,7 @@ from vseg.model.families import get_family
 from vseg.model.grounding import SamGrounding, unused_decoder_parameters
 from vseg.model.sa2va import Sa2VA
 from vseg.model.tokenizer import SA2VA_ADDED_TOKENS, SEG_TOKEN, ensure_special_tokens, load_tokenizer, token_id
+from vseg.model.tracking import SamMemory, memory_config
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def build_sam2(cfg: ModelConfig) -> Sam2Model:
 
 def build_grounding(cfg: ModelConfig) -> SamGrounding:
     """SAM-2 plus its video memory (`vseg.model.tracking`; absent for SAM-2s too narrow for it)."""
-    from vseg.model.tracking import SamMemory, memory_config
-
     sam = build_sam2(cfg)
     config = memory_config(sam.config, cfg.sam2.get("memory"))
     memory = None

@@ -1,6 +1,6 @@
 """Sa2VA without weights: built on the meta device, then filled with random weights where it will run.
 
-Loading a checkpoint (`vseg.artifacts.folders`) and `ckpt=random` (benchmarks at real sizes) both start from
+Loading a checkpoint (`vseg.artifacts.folders.load`) and `ckpt=random` (benchmarks at real sizes) both start from
 a network whose parameters are on the meta device: nothing is allocated on the host, and every parameter
 later gets its real tensor in place (tied names keep sharing one tensor).
 """

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Sam2Config, Sam2Model, Sam2VideoConfig, Sam2VideoModel
 
-from vseg.config import LoraConfig, ModelConfig, TrainConfig
+from vseg.config import LoraConfig, ModelConfig, TrainConfig, compose, load_config
+from vseg.model.build import finish_build, new_sa2va
 
 PARTS = ("vision", "projector", "llm", "sam2", "text_hidden_fcs")
 ADAPTER_MARKERS = ("lora_", "trainable_tokens_")  # parameters PEFT adds next to the base weights
@@ -68,8 +69,6 @@ class SizeReport:
 
 def build_on_meta(model_cfg: ModelConfig, lora: LoraConfig | None):
     """The Sa2VA network with every tensor on the meta device (shapes only), and its tokenizer."""
-    from vseg.model.build import finish_build, new_sa2va
-
     if model_cfg.path is not None:
         raise ValueError("sizes are computed from the architecture: leave model.path unset (model.path=null)")
     quiet = logging.getLogger("vseg.model.build")
@@ -147,8 +146,6 @@ def report_for(cfg: TrainConfig) -> SizeReport:
 
 def main(overrides: list[str]) -> int:
     """`vseg info [model=...] [lora=...]`: prints the parameter table of the composed train config."""
-    from vseg.config import compose, load_config
-
     cfg = load_config(compose("train", overrides))
     print(report_for(cfg).table())
     return 0

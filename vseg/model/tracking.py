@@ -16,7 +16,7 @@ and `propagate_in_video`), rebuilt on transformers' `sam2_video` parts:
 
 transformers' `Sam2VideoModel` does the same loop but accepts only points, boxes and masks as prompts, and
 zeroes logits of absent objects; so the loop lives here and uses its memory modules (same weights, renamed:
-`vseg.artifacts.official`). Memory is kept only as far back as it can still be read, so a long run costs the same
+`vseg.model.families.layout`). Memory is kept only as far back as it can still be read, so a long run costs the same
 GPU memory per frame as a short one; frames come from a callback (CPU by default) one at a time.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vseg.planner.memory import GB, Setting, estimate, model_facts, sequence_facts
+from vseg.planner.plan import load_for_planning
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED = ("allocated",)  # which peaks the tolerance applies to (see the module docstring)
@@ -105,8 +106,6 @@ class Comparison:
 
 def compare(row: dict[str, Any]) -> list[Comparison]:
     """The planner's estimate for a measured row, for each peak it has (allocated, reserved)."""
-    from vseg.planner.plan import load_for_planning
-
     overrides = [f"model={row['model']}", f"strategy={row['strategy']}"]
     if row.get("lora"):
         overrides.append(f"lora={row['lora']}")

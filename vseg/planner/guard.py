@@ -3,7 +3,7 @@
 - `OOMGuard` (Lightning callback, first in the list) tracks the phase (set-up, training, validation) and
   the step; when an exception reaches Lightning it records, for an OOM, this process's GPU memory at that
   moment (before teardown frees it). Lightning saves nothing on an exception, so the last good checkpoint
-  stays as it was; the rank watchdog (vseg/training/faults.py) then stops every other rank.
+  stays as it was; the rank watchdog (vseg/training/faults/watchdog.py) then stops every other rank.
 - `exit_on_oom()` (around `train.py`'s run) turns the OOM into the message: phase, step, rank, per-GPU
   memory at failure, the plan's estimate for the failed setting and ranked advice with the planner's numbers
   ("strategy=zero3: est. 13.1 GB/GPU"), and exits with status 4.
@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vseg.config import TrainConfig
-from vseg.planner.memory import GB
+from vseg.planner.memory import GB, Setting, estimate, estimate_inference, model_facts, sequence_facts
+from vseg.planner.plan import make_plan, world_size
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,6 @@ def _capacity() -> float | None:
 
 def training_advice(cfg: TrainConfig, capacity: float | None, limit: int = 5) -> list[str]:
     """Ranked, concrete changes with the planner's estimates: the fastest settings that fit first."""
-    from dataclasses import replace
-
-    from vseg.planner.memory import Setting, estimate
-    from vseg.planner.plan import make_plan, world_size
-
     devices = world_size(cfg)
     if cfg.strategy.name == "single":
         devices = 1
@@ -143,8 +139,6 @@ def training_advice(cfg: TrainConfig, capacity: float | None, limit: int = 5) ->
 
 def prediction_advice(cfg: TrainConfig, batch_size: int, capacity: float | None) -> list[str]:
     """Smaller prediction batches with their estimates (one GPU, weights as built)."""
-    from vseg.planner.memory import estimate_inference, model_facts, sequence_facts
-
     f, model, tokenizer = model_facts(cfg)
     seq = sequence_facts(cfg, model, tokenizer)
     now = estimate_inference(f, seq, batch_size)

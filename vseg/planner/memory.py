@@ -31,10 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 from torch import nn
 
 from vseg.config import StrategyConfig, TrainConfig
+from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sizes import build_on_meta
+from vseg.strategy import build_strategy, deepspeed_config
 
 GB = 1024**3  # the planner's "GB" is GiB, as nvidia-smi's MiB / 1024
 STRATEGY_DIR = Path(__file__).resolve().parents[2] / "conf" / "strategy"
@@ -194,8 +198,6 @@ def model_facts(cfg: TrainConfig) -> tuple[ModelFacts, Any, Any]:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    from vseg.model.sizes import build_on_meta
-
     model_cfg = cfg.model
     if model_cfg.path is not None:  # the architecture is the preset's (checked against the folder at load)
         from dataclasses import replace
@@ -290,10 +292,6 @@ def sequence_facts(cfg: TrainConfig, model: Any, tokenizer: Any) -> SequenceFact
     The image side is `data.image_size`; when images keep their own sizes (`data.image_size=null`) the
     worst case is planned: a grid of `model.max_tiles` tiles (+ thumbnail), or Qwen-VL's `max_pixels`.
     """
-    import numpy as np
-
-    from vseg.model.processor import Sa2VAProcessor
-
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, max_length=10**9)
     mllm_config = model.base_mllm.config
     side = cfg.data.image_size
@@ -387,8 +385,6 @@ def activations(f: ModelFacts, seq: SequenceFacts, s: Setting, inference: bool =
 # ---------------------------------------------------------------------------------------------- estimate
 def _grads_are_bucket_views(sc: StrategyConfig) -> bool:
     """Whether vseg's DDP strategy lets gradients live in its communication buckets (one copy, not two)."""
-    from vseg.strategy import build_strategy
-
     strategy = build_strategy(sc)
     return bool(getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view", False))
 
@@ -399,8 +395,6 @@ def _devices_for(s: Setting) -> int:
 
 def estimate(f: ModelFacts, seq: SequenceFacts, s: Setting, strategy: StrategyConfig | None = None) -> Estimate:
     """Per-GPU memory of training `f` under setting `s` (strategy read from conf/strategy unless given)."""
-    from vseg.strategy import deepspeed_config
-
     sc = strategy or strategy_config(s.strategy)
     n = _devices_for(s)
     pt, pf = f.trainable_params, f.frozen_params

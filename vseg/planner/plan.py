@@ -23,7 +23,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 
-from vseg.config import ConfigError, TrainConfig
+import torch
+from omegaconf import OmegaConf
+
+from vseg.config import ConfigError, TrainConfig, compose, validate
 from vseg.planner.memory import (
     GB,
     PLANNED,
@@ -121,8 +124,6 @@ def gpu_inventory() -> list[GpuInfo]:
         visible = _visible([r[0] for r in rows])
         order = visible if visible is not None else list(range(len(rows)))
         return [GpuInfo(i, rows[j][1], rows[j][2], rows[j][3]) for i, j in enumerate(order) if j < len(rows)]
-    import torch
-
     if not torch.cuda.is_available():
         return []
     out = []
@@ -388,10 +389,6 @@ def _split_args(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def load_for_planning(overrides: list[str]) -> TrainConfig:
     """The train config `train.py trainer=gpu strategy=auto <overrides>` would run, validated as if on GPUs."""
-    from omegaconf import OmegaConf
-
-    from vseg.config import compose, validate
-
     defaults = []
     if not any(o.startswith("trainer=") for o in overrides):
         defaults.append("trainer=gpu")

@@ -22,8 +22,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from transformers import Sam2Config
+
 from vseg.config import ConfigError, ModelConfig, TrainConfig
-from vseg.planner.memory import GB, Estimate, Setting, estimate
+from vseg.model.build import DTYPES
+from vseg.planner.guard import register
+from vseg.planner.memory import GB, Estimate, Setting, estimate, model_facts, sequence_facts
 from vseg.planner.plan import (
     GpuInfo,
     Plan,
@@ -134,8 +138,6 @@ def _configured_estimate(cfg: TrainConfig, devices: int) -> Estimate:
     """The estimate of the configured setting (one meta build per config, shared by the start-up checks)."""
     key = (repr(cfg), devices)
     if key not in _ESTIMATES:
-        from vseg.planner.memory import model_facts, sequence_facts
-
         f, model, tokenizer = model_facts(cfg)
         setting = Setting(
             cfg.strategy.name,
@@ -152,10 +154,6 @@ def _configured_estimate(cfg: TrainConfig, devices: int) -> Estimate:
 def sam_cache_bytes(model_cfg: ModelConfig, images: int) -> float:
     """What `model.sam_feature_cache` holds for `images` distinct images: the three FPN maps each one keeps,
     in the model's dtype (~45 MB per 1024-px image for SAM-2 Hiera-L in bf16)."""
-    from transformers import Sam2Config
-
-    from vseg.model.build import DTYPES
-
     vision = Sam2Config(**model_cfg.sam2).vision_config
     pixels = sum(int(h) * int(w) for h, w in vision.backbone_feature_sizes)
     element = DTYPES[model_cfg.dtype].itemsize
@@ -212,8 +210,6 @@ def check_sam_cache(cfg: TrainConfig, images: int) -> float:
 
 def prepare_run(cfg: TrainConfig) -> TrainConfig:
     """Splits the global batch, resolves `strategy=auto`, prints the GPU report; returns the config to run."""
-    from vseg.planner.guard import register
-
     auto = cfg.strategy.name == "auto"
     gpus = (
         gpu_inventory() if (auto or cfg.strategy.gpu_only or cfg.trainer.get("accelerator") in ("gpu", "cuda")) else []

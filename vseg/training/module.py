@@ -16,7 +16,7 @@ from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.sa2va import Positions, Sa2VA
-from vseg.training.faults import NonFiniteGuard, TestFaults
+from vseg.training.faults.guard import NonFiniteGuard
 from vseg.training.feature_cache import FrozenFeatures, any_rank
 from vseg.training.speed import MasterWeights, apply_liger, bf16_weights_apply
 
@@ -77,7 +77,6 @@ class Sa2VAModule(L.LightningModule):
         self.overlays = int(cfg.callbacks.get("val_overlays", 4))
         # NaN/Inf losses or gradients: the optimizer step is skipped on every rank and counted.
         self.guard = NonFiniteGuard(cfg.faults.max_bad_steps, cfg.faults.check_grads)
-        self.test_faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*), inert unless set
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
         self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
@@ -195,17 +194,12 @@ class Sa2VAModule(L.LightningModule):
         return Window(float(counts[0]), float(counts[1]), float(accumulate * world))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        step, rank = self.global_step, self.global_rank
-        self.test_faults.maybe_raise(step, rank)
         _, sums = self._forward(batch)
         losses = combine(sums, self.cfg.loss, self._window(batch, sums))
-        micro = batch_idx % max(self.trainer.accumulate_grad_batches if self._trainer is not None else 1, 1)
-        loss = self.test_faults.loss(losses["loss"], step, micro)
+        loss = losses["loss"]
         self.guard.observe(loss, batch["ids"])
-        self.test_faults.record(step, rank, batch["ids"], loss)
         size = len(batch["ids"])
-        logged = self.test_faults.loss(losses["loss_logged"], step, micro)
-        self.log("train/loss", logged, prog_bar=True, batch_size=size)
+        self.log("train/loss", losses["loss_logged"], prog_bar=True, batch_size=size)
         for key in ("loss_mask", "loss_dice", "llm_loss"):
             self.log(f"train/{key}", losses[key], batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
@@ -224,7 +218,6 @@ class Sa2VAModule(L.LightningModule):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         trainer = self.trainer
-        step = self.global_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             # DeepSpeed accumulates itself; its engine says whether this micro-batch ends the window. Asked
@@ -238,7 +231,6 @@ class Sa2VAModule(L.LightningModule):
                 self.log("train/bad_steps", float(self.guard.total), batch_size=1)
             return
         closure_result = optimizer_closure()  # forward + backward of the window's last micro-batch
-        self.test_faults.grads(params, step)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         check = self.guard.check_grads and scaler is None
         skip = self.guard.decide(self, NonFiniteGuard.grads_bad(params) if check else None)
@@ -251,7 +243,6 @@ class Sa2VAModule(L.LightningModule):
         optimizer.step(closure=lambda: closure_result)
         if self.masters is not None:
             self.masters.masters_to_model()
-        self.test_faults.weights(params, step)
 
     def on_validation_epoch_start(self) -> None:
         # ZeRO-3 gathers every layer's weights from all ranks in each forward: a rank with fewer validation

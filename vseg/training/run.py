@@ -33,10 +33,11 @@ from vseg.console import ModelSummary, ProgressBar
 from vseg.data.datamodule import VesselDataModule, checked_dataset
 from vseg.model.build import count_parameters
 from vseg.model.processor import Sa2VAProcessor
+from vseg.model.sizes import build_on_meta
 from vseg.planner import OOMGuard, check_sam_cache, prepare_run
 from vseg.planner.disk import cache_size
 from vseg.strategy import build_strategy, is_deepspeed
-from vseg.training.faults import RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
+from vseg.training.faults import FaultInjection, RankWatchdog, RunCheckpoint, TestFaults, save_checkpoint_atomic
 from vseg.training.feature_cache import FrozenFeatures
 from vseg.training.module import Sa2VAModule, trainable_state_dict
 from vseg.training.monitor import PerfMonitor
@@ -165,8 +166,6 @@ def check_resume(cfg: TrainConfig, ckpt: Path, run_dir: Path) -> None:
         raise ConfigError(f"ckpt_path={ckpt}: holds no `state_dict`; not a Lightning checkpoint written by vseg")
     if cfg.model.path is not None:
         return  # the architecture comes from the folder: Lightning checks the keys when it restores
-    from vseg.model.sizes import build_on_meta
-
     model, _ = build_on_meta(cfg.model, cfg.lora)
     expected = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     saved = {k: tuple(v.shape) for k, v in state["state_dict"].items()}
@@ -192,14 +191,17 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resume_step: int | None = Non
     checkpoint were logged once already and run again, and the curves must show each step once.
     """
     ckpt = cfg.checkpoint
+    faults = TestFaults.from_env()  # test-only injections (VSEG_TEST_*): none unless the environment asks
     callbacks: list[L.Callback] = [
         OOMGuard(),  # first: records phase, step and GPU memory before the others react to an OOM
+        # Ahead of RunCheckpoint: a step's faults and trace land before that step's checkpoint is written.
+        *([FaultInjection(faults)] if faults.active else []),
         RunCheckpoint(
             run_dir / "checkpoints",
             every_n_steps=ckpt.every_n_steps,
             keep=ckpt.keep,
             handle_signals=cfg.faults.handle_signals,
-            faults=TestFaults.from_env(),
+            commit_delay_s=faults.checkpoint_delay_s,
         ),
     ]
     if cfg.faults.watchdog:

@@ -10,11 +10,17 @@ their own module's forward (PEFT token rows, SAM-2 tokens) are registered with D
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from vseg.artifacts import build_sa2va
+from vseg.model.build import apply_training_setup, build_tokenizer
+from vseg.model.sizes import build_on_meta
 
 
 # ---------------------------------------------------------------------------------------------- ZeRO-3 build
@@ -24,11 +30,9 @@ def _is_partitioned(p: torch.Tensor) -> bool:
 
 def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None):
     """deepspeed.zero.GatheredParameters when any of `params` is partitioned, else a no-op context."""
-    import contextlib
-
     if not any(_is_partitioned(p) for p in params):
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # only where ZeRO-3 runs: an optional package, slow to import
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
@@ -130,11 +134,8 @@ def build_sa2va_zero3(model_cfg: Any, lora: Any, ds_config: dict[str, Any], base
         (model, tokenizer, hf_ds_config); keep the last alive as long as the model (transformers and PEFT
         check it to know that ZeRO-3 is on).
     """
-    import deepspeed
+    import deepspeed  # only where ZeRO-3 runs: an optional package, slow to import
     from transformers.integrations import HfDeepSpeedConfig
-
-    from vseg.artifacts import build_sa2va
-    from vseg.model.build import apply_training_setup, build_tokenizer
 
     hf_ds = HfDeepSpeedConfig(ds_config)
     if base is None:
@@ -159,14 +160,8 @@ def model_for_run(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
     on the meta device, or the CPU-loaded base of a `model.path` run) and `builder(strategy)` makes the real
     one in `configure_model`. Otherwise the model is built here (on `model.init_device`) and builder is None.
     """
-    import os
-
-    from vseg.artifacts import build_sa2va
-
     if cfg.strategy.stage == 3:
         if cfg.model.path is None:
-            from vseg.model.sizes import build_on_meta
-
             stand_in, tokenizer = build_on_meta(cfg.model, cfg.lora)
             base = None
         else:
