@@ -117,3 +117,31 @@ def test_generate_answers_on_the_key_frames_and_tracks_the_generated_seg(tmp_pat
     ).predict_video(clip, key_frames=2)  # fmt: skip
     assert forced.seg_tokens == 3 and forced.masks.any() and not forced.masks.all()
     assert np.array_equal(masks, forced.masks)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+def test_a_run_with_the_model_split_over_two_gpus_equals_one_gpu(tmp_path):
+    """`device_map=sequential` with a budget that puts the LLM and SAM-2 on different GPUs: the [SEG] prompt
+    crosses devices on the key frames and tracking runs where SAM-2 lives; masks as on one GPU (float32)."""
+    clip = tmp_path / "clip.mp4"
+    _mp4(clip, _frames(5, 48, 64, seed=3))
+    common = ["ckpt=random", "model=tiny", *VIDEO_MODEL, f"input={clip}", "key_frames=2", "dtype=float32"]
+    one_cfg = compose("predict", [*common, f"output={tmp_path / 'one'}", "device=cuda:0"])
+    predict(one_cfg)
+    # the image test's budget (tests/test_predict_parallel.py): a bit over half the model on GPU 0, the rest on 1
+    from vseg.artifacts.sources import preset
+    from vseg.model.random_init import build_meta
+
+    size = sum(p.numel() * 4 for p in build_meta(preset("tiny"))[0].parameters())  # the 64-wide SAM-2 adds a little
+    budget = f"{{0: {int(size * 0.55)}, 1: {size}}}"
+    predict(
+        compose("predict", [*common, f"output={tmp_path / 'split'}", "device_map=sequential", f"max_memory={budget}"])
+    )
+    a, b = _frame_masks(tmp_path / "one"), _frame_masks(tmp_path / "split")
+    assert a.keys() == b.keys() and len(a) == 5
+    agree = [float((a[k] == b[k]).mean()) for k in a]
+    assert min(agree) > 0.999, agree
