@@ -88,8 +88,13 @@ def memory_lines() -> list[str]:
     return lines
 
 
-def _capacity() -> float | None:
-    if STATE.capacity is not None:
+def _capacity(registered: bool = True) -> float | None:
+    """Bytes per GPU the advice assumes: the training run's plan (`register`), else the current GPU's total.
+
+    Prediction passes `registered=False`: a training run registered earlier in the same process (a notebook,
+    a test session) planned for its own budget, which says nothing about the GPU prediction now runs on.
+    """
+    if registered and STATE.capacity is not None:
         return STATE.capacity
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
@@ -222,7 +227,7 @@ def oom_guard(
         advice = None
         if cfg is not None and batch_size is not None:
             try:
-                advice = prediction_advice(cfg, batch_size, _capacity())
+                advice = prediction_advice(cfg, batch_size, _capacity(registered=False))
             except Exception as planning_error:  # noqa: BLE001
                 advice = [f"(no advice: planning failed: {planning_error})"]
         STATE.memory = memory
