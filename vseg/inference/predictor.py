@@ -24,7 +24,6 @@ runs the frozen matmuls in float8 on Hopper / Ada GPUs (`vseg.inference.quantize
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,10 @@ from vseg.data.runs import Run, frame_names, read_run
 from vseg.inference import latency
 from vseg.inference.compile import compile_blocks
 from vseg.inference.engine import MODES, Engine, ItemPrediction, to_device
-from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
+from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem
 from vseg.inference.placement import DEVICE_MAPS, dispatch, plan_device_map, resolve_device
 from vseg.inference.quantize import FP8_PARTS, check_fp8_device, quantize_fp8
+from vseg.inference.refine import refine as refine_by_clicks
 from vseg.inference.targets import TargetsDataset, names_with_truth, parse_targets, predict_targets
 from vseg.inference.video import predict_run
 from vseg.model.build import DTYPES
@@ -368,7 +368,8 @@ class Predictor:
         the [SEG] embedding, as SAM-2 takes clicks next to a box.
 
         The MLLM pass ([SEG] embedding) and the SAM-2 image encoding run once per (image, prompt) and are kept
-        (a few entries), so each further click costs one mask-decoder pass. No points: the plain prediction.
+        (a few entries), so each further click costs one mask-decoder pass (`vseg.inference.refine`). No
+        points: the plain prediction.
 
         Args:
             image: HxWx3 uint8.
@@ -379,36 +380,4 @@ class Predictor:
         Returns:
             The prediction with its `probability` map (teacher-forced answer).
         """
-        if len(points) != len(labels):
-            raise ValueError(f"{len(points)} points for {len(labels)} labels: give one label (1 or 0) per point")
-        prompt = prompt or DEFAULT_PROMPT
-        key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + repr((image.shape, prompt)).encode()).hexdigest()
-        cache = self.__dict__.setdefault("_refine_cache", {})
-        if key not in cache:
-            dataset = self.dataset([PredictItem(0, "refine", prompt, pixels=image)], mode="teacher_forced")
-            batch = collate(self.processor, [dataset[0]])
-            if batch["failed"]:
-                raise InputError(f"image: {batch['failed'][0][1]}")
-            if self.device_map is None:
-                batch = to_device(batch, self.device)
-            if self.cuda_graphs:
-                latency.step_begin()
-            seg = self.engine("teacher_forced").seg_prompts(
-                batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"], batch["sam_pixel_values"]
-            )
-            while len(cache) >= 4:  # a page edits one image at a time; keep a few, oldest out first
-                cache.pop(next(iter(cache)))
-            cache[key] = seg
-        prompts, sample_index, features = cache[key]
-        n = prompts.shape[0]
-        grounding = self.model.grounding
-        h, w = image.shape[:2]
-        point_t = label_t = None
-        if len(points):
-            side = grounding.image_size  # SAM-2's input is the image stretched to side x side
-            xy = torch.tensor([[x * side / w, y * side / h] for x, y in points], dtype=torch.float32)
-            point_t = xy[None].expand(n, -1, -1)
-            label_t = torch.tensor([int(v) for v in labels])[None].expand(n, -1)
-        logits = grounding.decode(features, prompts, sample_index, point_t, label_t)
-        engine = self.engine("teacher_forced")
-        return engine.finish([logits], [(h, w)], [engine.answer], probability=True)[0]
+        return refine_by_clicks(self, self.__dict__.setdefault("_refine_cache", {}), image, prompt, points, labels)
