@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import random_batch, tiny_cfg
 from vseg.artifacts import build_sa2va
 from vseg.artifacts.folders import CheckpointError, write_official_folder
-from vseg.model.families.internvl import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
+from vseg.model.families.internvl_release import InternVLLayout, fuse_internlm2_wqkv, split_internlm2_wqkv
 from vseg.model.processor import Sa2VAProcessor
 
 INTERNLM2 = [

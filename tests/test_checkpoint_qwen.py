@@ -22,7 +22,7 @@ from tests.conftest import tiny_cfg
 from tests.test_checkpoint import model_outputs
 from vseg.artifacts import build_sa2va
 from vseg.artifacts.folders import CheckpointError, write_official_folder
-from vseg.model.families.qwen_vl import QwenVLLayout
+from vseg.model.families.qwen_vl_release import QwenVLLayout
 from vseg.model.tokenizer import IMAGE_TOKENS, SA2VA_ADDED_TOKENS, build_tiny_tokenizer
 
 # The Qwen2.5-VL folder ties its head (the base 3B does); the Qwen3-VL one unties it, as the authors'
@@ -242,7 +242,7 @@ def test_a_folder_with_the_authors_qwen_token_set_loads(family, tmp_path):
 @pytest.mark.parametrize("spelling", ["rope_parameters", "rope_theta"])
 def test_rope_is_read_from_either_spelling(qwen_folder, spelling):
     """transformers 5 writes `rope_parameters` (+ `rope_scaling: null`), the authors' 4.5x code `rope_theta`."""
-    from vseg.model.families.qwen_vl import qwen_architecture_from_config
+    from vseg.model.families.qwen_vl_release import qwen_architecture_from_config
 
     _, _, _, _, folder = qwen_folder
     config = json.loads((folder / "config.json").read_text())

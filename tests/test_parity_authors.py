@@ -402,7 +402,7 @@ def test_full_size_sam2_keys_of_the_release_map_one_to_one(authors):
     vseg's grounding is left without a source."""
     from vseg.artifacts.sources import preset
     from vseg.model.build import build_grounding
-    from vseg.model.families.internvl import InternVLLayout
+    from vseg.model.families.internvl_release import InternVLLayout
     from vseg.model.families.layout import UNUSED_SAM2_PREFIXES
 
     with warnings.catch_warnings():

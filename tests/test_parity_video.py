@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.test_parity_authors import MIRROR, _git_show, _randomise, _their_sam2
-from vseg.model.families.internvl import InternVLLayout
+from vseg.model.families.internvl_release import InternVLLayout
 from vseg.model.families.layout import OFFICIAL_SAM
 from vseg.model.tracking import Tracker
 

@@ -14,14 +14,15 @@ import torch
 from vseg.config import ConfigError
 from vseg.model.build import count_parameters
 from vseg.planner import calibration
+from vseg.planner.facts import model_facts, sequence_facts
+from vseg.planner.gpus import parse_memory
 from vseg.planner.guard import OOM_EXIT_CODE, OutOfMemoryStop, exit_on_oom, oom_guard
-from vseg.planner.memory import GB, PLANNED, Setting, estimate, model_facts, sequence_facts
+from vseg.planner.memory import GB, PLANNED, Setting, estimate
 from vseg.planner.plan import (
     SATURATING_MICRO,
     SPEED_ORDER,
     load_for_planning,
     make_plan,
-    parse_memory,
     render,
     split_global_batch,
 )
@@ -185,7 +186,7 @@ def test_calibration_estimates_within_15_percent_of_measured_peaks():
 def test_startup_gpu_report_lists_the_gpus_and_warns_when_the_estimate_exceeds_free_memory(monkeypatch, capsys):
     """The one-screen report training prints on GPUs, from a faked inventory (name, total, free per GPU)."""
     from vseg.planner import startup
-    from vseg.planner.plan import GpuInfo
+    from vseg.planner.gpus import GpuInfo
 
     gpus = [
         GpuInfo(0, "NVIDIA H200", 141 * GB, 120 * GB),

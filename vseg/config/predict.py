@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vseg.config import SEG_TOKEN, ConfigError, TrainConfig, one_line, parse_spacing
+from vseg.config.errors import ConfigError, one_line
+from vseg.config.schema import SEG_TOKEN, TrainConfig, parse_spacing
 
 ANSWER_MODES = ("teacher_forced", "generate")
 DEVICE_MAPS = ("auto", "balanced", "sequential")

@@ -9,7 +9,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vseg.config import ConfigError, TrainConfig, one_line
+from vseg.config.errors import ConfigError, one_line
+from vseg.config.schema import TrainConfig
 
 
 @dataclass

@@ -9,5 +9,6 @@ several (model-parallel) -> masks, overlays, metrics. `vseg.predict.run` (predic
 - `parallel`  data-parallel prediction on Lightning's Trainer.predict with a writer callback
 - `outputs`   masks, overlays, results.jsonl, summary.json; atomic files and resume
 - `scoring`   Dice, IoU, precision, recall, clDice, HD95, ASSD within a field of view
+- `refine`    refinement by clicks: SAM-2 points next to the [SEG] embedding, encodings kept per image
 - `targets`   several targets per image (`targets=`): one question each, (images x targets) rows per pass
 """

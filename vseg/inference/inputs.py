@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from vseg.config import ConfigError, DataConfig, parse_spacing
+from vseg.data.dataset import expand, split_records
 from vseg.data.dicom import DICOM_SUFFIXES, dicom_pixel_spacing
 from vseg.data.io import is_image_file, read_image, read_mask
+from vseg.data.records import load_sample
+from vseg.data.sources import read_records
 from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.tokenizer import SEG_TOKEN
@@ -89,8 +93,6 @@ def _unique_ids(paths: list[Path], root: Path) -> list[str]:
 
 def _common_root(paths: list[Path]) -> Path:
     parents = [str(p.resolve().parent) for p in paths]
-    import os
-
     return Path(os.path.commonpath(parents)) if parents else Path.cwd()
 
 
@@ -165,8 +167,6 @@ def file_items(
 
 def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[PredictItem]:
     """Items of a `vseg.data` source: all records, or one split of them (`train` / `val`)."""
-    from vseg.data.dataset import expand
-
     records = split_of(data, split)
     spacing = parse_spacing(data.pixel_spacing)
     items = []
@@ -195,9 +195,6 @@ def dataset_items(data: DataConfig, split: str, prompt: str | None) -> list[Pred
 
 def split_of(data: DataConfig, split: str) -> list[Any]:
     """The records of a `vseg.data` source: all of them, or one split (`train` / `val`)."""
-    from vseg.data.dataset import split_records
-    from vseg.data.sources import read_records
-
     records = read_records(data)
     if split in ("train", "val"):
         train, val = split_records(records, data.split, data.seed)
@@ -252,8 +249,6 @@ class PredictDataset(Dataset):
     def read(self, item: PredictItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(image HxWx3 uint8, truth HxW bool or None, field of view HxW bool or None) at the image's size."""
         if item.record is not None:
-            from vseg.data.records import load_sample
-
             data = self.data or DataConfig()
             sample = load_sample(item.record, None, data.aspect, data.holes)
             has_truth = bool(item.record.objects) or item.record.synthetic is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor
 
 from vseg.config.predict import COMPILE_MODES  # inductor's default, CUDA graphs per block, autotuned kernels
 
@@ -36,8 +37,6 @@ def uses_cuda_graphs(mode: str | None) -> bool:
 
 def allow_cuda_graphs() -> None:
     """Lets each layer of a block stack record its own CUDA graph of their shared compiled function."""
-    import torch._inductor.config as inductor
-
     limit = getattr(inductor.triton, "cudagraph_unexpected_rerecord_limit", None)
     if limit is not None and limit < RERECORD_LIMIT:
         inductor.triton.cudagraph_unexpected_rerecord_limit = RERECORD_LIMIT

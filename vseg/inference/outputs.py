@@ -39,6 +39,7 @@ from vseg.distances import summarise_distances
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import PredictItem
 from vseg.inference.scoring import SCORES, score_masks
+from vseg.inference.targets import overlay_targets
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,6 @@ class OutputStore:
             self.written += 1
 
     def _write_targets(self, item, predictions, image, truths, fov, mode) -> None:
-        from vseg.inference.targets import overlay_targets
-
         record: dict[str, Any] = {
             "index": item.index,
             "id": item.id,

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from vseg.data.workers import WorkerInit
 from vseg.inference.engine import LoopTimes, to_device
 from vseg.inference.inputs import PredictItem
-from vseg.inference.outputs import OutputStore
+from vseg.inference.outputs import OutputStore, atomic_text
 from vseg.inference.predictor import Predictor
 
 PLAN_ENV = "VSEG_PREDICT_PLAN"
@@ -46,8 +46,6 @@ class ShardSampler(Sampler[int]):
 
 
 def write_plan(path: Path, indices: list[int]) -> None:
-    from vseg.inference.outputs import atomic_text
-
     atomic_text(path, json.dumps({"todo": indices}))
 
 

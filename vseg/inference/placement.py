@@ -20,6 +20,9 @@ from collections import Counter
 from typing import Any
 
 import torch
+import yaml
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.utils import get_balanced_memory
 from torch import nn
 
 from vseg.config import ConfigError
@@ -53,8 +56,6 @@ def parse_max_memory(value: Any) -> dict[int | str, int | str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        import yaml
-
         value = yaml.safe_load(value)
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"max_memory={value!r}: expected a mapping like {{0: 12GB, 1: 12GB}}")
@@ -76,9 +77,6 @@ def plan_device_map(
     model: nn.Module, mode: str, max_memory: dict[int | str, int | str] | None, dtype: torch.dtype
 ) -> dict[str, int | str]:
     """The module -> device map for `mode` (auto | balanced | sequential) within `max_memory`."""
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
     if mode not in DEVICE_MAPS:
         raise ConfigError(f"device_map={mode!r}: expected one of {DEVICE_MAPS} (or null for one device)")
     no_split = no_split_classes(model)
@@ -98,8 +96,6 @@ def plan_device_map(
 
 def dispatch(model: nn.Module, device_map: dict[str, int | str], offload_dir: str | None = None) -> nn.Module:
     """Places the (real or meta-built, materialised) model by `device_map` and adds accelerate's hooks."""
-    from accelerate import dispatch_model
-
     devices = [v for v in device_map.values() if v not in ("cpu", "disk")]
     main = torch.device("cuda", devices[0]) if devices and isinstance(devices[0], int) else None
     return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir)

@@ -33,18 +33,19 @@ import torch
 from PIL import Image
 
 from vseg.artifacts.adapters import merge_adapters
-from vseg.artifacts.sources import ModelSource, resolve_source
+from vseg.artifacts.sources import ModelSource, preset, resolve_source
 from vseg.config import ConfigError, DataConfig, ModelConfig
+from vseg.data.io import read_image
+from vseg.data.runs import Run, frame_names, read_run
 from vseg.inference import latency
 from vseg.inference.compile import compile_blocks
 from vseg.inference.engine import MODES, Engine, ItemPrediction, to_device
-from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem, collate
-from vseg.inference.placement import (
-    DEVICE_MAPS,
-    dispatch,
-    plan_device_map,
-    resolve_device,
-)
+from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem
+from vseg.inference.placement import DEVICE_MAPS, dispatch, plan_device_map, resolve_device
+from vseg.inference.quantize import FP8_PARTS, check_fp8_device, quantize_fp8
+from vseg.inference.refine import refine as refine_by_clicks
+from vseg.inference.targets import TargetsDataset, names_with_truth, parse_targets, predict_targets
+from vseg.inference.video import predict_run
 from vseg.model.build import DTYPES
 from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
@@ -120,8 +121,6 @@ class Predictor:
                 merge_lora, answer, answer_text, max_new_tokens, threshold, pad_tokens).
         """
         if isinstance(model, str):
-            from vseg.artifacts.sources import preset
-
             model = preset(model)
         return cls.from_source(resolve_source(str(ckpt), model), **options)
 
@@ -157,8 +156,6 @@ class Predictor:
         if compile_mode not in latency.COMPILE_MODES:
             raise ConfigError(f"compile_mode={compile_mode!r}: expected one of {latency.COMPILE_MODES}")
         if fp8:  # checked before the model is built: no float8 GPU or no torchao fails at once
-            from vseg.inference.quantize import check_fp8_device
-
             if device_map is not None:
                 raise ConfigError("fp8=true converts the model on one GPU; it cannot be combined with device_map")
             check_fp8_device(device)
@@ -197,8 +194,6 @@ class Predictor:
 
         Returns the `vseg.inference.quantize.Fp8Report`. Call it before `compile`.
         """
-        from vseg.inference.quantize import FP8_PARTS, quantize_fp8
-
         if self.device_map is not None:
             raise ConfigError("fp8=true converts the model on one GPU; it cannot be combined with device_map")
         if self.dtype != "bfloat16":
@@ -256,8 +251,6 @@ class Predictor:
         teacher_forced = (mode or self.mode) == "teacher_forced"
         answer = self.answer_text if teacher_forced else None
         if targets:
-            from vseg.inference.targets import TargetsDataset, names_with_truth
-
             return TargetsDataset(items, self.processor, answer, data, targets, names_with_truth(items, targets))
         return PredictDataset(items, self.processor, answer, data)
 
@@ -276,8 +269,6 @@ class Predictor:
         if self.cuda_graphs:
             latency.step_begin()
         if "row_image" in batch:  # a TargetsDataset batch
-            from vseg.inference.targets import predict_targets
-
             return predict_targets(self.engine(mode), batch)
         return self.engine(mode)(batch, probability)
 
@@ -310,8 +301,6 @@ class Predictor:
         if targets is not None:
             if prompts is not None:
                 raise ValueError("give prompts= or targets= (each target carries its own prompt), not both")
-            from vseg.inference.targets import parse_targets
-
             parsed = parse_targets(targets)
             prompts = ""
         if prompts is None or isinstance(prompts, str):
@@ -355,10 +344,6 @@ class Predictor:
         Returns:
             A `RunPrediction`: (T, H, W) masks, the answer, the key frames, per-frame mean logits.
         """
-        from vseg.data.io import read_image
-        from vseg.data.runs import Run, frame_names, read_run
-        from vseg.inference.video import predict_run
-
         if isinstance(video, str | Path):
             run = read_run(video)
         else:
@@ -383,7 +368,8 @@ class Predictor:
         the [SEG] embedding, as SAM-2 takes clicks next to a box.
 
         The MLLM pass ([SEG] embedding) and the SAM-2 image encoding run once per (image, prompt) and are kept
-        (a few entries), so each further click costs one mask-decoder pass. No points: the plain prediction.
+        (a few entries), so each further click costs one mask-decoder pass (`vseg.inference.refine`). No
+        points: the plain prediction.
 
         Args:
             image: HxWx3 uint8.
@@ -394,38 +380,4 @@ class Predictor:
         Returns:
             The prediction with its `probability` map (teacher-forced answer).
         """
-        import hashlib
-
-        if len(points) != len(labels):
-            raise ValueError(f"{len(points)} points for {len(labels)} labels: give one label (1 or 0) per point")
-        prompt = prompt or DEFAULT_PROMPT
-        key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + repr((image.shape, prompt)).encode()).hexdigest()
-        cache = self.__dict__.setdefault("_refine_cache", {})
-        if key not in cache:
-            dataset = self.dataset([PredictItem(0, "refine", prompt, pixels=image)], mode="teacher_forced")
-            batch = collate(self.processor, [dataset[0]])
-            if batch["failed"]:
-                raise InputError(f"image: {batch['failed'][0][1]}")
-            if self.device_map is None:
-                batch = to_device(batch, self.device)
-            if self.cuda_graphs:
-                latency.step_begin()
-            seg = self.engine("teacher_forced").seg_prompts(
-                batch["input_ids"], batch["attention_mask"], batch["mllm_inputs"], batch["sam_pixel_values"]
-            )
-            while len(cache) >= 4:  # a page edits one image at a time; keep a few, oldest out first
-                cache.pop(next(iter(cache)))
-            cache[key] = seg
-        prompts, sample_index, features = cache[key]
-        n = prompts.shape[0]
-        grounding = self.model.grounding
-        h, w = image.shape[:2]
-        point_t = label_t = None
-        if len(points):
-            side = grounding.image_size  # SAM-2's input is the image stretched to side x side
-            xy = torch.tensor([[x * side / w, y * side / h] for x, y in points], dtype=torch.float32)
-            point_t = xy[None].expand(n, -1, -1)
-            label_t = torch.tensor([int(v) for v in labels])[None].expand(n, -1)
-        logits = grounding.decode(features, prompts, sample_index, point_t, label_t)
-        engine = self.engine("teacher_forced")
-        return engine.finish([logits], [(h, w)], [engine.answer], probability=True)[0]
+        return refine_by_clicks(self, self.__dict__.setdefault("_refine_cache", {}), image, prompt, points, labels)

@@ -68,6 +68,7 @@ def check_fp8_device(device: torch.device | str) -> None:
 
 
 def _torchao():
+    # lazy: torchao is optional (vseg[fp8]) and only fp8=true needs it
     try:
         import torchao  # noqa: F401
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_

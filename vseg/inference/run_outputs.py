@@ -29,14 +29,18 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from vseg.artifacts.files import atomic_write
+from vseg.config import ConfigError
 from vseg.config.predict import OVERLAY_FORMATS, VIDEO_MODES  # noqa: F401  (their home is the config)
-from vseg.data.io import DataFileError
+from vseg.data.io import DataFileError, is_image_file
 from vseg.data.runs import Run, is_run_file, read_run, read_truth
-from vseg.inference.inputs import InputError, _unique_ids
+from vseg.inference.inputs import DEFAULT_PROMPT, InputError, _unique_ids
 from vseg.inference.outputs import atomic_text, overlay
 from vseg.inference.scoring import SCORES, score_masks
+from vseg.inference.video import predict_run
+from vseg.model.tracking import tracking_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,6 @@ def run_inputs(spec: str, video: str, exclude: Path | None = None) -> list[tuple
     runs = [p for p in sorted(files) if is_run_file(p)]
     if not runs:
         return None
-    from vseg.data.io import is_image_file
-
     stills = [p for p in files if is_image_file(p) and p not in runs]
     if stills:
         raise InputError(
@@ -88,7 +90,7 @@ def write_overlay_video(path: Path, frames: np.ndarray, fps: float | None, fmt: 
             images = [Image.fromarray(f) for f in frames]
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 / rate, loop=0)
             return
-        import av
+        import av  # lazy: PyAV's codec libraries load only when an mp4 overlay is written
 
         height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sides
         with av.open(str(tmp), mode="w", format="mp4") as container:
@@ -246,9 +248,6 @@ def predict_one_run(
         opts: predict.py's options (prompt, key_frames, key_frame_mode, frames_on, truth).
         single: the input is one run (truth masks may then lie directly in `truth=`).
     """
-    from vseg.inference.inputs import DEFAULT_PROMPT
-    from vseg.inference.video import predict_run
-
     index, run_id, path = entry
     prompt = opts.prompt or DEFAULT_PROMPT
     try:
@@ -274,8 +273,6 @@ def predict_runs(predictor_factory, todo: list[tuple[int, str, Path]], store: Ru
     Args:
         predictor_factory: () -> Predictor, called only when some run is read.
     """
-    from tqdm import tqdm
-
     cache: list[Any] = []
 
     def predictor() -> Any:
@@ -294,9 +291,6 @@ def predict_runs(predictor_factory, todo: list[tuple[int, str, Path]], store: Ru
 
 def check_can_track(predictor) -> None:
     """A configuration error when the predictor's model cannot track runs (no SAM-2 memory)."""
-    from vseg.config import ConfigError
-    from vseg.model.tracking import tracking_unsupported
-
     reason = tracking_unsupported(predictor.model.grounding)
     if reason is not None:
         raise ConfigError(f"ckpt={predictor.source.describe()} cannot predict runs: {reason}")

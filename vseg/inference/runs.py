@@ -22,6 +22,7 @@ from vseg.inference.outputs import OutputStore, outcome_lines
 from vseg.inference.parallel import PLAN_ENV, read_plan, write_plan
 from vseg.inference.predictor import DEFAULT_ANSWER, inference_dtype
 from vseg.inference.run_outputs import RunStore, predict_runs
+from vseg.inference.run_parallel import predict_runs_data_parallel
 from vseg.model.tracking import narrow_sam
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ def predict_run_inputs(opts, source, runs: list[tuple[str, Path]], load: Callabl
     devices = min(place.devices, len(todo)) if place.parallel else 1
     predict_seconds = 0.0
     if todo and devices > 1:
-        from vseg.inference.run_parallel import predict_runs_data_parallel
-
         if not child:  # the launching process fixes the plan every rank shards
             write_plan(out / "progress" / "plan.json", [e[0] for e in todo])
             os.environ[PLAN_ENV] = str(out / "progress" / "plan.json")

@@ -12,6 +12,7 @@ HD95 and ASSD (pixels, and millimetres given a pixel size) and their empty-mask 
 from __future__ import annotations
 
 import numpy as np
+from skimage.morphology import skeletonize
 
 from vseg.distances import Spacing, surface_distances
 
@@ -26,8 +27,6 @@ def _ratio(numerator: float, denominator: float, both_empty: bool) -> float:
 
 def skeleton(mask: np.ndarray) -> np.ndarray:
     """One-pixel-wide skeleton of a boolean HxW mask."""
-    from skimage.morphology import skeletonize
-
     return skeletonize(mask.astype(bool))
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from vseg.config import ConfigError, DataConfig
+from vseg.data.records import load_sample
 from vseg.inference.engine import Engine, ItemPrediction
 from vseg.inference.inputs import PredictDataset, PredictItem, cut_after_seg, with_file_spacing
 from vseg.model.processor import Sa2VAProcessor
@@ -175,8 +176,6 @@ class TargetsDataset(PredictDataset):
                 )
             image, _, fov = self.read(item)
             return image, dict.fromkeys(self.targets), fov
-        from vseg.data.records import load_sample
-
         data = self.data or DataConfig()
         sample = load_sample(item.record, None, data.aspect, data.holes)
         truths: dict[str, np.ndarray | None] = {}

@@ -23,6 +23,7 @@ import torch
 from vseg.config import ConfigError
 from vseg.config.predict import FRAMES_ON, KEY_FRAME_MODES
 from vseg.data.runs import Run
+from vseg.inference.engine import to_device
 from vseg.model.grounding import mask_logits_at
 from vseg.model.preprocess import sam_pixels, to_pil
 from vseg.model.processor import Sa2VAProcessor, SampleError
@@ -81,8 +82,6 @@ def seg_prompts(predictor, run: Run, keys: list[int], question: str) -> tuple[to
     generated sequence (one pass over prompt + answer up to its last [SEG]: the same states under causal
     attention, as for images in `Engine.generate`); an answer without [SEG] gives no embedding (empty masks).
     """
-    from vseg.inference.engine import to_device
-
     model = predictor.model
     generate = predictor.mode == "generate"
     answer = None if generate else predictor.answer_text

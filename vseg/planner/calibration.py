@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vseg.planner.memory import GB, Setting, estimate, model_facts, sequence_facts
+from vseg.planner.facts import model_facts, sequence_facts
+from vseg.planner.memory import GB, Setting, estimate
 from vseg.planner.plan import load_for_planning
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vseg.config import TrainConfig
-from vseg.planner.memory import GB, Setting, estimate, estimate_inference, model_facts, sequence_facts
+from vseg.planner.facts import model_facts, sequence_facts
+from vseg.planner.memory import GB, Setting, estimate, estimate_inference
 from vseg.planner.plan import make_plan, world_size
 
 log = logging.getLogger(__name__)

@@ -26,20 +26,11 @@ from transformers import Sam2Config
 
 from vseg.config import ConfigError, ModelConfig, TrainConfig
 from vseg.model.build import DTYPES
+from vseg.planner.facts import model_facts, sequence_facts
+from vseg.planner.gpus import GpuInfo, gpu_inventory, parse_memory
 from vseg.planner.guard import register
-from vseg.planner.memory import GB, Estimate, Setting, estimate, model_facts, sequence_facts
-from vseg.planner.plan import (
-    GpuInfo,
-    Plan,
-    describe,
-    gpu_inventory,
-    make_plan,
-    parse_memory,
-    render,
-    split_global_batch,
-    with_setting,
-    world_size,
-)
+from vseg.planner.memory import GB, Estimate, Setting, estimate
+from vseg.planner.plan import Plan, describe, make_plan, render, split_global_batch, with_setting, world_size
 
 log = logging.getLogger(__name__)
 

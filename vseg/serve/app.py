@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import logging
 import os
 import time
@@ -20,10 +21,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vseg.config import ConfigError, ServeConfig
+from vseg.data.io import mask_from_pil
 from vseg.inference.engine import ItemPrediction
+from vseg.inference.inputs import DEFAULT_PROMPT
 from vseg.serve import masks
 from vseg.serve.batcher import Outcome, Task
 from vseg.serve.jobs import JobManager
@@ -241,7 +245,7 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
         start = time.perf_counter()
         req, files = await segment_request(request, cfg)
         count = len(files) if files is not None else len(req.images)
-        prompts = [p or _default_prompt() for p in segment_prompts(req, cfg, count)]
+        prompts = [p or DEFAULT_PROMPT for p in segment_prompts(req, cfg, count)]
         parsed = time.perf_counter()
 
         def source(i: int) -> ImageSource:
@@ -275,7 +279,7 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
             )
         if len(body.points) > cfg.max_points:
             raise ApiError(413, f"{len(body.points)} points, over max_points={cfg.max_points}")
-        prompt = check_prompt(body.prompt, cfg) or _default_prompt()
+        prompt = check_prompt(body.prompt, cfg) or DEFAULT_PROMPT
 
         def make() -> Task:
             image = load_image(body.image, cfg, "image")
@@ -332,17 +336,5 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
 
 def masks_decode(raw: bytes, cfg: ServeConfig) -> np.ndarray:
     """A mask PNG (any common encoding, as training reads masks) -> HxW bool."""
-    import io
-
-    from PIL import Image
-
-    from vseg.data.io import mask_from_pil
-
     decode_bytes(raw, cfg, "mask")  # same size limits and error messages as images
     return mask_from_pil(Image.open(io.BytesIO(raw)), "mask")
-
-
-def _default_prompt() -> str:
-    from vseg.inference.inputs import DEFAULT_PROMPT
-
-    return DEFAULT_PROMPT

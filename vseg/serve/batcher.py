@@ -29,6 +29,7 @@ import numpy as np
 from vseg.inference.engine import ItemPrediction
 from vseg.inference.inputs import collate
 from vseg.inference.predictor import Predictor
+from vseg.serve.prepare import encode as encode_sample
 
 
 @dataclass
@@ -215,7 +216,5 @@ class Replica:
 
 def encode(predictor: Predictor, task: Task) -> dict[str, Any]:
     """The processor's features of a segment task, as `Predictor.predict` makes them (ValueError if unusable)."""
-    from vseg.serve.prepare import encode as encode_sample
-
     answer = predictor.answer_text if task.mode == "teacher_forced" else None
     return encode_sample(predictor.processor, task.image, task.prompt, answer)

@@ -23,11 +23,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from vseg.artifacts.files import atomic_write
-from vseg.config import ConfigError, ServeConfig, load_config
+from vseg.config import ConfigError, ServeConfig, compose, load_config
 from vseg.data.workers import process_alive
+from vseg.serve.requests import ApiError
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 JOB_ID = re.compile(r"[0-9a-f]{12}")
@@ -51,6 +53,7 @@ def _alive(pid: int | None) -> bool:
 
 def progress(run_dir: Path) -> dict[str, Any]:
     """Latest step, losses and validation metrics from the run's TensorBoard events (empty before the first log)."""
+    # lazy: TensorBoard's event reader pulls protobuf and its plugin tree (~0.3 s); only job status reads it
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, Any] = {"step": None, "losses": {}, "val_dice": None, "checkpoints": []}
@@ -85,7 +88,7 @@ class JobManager:
     def _dir(self, job_id: str) -> Path:
         folder = self.root / job_id
         if not JOB_ID.fullmatch(job_id) or not (folder / "job.json").is_file():
-            raise _api(404, f"no job {job_id!r}; GET /v1/jobs lists them")
+            raise ApiError(404, f"no job {job_id!r}; GET /v1/jobs lists them")
         return folder
 
     def _roots(self) -> list[Path]:
@@ -96,15 +99,13 @@ class JobManager:
 
     def validate(self, overrides: list[str], run_dir: Path) -> None:
         """train.py's schema and validation, plus the server's rules on paths; raises a 4xx ApiError."""
-        from vseg.config import compose
-
         bad = [o for o in overrides if not isinstance(o, str) or o.lstrip("+~").split("=")[0].startswith(RESERVED)]
         if bad:
-            raise _api(422, f"overrides {bad}: the server sets {', '.join(RESERVED)} itself; leave them out")
+            raise ApiError(422, f"overrides {bad}: the server sets {', '.join(RESERVED)} itself; leave them out")
         try:
             cfg = load_config(compose("train", [*overrides, f"run_dir={run_dir}"]))
         except ConfigError as err:
-            raise _api(422, f"train.py would refuse this: {err}") from None
+            raise ApiError(422, f"train.py would refuse this: {err}") from None
         paths = {
             "data.root": cfg.data.root,
             "data.annotations": cfg.data.annotations,
@@ -115,12 +116,12 @@ class JobManager:
         roots = self._roots()
         for key, value in paths.items():
             if value and not any(Path(value).expanduser().resolve().is_relative_to(r) for r in roots):
-                raise _api(403, f"{key}={value} is outside the server's roots {[str(r) for r in roots]}")
+                raise ApiError(403, f"{key}={value} is outside the server's roots {[str(r) for r in roots]}")
 
     def submit(self, overrides: list[str]) -> dict[str, Any]:
         running = [j for j in self.list() if j["state"] in ("starting", "running")]
         if len(running) >= self.cfg.max_jobs:
-            raise _api(409, f"{len(running)} job(s) running, max_jobs={self.cfg.max_jobs}; wait or cancel one")
+            raise ApiError(409, f"{len(running)} job(s) running, max_jobs={self.cfg.max_jobs}; wait or cancel one")
         job_id = uuid.uuid4().hex[:12]
         folder = self.root / job_id
         run_dir = folder / "run"
@@ -195,7 +196,7 @@ class JobManager:
         """SIGTERM to train.py (through the runner): it finishes the step, saves a checkpoint and exits."""
         job = self.status(job_id)
         if job["state"] not in ("starting", "running"):
-            raise _api(409, f"job {job_id} is {job['state']}; only a running job can be cancelled")
+            raise ApiError(409, f"job {job_id} is {job['state']}; only a running job can be cancelled")
         folder = self._dir(job_id)
         (folder / "cancel").write_text(str(time.time()))
         os.kill(int((folder / "runner.pid").read_text()), signal.SIGTERM)
@@ -204,13 +205,10 @@ class JobManager:
     def finished_run(self, job_id: str) -> Path:
         job = self.status(job_id)
         if job["state"] != "done" or not job.get("weights"):
-            raise _api(409, f"job {job_id} is {job['state']}: only a finished (done) job's run can be served")
+            raise ApiError(409, f"job {job_id} is {job['state']}: only a finished (done) job's run can be served")
         return Path(job["run_dir"])
 
     def add_routes(self, app: Any) -> None:
-        from fastapi.responses import PlainTextResponse
-        from pydantic import BaseModel, Field
-
         class JobRequest(BaseModel):
             overrides: list[str] = Field(
                 default_factory=list, description="train.py overrides, e.g. trainer.max_steps=100"
@@ -235,12 +233,6 @@ class JobManager:
         @app.delete("/v1/jobs/{job_id}", summary="stop: SIGTERM, a checkpoint is saved, then it exits")
         async def cancel(job_id: str):
             return self.cancel(job_id)
-
-
-def _api(status: int, message: str) -> Exception:
-    from vseg.serve.requests import ApiError
-
-    return ApiError(status, message)
 
 
 def _run(folder: Path) -> int:

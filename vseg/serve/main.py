@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from vseg.config import ConfigError, ServeConfig, load_serve_config
+from vseg.config import ConfigError, ServeConfig, compose, load_serve_config
 
 
 def _value(value: Any) -> str:
@@ -39,8 +39,6 @@ def _value(value: Any) -> str:
 
 def config_from_args(args: list[str]) -> ServeConfig:
     """`[--config FILE] key=value ...` -> a validated ServeConfig."""
-    from vseg.config import compose
-
     overrides: list[str] = []
     rest = list(args)
     while rest:
@@ -64,6 +62,7 @@ class Running:
     """A server on a uvicorn thread (tests, bench): `url`, `service`, `stop()`."""
 
     def __init__(self, cfg: ServeConfig, wait_ready: float = 300.0):
+        # lazy (as in `main`): the server's parts load torch, transformers and FastAPI
         import uvicorn
 
         from vseg.serve.app import create_app
@@ -100,6 +99,8 @@ def free_port() -> int:
 
 
 def main(overrides: list[str]) -> int:
+    # lazy: `vseg serve --help` and config errors answer without torch, transformers and FastAPI; and this
+    # module is imported by the package `__init__`, so prepare's spawned worker processes would load them too
     import uvicorn
 
     from vseg.serve.app import create_app

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from vseg.artifacts.files import atomic_write
 
@@ -44,8 +45,6 @@ def probability_png(probability: np.ndarray) -> str:
 
 def rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO compressed RLE ({"size": [h, w], "counts": str}), as pycocotools' `encode` gives it."""
-    from pycocotools import mask as mask_utils
-
     out = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(s) for s in out["size"]], "counts": out["counts"].decode("ascii")}
 

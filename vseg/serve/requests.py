@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -260,8 +261,6 @@ async def segment_request(request: Any, cfg: ServeConfig) -> tuple[SegmentReques
 
 
 async def json_body(request: Any) -> Any:
-    import json
-
     raw = await request.body()
     if not raw:
         raise ApiError(400, "empty body: send a JSON object")

@@ -9,12 +9,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vseg.config import ConfigError, TrainConfig
+from vseg.data.dataset import target_names
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
 from vseg.model.grounding import BackboneCache, masks_at
+from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults.guard import NonFiniteGuard
 from vseg.training.feature_cache import FrozenFeatures, any_rank
@@ -84,8 +87,6 @@ class Sa2VAModule(L.LightningModule):
         self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
 
     def setup(self, stage: str) -> None:
-        from vseg.data.dataset import target_names
-
         val_set = getattr(getattr(self._trainer, "datamodule", None), "val_set", None)
         if val_set is not None:
             self.target_scores = TargetScores(target_names(val_set.items))
@@ -103,8 +104,6 @@ class Sa2VAModule(L.LightningModule):
 
     def _speed_setup(self) -> None:
         """The `speed:` switches that change the model; before DDP wraps it (its buckets take the dtypes)."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         speed = self.cfg.speed
         if speed.liger:
             apply_liger(getattr(self.model.base_mllm.model, "language_model", self.model.base_mllm))
@@ -215,8 +214,6 @@ class Sa2VAModule(L.LightningModule):
         handling gradient overflow itself (only losses are checked); under DeepSpeed the ZeRO optimizer
         skips non-finite gradients itself and its overflow flag is counted here.
         """
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         trainer = self.trainer
         params = [p for p in self.model.parameters() if p.requires_grad]
         if isinstance(trainer.strategy, DeepSpeedStrategy):
@@ -303,8 +300,6 @@ class Sa2VAModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
             return
-        from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
-
         mean = torch.tensor(SAM_MEAN_BF16)[:, None, None]
         std = torch.tensor(SAM_STD_BF16)[:, None, None]
         rows = []
@@ -343,7 +338,7 @@ class Sa2VAModule(L.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.strategy.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: deepspeed loads only with CPU offload
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas))
         else:

@@ -6,13 +6,14 @@ state, and knows its released checkpoints: their key layout and config.json, bot
 key names, tensors and config dicts; the files themselves are `vseg.artifacts.folders`' work). `Sa2VA`,
 the data pipeline, the trainer and the artifacts layer only talk to this interface (`MLLMFamily`).
 
-- `internvl`  InternVL2.5 / InternVL3 (Sa2VA 1B-26B, v2 InternVL3)
-- `qwen_vl`   Qwen2.5-VL and Qwen3-VL (Sa2VA v2)
+- `internvl`  InternVL2.5 / InternVL3 (Sa2VA 1B-26B, v2 InternVL3); `internvl_release`: its released keys
+              and config.json
+- `qwen_vl`   Qwen2.5-VL and Qwen3-VL (Sa2VA v2); `qwen_vl_release`: their released keys and config.json
 - `layout`    the release layout every family shares (SAM-2, `text_hidden_fcs`) and the key-mapping machinery
 - `configs`   config.json helpers every family shares (LLM fields, RoPE spellings)
 - `base`      the `MLLMFamily` protocol and shared helpers
 
-A new family is one more module here, registered in `FAMILIES`, plus its `conf/model/*.yaml` presets.
+A new family is one more module here (two with its release layout), registered in `FAMILIES`, plus its `conf/model/*.yaml` presets.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 from vseg.model.families.base import MLLMFamily, embedding_device, vocab_size
 from vseg.model.families.configs import SA2VA_MODEL_TYPES
-from vseg.model.families.internvl import INTERNVL_BASE_ARCHITECTURES, INTERNVL_BASE_MODEL_TYPES, InternVLFamily
+from vseg.model.families.internvl import InternVLFamily
+from vseg.model.families.internvl_release import INTERNVL_BASE_ARCHITECTURES, INTERNVL_BASE_MODEL_TYPES
 from vseg.model.families.qwen_vl import Qwen3VLFamily, Qwen25VLFamily, QwenVLFamily, smart_resize
 
 FAMILIES: dict[str, MLLMFamily] = {
