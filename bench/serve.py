@@ -13,6 +13,8 @@ It prints the two ratios the targets need: requests/s at the most clients / pred
 
     python bench/serve.py --shape sa2va_4b --clients 1 8 32 --prepare threads processes --out bench/results/serve_4b.json
     python bench/serve.py --shape tiny --device cpu --clients 1 4 --requests 16 --predict-images 32   # CPU smoke
+    python bench/serve.py --shape sa2va_4b --compile-mode reduce-overhead --clients 1 8 32   # CUDA graphs (warm-up ~2-4 min)
+    python bench/serve.py --shape sa2va_4b --prepare-only 40 --predict-images 8   # one request's preparation, CPU
 """
 
 from __future__ import annotations
@@ -105,6 +107,39 @@ def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
     return out
 
 
+def prepare_times(shape: str, folder: Path, rounds: int) -> dict:
+    """One request's preparation (PNG decode + processor) on the CPU, the SAM-2 resize on the preparing thread
+    ("sequential") and on a second thread beside the tiles ("concurrent", what the server does); median ms."""
+    import torch
+
+    from vseg.artifacts.sources import preset
+    from vseg.config import ServeConfig
+    from vseg.model.processor import Sa2VAProcessor
+    from vseg.model.random_init import build_meta
+    from vseg.serve.prepare import ImageSource, prepare
+
+    cfg = preset(shape)
+    model, tokenizer = build_meta(cfg)  # parameters on the meta device: only the processor is needed
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, 4096)
+    raws = [p.read_bytes() for p in sorted(folder.glob("*.png"))[:8]]
+    serve_cfg = ServeConfig(ckpt="random")
+    torch.set_num_threads(1)
+    out: dict = {"cpus": os.cpu_count()}
+    with ThreadPoolExecutor(2) as resize_pool:
+        for name, pool in (("sequential", None), ("concurrent", resize_pool)):
+            times = []
+            for i in range(rounds + 3):
+                start = time.perf_counter()
+                _, sample = prepare(ImageSource("x", raw=raws[i % len(raws)]), "Please segment the blood vessels.",
+                                    "It is [SEG].", serve_cfg, processor, pool)  # fmt: skip
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+            out[f"{name}_ms"] = round(1000 * statistics.median(times), 1)
+            out[f"{name}_sam_checksum"] = int(sample["sam_pixel_values"].sum())  # same pixels either way
+    assert out["sequential_sam_checksum"] == out["concurrent_sam_checksum"]
+    return out
+
+
 def start_server(args: argparse.Namespace, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "vseg.cli", "serve", "ckpt=random", f"model={args.shape}", f"device={args.device}",
                f"port={port}", f"max_batch_size={args.max_batch_size}", f"batch_timeout_ms={args.batch_timeout_ms}",
@@ -171,14 +206,33 @@ def main() -> None:
     )
     parser.add_argument("--serve", nargs="*", default=[], help="more `vseg serve` key=value overrides")
     parser.add_argument("--skip-predict", action="store_true", help="leave out the predict.py run")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="serve with compile=true compile_mode=... (warmed up at start-up: batch 1 and --max-batch-size)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time one request's preparation on the CPU (decode + processor of --shape), then exit",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.compile_mode is not None:
+        args.serve = ["compile=true", f"compile_mode={args.compile_mode}", *args.serve]
 
     from vseg.serve import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="vseg_bench_serve_"))
     bench_predict = bench_predict_module()
     bench_predict.write_inputs(tmp / "in", args.predict_images)
+    if args.prepare_only:
+        times = prepare_times(args.shape, tmp / "in", args.prepare_only)
+        print(json.dumps({"shape": args.shape, "prepare": times}, indent=1))
+        return
     result: dict = {"shape": args.shape, "device": args.device, "size": 512, "max_batch_size": args.max_batch_size,
                     "batch_timeout_ms": args.batch_timeout_ms, "serve_overrides": args.serve,
                     "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}  # fmt: skip

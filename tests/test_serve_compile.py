@@ -1,0 +1,118 @@
+"""vseg serve with compile=true: CUDA graphs refused on the CPU, the warm-up runs on the replica's worker thread
+before /health says ready, compiled masks equal the eager model's; the model call's parts and the probability
+map computed only when asked; SAM-2's resize beside the tiles gives the same features."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+import vseg.serve.service as service_module
+from vseg.cli import main as vseg_main
+from vseg.config import ConfigError
+from vseg.data.synthetic import generate_vessels
+from vseg.inference.inputs import DEFAULT_PROMPT
+from vseg.inference.predictor import Predictor
+from vseg.serve import config_from_args
+from vseg.serve.prepare import ImageSource, encode
+from vseg.serve.service import Service
+
+BASE = ["ckpt=random", "model=tiny", "port=9123"]
+
+
+def test_cuda_graph_mode_is_refused_on_the_cpu_and_warmup_sizes_are_checked():
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        config_from_args([*BASE, "device=cpu", "compile=true", "compile_mode=reduce-overhead"])
+    assert vseg_main(["serve", *BASE, "device=cpu", "compile=true", "compile_mode=reduce-overhead"]) == 2
+    if not torch.cuda.is_available():  # device=auto resolves to the CPU here: refused when the service is built
+        cfg = config_from_args([*BASE, "compile=true", "compile_mode=reduce-overhead"])
+        with pytest.raises(ConfigError, match="needs a GPU.*compile_mode=default"):
+            Service(cfg)
+    with pytest.raises(ConfigError, match="compile_mode='fast'"):
+        config_from_args([*BASE, "compile=true", "compile_mode=fast"])
+    with pytest.raises(ConfigError, match="warmup_batch_sizes"):
+        config_from_args([*BASE, "max_batch_size=4", "warmup_batch_sizes=[1,8]"])
+    assert config_from_args([*BASE, "max_batch_size=4"]).warmup_sizes() == []  # eager: no warm-up by default
+    assert config_from_args([*BASE, "max_batch_size=4", "compile=true"]).warmup_sizes() == [1, 4]
+    assert config_from_args([*BASE, "compile=true", "warmup_batch_sizes=[2,1,2]"]).warmup_sizes() == [1, 2]
+
+
+def test_compiled_server_warms_up_on_its_worker_then_serves_the_eager_masks(monkeypatch):
+    """compile=true compile_mode=default on the CPU (traced with "aot_eager": inductor's C++ builds take minutes
+    on two cores). The warm-up runs on the replica's worker thread and /health's state stays "starting" until it
+    is done; the served masks are the eager model's."""
+    import vseg.inference.compile as C
+
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    release, seen = threading.Event(), []
+    real = service_module.warm_up
+
+    def warm_up(predictor, sizes, side=512):
+        seen.append((threading.current_thread().name, list(sizes)))
+        assert release.wait(120)
+        return real(predictor, sizes, side=96)
+
+    monkeypatch.setattr(service_module, "warm_up", warm_up)
+    cfg = config_from_args(
+        [*BASE, "device=cpu", "compile=true", "compile_mode=default", "max_batch_size=2", "batch_timeout_ms=2000"]
+    )
+    service = Service(cfg)
+    loading = service.load_in_background()
+    try:
+        deadline = time.time() + 120
+        while not seen and time.time() < deadline:
+            time.sleep(0.05)
+        assert seen == [("vseg-replica0", [1, 2])]  # on the worker thread, batch 1 and max_batch_size
+        assert (service.state, service.stage) == ("starting", "warming up")  # /health: 503 until warmed up
+        release.set()
+        loading.join(300)
+        assert service.state == "ready", service.error
+        assert set(service.info()["warmup_seconds"]["replica0"]) == {1, 2}
+        images = [generate_vessels(seed=430 + i, size=64 + 8 * i, style="angiogram")[0] for i in range(2)]
+        eager = Predictor.load("random", model="tiny", device="cpu").predict(images)
+
+        def png(image: np.ndarray) -> bytes:
+            import io
+
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        futures = [
+            service.prepare_segment(ImageSource(f"images[{i}]", raw=png(im)), "teacher_forced", DEFAULT_PROMPT, False)
+            for i, im in enumerate(images)
+        ]
+        outcomes = [f.result(timeout=300) for f in futures]
+        for outcome, want in zip(outcomes, eager, strict=True):
+            assert (outcome.prediction.mask == want.mask).all()
+            assert outcome.prediction.mean_logit == pytest.approx(want.mean_logit, rel=1e-4, abs=1e-4)
+            assert outcome.prediction.probability is None  # not asked for: not computed
+            assert {"collate_ms", "copy_ms", "forward_ms", "finish_ms"} <= set(outcome.parts)
+            assert sum(outcome.parts.values()) <= outcome.model_ms + 1
+        asked = service.prepare_segment(ImageSource("images[0]", raw=png(images[0])), "teacher_forced", DEFAULT_PROMPT)
+        probability = asked.result(timeout=300).prediction.probability
+        assert probability is not None and ((probability > cfg.threshold) == eager[0].mask).all()
+    finally:
+        release.set()
+        service.close()
+
+
+def test_sam_resize_beside_the_tiles_gives_the_same_features():
+    predictor = Predictor.load("random", model="tiny", device="cpu")
+    with ThreadPoolExecutor(2) as pool:
+        for seed, (h, w) in enumerate([(64, 64), (584, 565), (97, 301)]):
+            rng = np.random.default_rng(seed)
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            alone = encode(predictor.processor, image, DEFAULT_PROMPT, predictor.answer_text)
+            beside = encode(predictor.processor, image, DEFAULT_PROMPT, predictor.answer_text, pool)
+            assert torch.equal(alone["sam_pixel_values"], beside["sam_pixel_values"])
+            assert torch.equal(alone["input_ids"], beside["input_ids"])
+            for key, value in alone["mllm_inputs"].items():
+                assert torch.equal(value, beside["mllm_inputs"][key])
