@@ -125,18 +125,20 @@ def prepare_times(shape: str, folder: Path, rounds: int) -> dict:
     serve_cfg = ServeConfig(ckpt="random")
     torch.set_num_threads(1)
     out: dict = {"cpus": os.cpu_count()}
+    times: dict[str, list[float]] = {"sequential": [], "concurrent": []}
     with ThreadPoolExecutor(2) as resize_pool:
-        for name, pool in (("sequential", None), ("concurrent", resize_pool)):
-            times = []
-            for i in range(rounds + 3):
+        for i in range(rounds + 3):  # the two ways alternate, so a busy moment of the machine hits both alike
+            for name, pool in (("sequential", None), ("concurrent", resize_pool)):
                 start = time.perf_counter()
                 _, sample = prepare(ImageSource("x", raw=raws[i % len(raws)]), "Please segment the blood vessels.",
                                     "It is [SEG].", serve_cfg, processor, pool)  # fmt: skip
                 if i >= 3:
-                    times.append(time.perf_counter() - start)
-            out[f"{name}_ms"] = round(1000 * statistics.median(times), 1)
-            out[f"{name}_sam_checksum"] = int(sample["sam_pixel_values"].sum())  # same pixels either way
+                    times[name].append(time.perf_counter() - start)
+                out[f"{name}_sam_checksum"] = int(sample["sam_pixel_values"].sum())  # same pixels either way
     assert out["sequential_sam_checksum"] == out["concurrent_sam_checksum"]
+    for name, values in times.items():
+        out[f"{name}_ms"] = round(1000 * statistics.median(values), 1)
+    out["load_average"] = os.getloadavg()[0]  # other work on the machine meanwhile (2 cores here: above 1 hurts)
     return out
 
 
@@ -173,9 +175,11 @@ def clients_level(url: str, bodies: list[bytes], clients: int, n: int) -> dict:
     latencies = sorted(t for t, _ in done)
     timings = [out["results"][0]["timings"] for _, out in done]
 
-    def mean(key: str) -> float:
-        return round(statistics.fmean(t[key] for t in timings), 1)
+    def mean(key: str) -> float | None:
+        values = [t[key] for t in timings if key in t]
+        return round(statistics.fmean(values), 1) if values else None
 
+    total = statistics.fmean(out["timings"]["total_ms"] for _, out in done)
     return {
         "requests": n,
         "requests_per_s": round(n / wall, 2),
@@ -183,7 +187,11 @@ def clients_level(url: str, bodies: list[bytes], clients: int, n: int) -> dict:
         "p95_ms": round(1000 * latencies[max(0, int(0.95 * n) - 1)], 1),
         "mean_batch": round(images / max(1, batches), 2),
         "server_mean_ms": {"prepare": mean("prepare_ms"), "queue": mean("queue_ms"), "model": mean("model_ms"),
-                           "total": round(statistics.fmean(out["timings"]["total_ms"] for _, out in done), 1)},
+                           "total": round(total, 1)},
+        # the model call in parts: collating, inputs to the GPU, the forward (waited for), masks back to the host;
+        # then the response's PNG encoding, and what the client saw beyond the server's total (HTTP, JSON, base64)
+        "model_parts_mean_ms": {k: mean(f"{k}_ms") for k in ("collate", "copy", "forward", "finish", "encode")},
+        "outside_server_mean_ms": round(1000 * statistics.fmean(t for t, _ in done) - total, 1),
     }  # fmt: skip
 
 
@@ -272,8 +280,13 @@ def main() -> None:
     for where in args.prepare:  # one server per preparation mode, the same references for all
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
         server = start_server(args, port, tmp / f"serve_{where}.log", [f"prepare={where}"])
-        rows: dict = {}
+        rows: dict = {"start_to_ready_s": round(time.perf_counter() - started, 1)}  # loading + warm-up
+        rows["warmup_seconds"] = get(url + "/v1/model").get("warmup_seconds")
+        print(
+            f"prepare={where}: ready after {rows['start_to_ready_s']} s, warm-up {rows['warmup_seconds']}", flush=True
+        )
         result["serve"][where] = rows
         try:
             for clients in sorted({1, max(args.clients)}):  # warm-up: cuDNN / allocator at batch 1 and the largest

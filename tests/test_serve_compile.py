@@ -116,3 +116,16 @@ def test_sam_resize_beside_the_tiles_gives_the_same_features():
             assert torch.equal(alone["input_ids"], beside["input_ids"])
             for key, value in alone["mllm_inputs"].items():
                 assert torch.equal(value, beside["mllm_inputs"][key])
+
+
+def test_sam_resize_is_split_off_only_while_cores_are_idle():
+    import os
+
+    service = Service(config_from_args([*BASE, "device=cpu"]))
+    try:
+        service.batcher.announce()  # one request in preparation: a second core helps it
+        assert service._resize_pool() is service.resize_pool
+        service.batcher.announce(max(1, (os.cpu_count() or 1) // 2))  # more than one per two cores: each alone
+        assert service._resize_pool() is None
+    finally:
+        service.close()

@@ -63,10 +63,13 @@ def prepare(
     cfg: ServeConfig | None = None,
     processor: Any = None,
     resize_pool: Executor | None = None,
+    split: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(image, features): in a thread with the given processor and resize pool, in a process with its own."""
+    """(image, features): in a thread with the given processor and resize pool, in a process with its own
+    (used when `split`: the server has idle cores)."""
     if cfg is None:
-        cfg, processor, resize_pool = _PROCESS["cfg"], _PROCESS["processor"], _PROCESS["resize_pool"]
+        cfg, processor = _PROCESS["cfg"], _PROCESS["processor"]
+        resize_pool = _PROCESS["resize_pool"] if split else None
     image = source.load(cfg)
     return image, encode(processor, image, prompt, answer, resize_pool)
 

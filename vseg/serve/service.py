@@ -111,8 +111,8 @@ class Service:
         self.replicas = [Replica(f"replica{i}", p, self.batcher) for i, p in enumerate(placements(cfg))]
         check_compile(cfg, [r.placement for r in self.replicas])
         self.pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-prepare")
-        # SAM-2's resize of each image, beside its tiles on a preparing thread (`prepare.encode`); never waits on
-        # anything itself, so a full pool cannot deadlock
+        # SAM-2's resize of an image, beside its tiles on a preparing thread (`prepare.encode`, `_resize_pool`);
+        # its jobs never wait on anything, so a full pool cannot deadlock
         self.resize_pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-resize")
         self.processes: Executor | None = None  # prepare=processes: spawned once the processor is known
         self.ckpt = cfg.ckpt
@@ -259,14 +259,20 @@ class Service:
         self.batcher.announce()
         try:
             if self.processes is not None:
-                job = self.processes.submit(prepare, source, prompt, answer)
+                split = self._resize_pool() is not None
+                job = self.processes.submit(prepare, source, prompt, answer, split=split)
             else:
-                job = self.pool.submit(prepare, source, prompt, answer, self.cfg, processor, self.resize_pool)
+                job = self.pool.submit(prepare, source, prompt, answer, self.cfg, processor, self._resize_pool())
         except RuntimeError as err:  # the pool is shut down
             then(None, err)
             return future
         chain(job, then)
         return future
+
+    def _resize_pool(self) -> Executor | None:
+        """The resize pool while cores are idle (at most one request in preparation per two cores); on a busy
+        server each preparing thread resizes alone: a hand-off to another thread then only adds waiting."""
+        return self.resize_pool if self.batcher.coming <= max(1, (os.cpu_count() or 1) // 2) else None
 
     def prepare(self, make: Callable[[], Task]) -> Future:
         """Runs `make` (decoding: raises the request's ApiError) on the thread pool, then queues its task (refine:
