@@ -42,13 +42,29 @@ def test_cuda_graph_mode_is_refused_on_the_cpu_and_warmup_sizes_are_checked():
     assert config_from_args([*BASE, "compile=true", "warmup_batch_sizes=[2,1,2]"]).warmup_sizes() == [1, 2]
 
 
-def test_compiled_server_warms_up_on_its_worker_then_serves_the_eager_masks(monkeypatch):
-    """compile=true compile_mode=default on the CPU (traced with "aot_eager": inductor's C++ builds take minutes
-    on two cores). The warm-up runs on the replica's worker thread and /health's state stays "starting" until it
-    is done; the served masks are the eager model's."""
-    import vseg.inference.compile as C
+def _png(image: np.ndarray) -> bytes:
+    import io
 
-    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _serve(service: Service, images: list[np.ndarray], probability: bool) -> list:
+    futures = [
+        service.prepare_segment(
+            ImageSource(f"images[{i}]", raw=_png(im)), "teacher_forced", DEFAULT_PROMPT, probability
+        )
+        for i, im in enumerate(images)
+    ]
+    return [f.result(timeout=300) for f in futures]
+
+
+def test_warm_up_runs_on_the_worker_before_ready_and_probability_only_when_asked(monkeypatch):
+    """The warm-up (here eager, batch sizes 1 and 2) runs on the replica's worker thread, and the service stays
+    "starting" (/health 503, stage "warming up") until it is done; results carry the model call's parts."""
     release, seen = threading.Event(), []
     real = service_module.warm_up
 
@@ -58,49 +74,54 @@ def test_compiled_server_warms_up_on_its_worker_then_serves_the_eager_masks(monk
         return real(predictor, sizes, side=96)
 
     monkeypatch.setattr(service_module, "warm_up", warm_up)
-    cfg = config_from_args(
-        [*BASE, "device=cpu", "compile=true", "compile_mode=default", "max_batch_size=2", "batch_timeout_ms=2000"]
-    )
+    cfg = config_from_args([*BASE, "device=cpu", "max_batch_size=2", "warmup_batch_sizes=[2,1]"])
     service = Service(cfg)
     loading = service.load_in_background()
     try:
         deadline = time.time() + 120
         while not seen and time.time() < deadline:
             time.sleep(0.05)
-        assert seen == [("vseg-replica0", [1, 2])]  # on the worker thread, batch 1 and max_batch_size
+        assert seen == [("vseg-replica0", [1, 2])]  # on the worker thread that will run the model
         assert (service.state, service.stage) == ("starting", "warming up")  # /health: 503 until warmed up
         release.set()
-        loading.join(300)
+        loading.join(120)
+        assert service.state == "ready", service.error
+        assert set(service.info()["warmup_seconds"]["replica0"]) == {1, 2}
+        images = [generate_vessels(seed=440 + i, size=64 + 8 * i, style="angiogram")[0] for i in range(2)]
+        expected = service.replicas[0].predictor.predict(images)
+        for outcome, want in zip(_serve(service, images, False), expected, strict=True):
+            assert (outcome.prediction.mask == want.mask).all()
+            assert outcome.prediction.probability is None  # not asked for: not computed
+            assert {"collate_ms", "copy_ms", "forward_ms", "finish_ms"} <= set(outcome.parts)
+            assert sum(outcome.parts.values()) <= outcome.model_ms + 1
+        (asked,) = _serve(service, images[:1], True)
+        probability = asked.prediction.probability
+        assert probability is not None and ((probability > cfg.threshold) == expected[0].mask).all()
+    finally:
+        release.set()
+        service.close()
+
+
+@pytest.mark.slow
+def test_compiled_server_serves_the_eager_masks(monkeypatch):
+    """compile=true compile_mode=default on the CPU (traced with "aot_eager": inductor's C++ builds take minutes on
+    two cores), warmed up at batch 1 and 2 on start-up: the served masks are the eager model's (~1 min here)."""
+    import vseg.inference.compile as C
+
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    cfg = config_from_args([*BASE, "device=cpu", "compile=true", "compile_mode=default", "max_batch_size=2",
+                            "batch_timeout_ms=2000"])  # fmt: skip
+    service = Service(cfg)
+    service.load()
+    try:
         assert service.state == "ready", service.error
         assert set(service.info()["warmup_seconds"]["replica0"]) == {1, 2}
         images = [generate_vessels(seed=430 + i, size=64 + 8 * i, style="angiogram")[0] for i in range(2)]
         eager = Predictor.load("random", model="tiny", device="cpu").predict(images)
-
-        def png(image: np.ndarray) -> bytes:
-            import io
-
-            from PIL import Image
-
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            return buffer.getvalue()
-
-        futures = [
-            service.prepare_segment(ImageSource(f"images[{i}]", raw=png(im)), "teacher_forced", DEFAULT_PROMPT, False)
-            for i, im in enumerate(images)
-        ]
-        outcomes = [f.result(timeout=300) for f in futures]
-        for outcome, want in zip(outcomes, eager, strict=True):
+        for outcome, want in zip(_serve(service, images, False), eager, strict=True):
             assert (outcome.prediction.mask == want.mask).all()
             assert outcome.prediction.mean_logit == pytest.approx(want.mean_logit, rel=1e-4, abs=1e-4)
-            assert outcome.prediction.probability is None  # not asked for: not computed
-            assert {"collate_ms", "copy_ms", "forward_ms", "finish_ms"} <= set(outcome.parts)
-            assert sum(outcome.parts.values()) <= outcome.model_ms + 1
-        asked = service.prepare_segment(ImageSource("images[0]", raw=png(images[0])), "teacher_forced", DEFAULT_PROMPT)
-        probability = asked.result(timeout=300).prediction.probability
-        assert probability is not None and ((probability > cfg.threshold) == eager[0].mask).all()
     finally:
-        release.set()
         service.close()
 
 
