@@ -13,6 +13,8 @@ It prints the two ratios the targets need: requests/s at the most clients / pred
 
     python bench/serve.py --shape sa2va_4b --clients 1 8 32 --prepare threads processes --out bench/results/serve_4b.json
     python bench/serve.py --shape tiny --device cpu --clients 1 4 --requests 16 --predict-images 32   # CPU smoke
+    python bench/serve.py --shape sa2va_4b --compile-mode reduce-overhead --clients 1 8 32   # CUDA graphs (warm-up ~2-4 min)
+    python bench/serve.py --shape sa2va_4b --prepare-only 40 --predict-images 8   # one request's preparation, CPU
 """
 
 from __future__ import annotations
@@ -105,6 +107,41 @@ def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
     return out
 
 
+def prepare_times(shape: str, folder: Path, rounds: int) -> dict:
+    """One request's preparation (PNG decode + processor) on the CPU, the SAM-2 resize on the preparing thread
+    ("sequential") and on a second thread beside the tiles ("concurrent", what the server does); median ms."""
+    import torch
+
+    from vseg.artifacts.sources import preset
+    from vseg.config import ServeConfig
+    from vseg.model.processor import Sa2VAProcessor
+    from vseg.model.random_init import build_meta
+    from vseg.serve.prepare import ImageSource, prepare
+
+    cfg = preset(shape)
+    model, tokenizer = build_meta(cfg)  # parameters on the meta device: only the processor is needed
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, 4096)
+    raws = [p.read_bytes() for p in sorted(folder.glob("*.png"))[:8]]
+    serve_cfg = ServeConfig(ckpt="random")
+    torch.set_num_threads(1)
+    out: dict = {"cpus": os.cpu_count()}
+    times: dict[str, list[float]] = {"sequential": [], "concurrent": []}
+    with ThreadPoolExecutor(2) as resize_pool:
+        for i in range(rounds + 3):  # the two ways alternate, so a busy moment of the machine hits both alike
+            for name, pool in (("sequential", None), ("concurrent", resize_pool)):
+                start = time.perf_counter()
+                _, sample = prepare(ImageSource("x", raw=raws[i % len(raws)]), "Please segment the blood vessels.",
+                                    "It is [SEG].", serve_cfg, processor, pool)  # fmt: skip
+                if i >= 3:
+                    times[name].append(time.perf_counter() - start)
+                out[f"{name}_sam_checksum"] = int(sample["sam_pixel_values"].sum())  # same pixels either way
+    assert out["sequential_sam_checksum"] == out["concurrent_sam_checksum"]
+    for name, values in times.items():
+        out[f"{name}_ms"] = round(1000 * statistics.median(values), 1)
+    out["load_average"] = os.getloadavg()[0]  # other work on the machine meanwhile (2 cores here: above 1 hurts)
+    return out
+
+
 def start_server(args: argparse.Namespace, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "vseg.cli", "serve", "ckpt=random", f"model={args.shape}", f"device={args.device}",
                f"port={port}", f"max_batch_size={args.max_batch_size}", f"batch_timeout_ms={args.batch_timeout_ms}",
@@ -138,9 +175,11 @@ def clients_level(url: str, bodies: list[bytes], clients: int, n: int) -> dict:
     latencies = sorted(t for t, _ in done)
     timings = [out["results"][0]["timings"] for _, out in done]
 
-    def mean(key: str) -> float:
-        return round(statistics.fmean(t[key] for t in timings), 1)
+    def mean(key: str) -> float | None:
+        values = [t[key] for t in timings if key in t]
+        return round(statistics.fmean(values), 1) if values else None
 
+    total = statistics.fmean(out["timings"]["total_ms"] for _, out in done)
     return {
         "requests": n,
         "requests_per_s": round(n / wall, 2),
@@ -148,7 +187,11 @@ def clients_level(url: str, bodies: list[bytes], clients: int, n: int) -> dict:
         "p95_ms": round(1000 * latencies[max(0, int(0.95 * n) - 1)], 1),
         "mean_batch": round(images / max(1, batches), 2),
         "server_mean_ms": {"prepare": mean("prepare_ms"), "queue": mean("queue_ms"), "model": mean("model_ms"),
-                           "total": round(statistics.fmean(out["timings"]["total_ms"] for _, out in done), 1)},
+                           "total": round(total, 1)},
+        # the model call in parts: collating, inputs to the GPU, the forward (waited for), masks back to the host;
+        # then the response's PNG encoding, and what the client saw beyond the server's total (HTTP, JSON, base64)
+        "model_parts_mean_ms": {k: mean(f"{k}_ms") for k in ("collate", "copy", "forward", "finish", "encode")},
+        "outside_server_mean_ms": round(1000 * statistics.fmean(t for t, _ in done) - total, 1),
     }  # fmt: skip
 
 
@@ -171,14 +214,33 @@ def main() -> None:
     )
     parser.add_argument("--serve", nargs="*", default=[], help="more `vseg serve` key=value overrides")
     parser.add_argument("--skip-predict", action="store_true", help="leave out the predict.py run")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="serve with compile=true compile_mode=... (warmed up at start-up: batch 1 and --max-batch-size)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time one request's preparation on the CPU (decode + processor of --shape), then exit",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.compile_mode is not None:
+        args.serve = ["compile=true", f"compile_mode={args.compile_mode}", *args.serve]
 
     from vseg.serve import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="vseg_bench_serve_"))
     bench_predict = bench_predict_module()
     bench_predict.write_inputs(tmp / "in", args.predict_images)
+    if args.prepare_only:
+        times = prepare_times(args.shape, tmp / "in", args.prepare_only)
+        print(json.dumps({"shape": args.shape, "prepare": times}, indent=1))
+        return
     result: dict = {"shape": args.shape, "device": args.device, "size": 512, "max_batch_size": args.max_batch_size,
                     "batch_timeout_ms": args.batch_timeout_ms, "serve_overrides": args.serve,
                     "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}  # fmt: skip
@@ -218,8 +280,13 @@ def main() -> None:
     for where in args.prepare:  # one server per preparation mode, the same references for all
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
         server = start_server(args, port, tmp / f"serve_{where}.log", [f"prepare={where}"])
-        rows: dict = {}
+        rows: dict = {"start_to_ready_s": round(time.perf_counter() - started, 1)}  # loading + warm-up
+        rows["warmup_seconds"] = get(url + "/v1/model").get("warmup_seconds")
+        print(
+            f"prepare={where}: ready after {rows['start_to_ready_s']} s, warm-up {rows['warmup_seconds']}", flush=True
+        )
         result["serve"][where] = rows
         try:
             for clients in sorted({1, max(args.clients)}):  # warm-up: cuDNN / allocator at batch 1 and the largest

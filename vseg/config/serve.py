@@ -10,7 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vseg.config.errors import ConfigError, one_line
+from vseg.config.predict import COMPILE_MODES
 from vseg.config.schema import TrainConfig
+
+#: compile modes in which inductor records CUDA graphs (a GPU is needed)
+CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
 @dataclass
@@ -26,7 +30,11 @@ class ServeConfig:
     device_map: str | None = None  # one replica split over GPUs: auto | balanced | sequential
     max_memory: Any = None  # with device_map: {0: 12GB, 1: 12GB}
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile each repeated block (compiled and warmed up at start-up)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; GPU only) | max-autotune-no-cudagraphs
+    # batch sizes run once per replica, on its worker thread, before /health says ready (compiles, records the
+    # CUDA graphs, tunes kernels); null = [1, max_batch_size] with compile=true, none without
+    warmup_batch_sizes: list[int] | None = None
     answer_text: str | None = None  # teacher-forced answer; null = the run's data.answer
     max_new_tokens: int = 32  # answer=generate and /v1/chat
     threshold: float = 0.5
@@ -47,6 +55,12 @@ class ServeConfig:
     jobs_root: str = "serve_jobs"  # fine-tune jobs: state, logs and run directories
     max_jobs: int = 1  # fine-tune jobs running at once
     docs: bool = True  # /docs and /openapi.json
+
+    def warmup_sizes(self) -> list[int]:
+        """The batch sizes warmed up at start-up (see `warmup_batch_sizes`), distinct, smallest first."""
+        if self.warmup_batch_sizes is None:
+            return sorted({1, self.max_batch_size}) if self.compile else []
+        return sorted(set(self.warmup_batch_sizes))
 
 
 def load_serve_config(cfg: DictConfig | dict) -> ServeConfig:
@@ -102,6 +116,20 @@ def validate_serve(cfg: ServeConfig) -> None:
         "max_memory is only used with device_map=auto|balanced|sequential",
     )
     need(not (cfg.compile and cfg.device_map), "compile=true cannot be combined with device_map")
+    need(
+        cfg.compile_mode in COMPILE_MODES,
+        f"compile_mode={cfg.compile_mode!r}: expected one of {COMPILE_MODES} (used with compile=true)",
+    )
+    need(
+        not (cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and cfg.device == "cpu" and cfg.devices is None),
+        f"compile_mode={cfg.compile_mode} records CUDA graphs and needs a GPU; on device=cpu use "
+        "compile_mode=default (or compile=false)",
+    )
+    sizes = cfg.warmup_batch_sizes
+    need(
+        sizes is None or all(isinstance(n, int) and 1 <= n <= cfg.max_batch_size for n in sizes),
+        f"warmup_batch_sizes={sizes}: batch sizes in 1..max_batch_size={cfg.max_batch_size} (or [] for none)",
+    )
     need(0.0 < cfg.threshold < 1.0, f"threshold={cfg.threshold}: must be in (0, 1)")
     need(cfg.answer_text is None or "[SEG]" in cfg.answer_text, f"answer_text={cfg.answer_text!r}: needs a [SEG] token")
     for key in ("max_new_tokens", "max_batch_size", "max_upload_bytes", "max_pixels", "max_images", "max_prompt_chars",

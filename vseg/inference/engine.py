@@ -99,6 +99,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return moved
 
 
+def synchronize(tensors: list[torch.Tensor]) -> None:
+    """Waits for the GPU work behind `tensors` (on every CUDA device they live on); nothing on the CPU."""
+    for index in sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"}):
+        torch.cuda.synchronize(index)
+
+
 class Engine:
     """Runs the model on batches from `vseg.inference.inputs.collate`.
 
@@ -134,17 +140,28 @@ class Engine:
         self.sam_size = model.grounding.image_size
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, Any], probability: bool = False) -> list[ItemPrediction]:
+    def __call__(
+        self, batch: dict[str, Any], probability: bool = False, times: dict[str, float] | None = None
+    ) -> list[ItemPrediction]:
+        """Predictions for a collated batch; `times` (if given) gets `forward_ms` (the model up to the low-res
+        logits, waited for) and `finish_ms` (masks at the images' sizes on the host, probability maps)."""
         items = batch["items"]
         if not items:
             return []
+        start = time.perf_counter()
         sizes = [tuple(s) for s in batch["image_sizes"]]
         if self.mode == "teacher_forced":
             logits = self.seg_logits(batch["input_ids"], batch["attention_mask"], batch)
             answers = [self.answer] * len(items)
         else:
             answers, logits = self.generate(batch)
-        return self.finish(logits, sizes, answers, probability)
+        if times is None:
+            return self.finish(logits, sizes, answers, probability)
+        synchronize(logits)  # finish waits for the GPU anyway; waiting here first splits the two times
+        mark = time.perf_counter()
+        out = self.finish(logits, sizes, answers, probability)
+        times["forward_ms"], times["finish_ms"] = 1000 * (mark - start), 1000 * (time.perf_counter() - mark)
+        return out
 
     def finish(
         self,

@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import logging
 import os
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,15 +234,23 @@ class PredictDataset(Dataset):
         processor: the model's processor.
         answer: teacher-forced answer (contains [SEG]); None: the prompt ends where generation starts.
         data: the dataset config of dataset items (resizing rules for polygons, holes).
+        pool: threads that resize for SAM-2 while the reading thread tiles (`Sa2VAProcessor.encode`); a server
+            answering one request at a time uses it, a loader with a worker per core does not need it.
     """
 
     def __init__(
-        self, items: list[PredictItem], processor: Sa2VAProcessor, answer: str | None, data: DataConfig | None = None
+        self,
+        items: list[PredictItem],
+        processor: Sa2VAProcessor,
+        answer: str | None,
+        data: DataConfig | None = None,
+        pool: Executor | None = None,
     ):
         self.items = items
         self.processor = processor
         self.answer = answer
         self.data = data
+        self.pool = pool
 
     def __len__(self) -> int:
         return len(self.items)
@@ -271,7 +280,7 @@ class PredictDataset(Dataset):
         item = with_file_spacing(self.items[index])
         try:
             image, truth, fov = self.read(item)
-            features = self.processor.encode(image, item.prompt, self.answer, sample_id=item.id)
+            features = self.processor.encode(image, item.prompt, self.answer, sample_id=item.id, pool=self.pool)
         except Exception as err:  # noqa: BLE001 - any unreadable input is recorded as failed, the run goes on
             return {"item": item, "error": f"{type(err).__name__}: {err}"}
         if self.answer is not None:

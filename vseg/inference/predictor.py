@@ -24,6 +24,7 @@ runs the frozen matmuls in float8 on Hopper / Ada GPUs (`vseg.inference.quantize
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -255,22 +256,33 @@ class Predictor:
         return PredictDataset(items, self.processor, answer, data)
 
     def __call__(
-        self, batch: dict[str, Any], mode: str | None = None, probability: bool = False
+        self,
+        batch: dict[str, Any],
+        mode: str | None = None,
+        probability: bool = False,
+        times: dict[str, float] | None = None,
     ) -> list[ItemPrediction] | list[dict[str, ItemPrediction]]:
         """Predictions for one collated batch; its tensors go where the model needs them.
 
         A batch of a targets dataset gives, per image, a dict target name -> prediction. `probability=True`
         also returns each input's foreground probability map (to move the threshold later; not with targets).
+        `times` (a dict) gets where the call's time went: `copy_ms` (inputs to the device), and from the engine
+        `forward_ms` and `finish_ms` (not with targets).
         """
+        start = time.perf_counter()
         if self.device_map is None:
             batch = to_device(batch, self.device)
+            if times is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        if times is not None:
+            times["copy_ms"] = 1000 * (time.perf_counter() - start)
         if self.pad_tokens > 1:
             batch = latency.pad_tokens(batch, self.pad_tokens, self.tokenizer.pad_token_id)
         if self.cuda_graphs:
             latency.step_begin()
         if "row_image" in batch:  # a TargetsDataset batch
             return predict_targets(self.engine(mode), batch)
-        return self.engine(mode)(batch, probability)
+        return self.engine(mode)(batch, probability, times)
 
     def predict(
         self,

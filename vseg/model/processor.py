@@ -18,6 +18,7 @@ authors' code exactly, in one of two styles (`model.prompt_style`):
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,7 @@ class Sa2VAProcessor:
         answer: str | None = None,
         masks: np.ndarray | None = None,
         sample_id: str = "?",
+        pool: Executor | None = None,
     ) -> dict[str, Any]:
         """Features of one sample.
 
@@ -121,8 +123,10 @@ class Sa2VAProcessor:
             answer: the supervised answer; None for inference (the prompt ends where the answer starts).
             masks: (K, H, W) or (H, W) boolean targets, one per [SEG] in `answer`.
             sample_id: shown in error messages.
+            pool: if given, SAM-2's resize runs there while this thread makes the MLLM's tiles (PIL releases the
+                GIL while it resizes; one image's latency is then the longer resize, not their sum). Same pixels.
         """
-        return self.encode_questions(image, [question], answer, masks, sample_id)[0]
+        return self.encode_questions(image, [question], answer, masks, sample_id, pool)[0]
 
     def encode_questions(
         self,
@@ -131,15 +135,18 @@ class Sa2VAProcessor:
         answer: str | None = None,
         masks: np.ndarray | None = None,
         sample_id: str = "?",
+        pool: Executor | None = None,
     ) -> list[dict[str, Any]]:
         """Features of one image asked several questions (prediction with several targets), in their order.
 
         The image is tiled and resized once; the samples share those tensors and differ in their text.
+        `pool`: as in `encode`.
         """
         pil = to_pil(image)
         template = get_template(self.model_cfg.template)
+        sam_job = pool.submit(sam_pixels, pil, self.sam_size) if pool is not None else None
         image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
-        sam = sam_pixels(pil, self.sam_size)
+        sam = sam_job.result() if sam_job is not None else sam_pixels(pil, self.sam_size)
         answer_ids = self.token_ids(answer + template.suffix) if answer is not None else []
         out = []
         for question in questions:

@@ -84,6 +84,7 @@ def _body_schema(model: type) -> dict[str, Any]:
 
 def prediction(index: int, out: Outcome, formats: list[str], threshold: float | None) -> dict[str, Any]:
     """One image's JSON result; `threshold` other than the server's recomputes the mask from the probability."""
+    start = time.perf_counter()
     p: ItemPrediction = out.prediction
     mask = p.mask if threshold is None or p.probability is None else p.probability > threshold
     h, w = mask.shape
@@ -98,6 +99,7 @@ def prediction(index: int, out: Outcome, formats: list[str], threshold: float | 
             "prepare_ms": round(out.prepare_ms, 2),
             "queue_ms": round(out.queue_ms, 2),
             "model_ms": round(out.model_ms, 2),
+            **{key: round(value, 2) for key, value in out.parts.items()},  # the model call in parts
             "batch_size": out.batch_size,
             "replica": out.replica,
         },
@@ -110,6 +112,7 @@ def prediction(index: int, out: Outcome, formats: list[str], threshold: float | 
         result["rle"] = masks.rle(mask)
     if "polygons" in formats:
         result["polygons"] = masks.polygons(mask)
+    result["timings"]["encode_ms"] = round(1000 * (time.perf_counter() - start), 2)  # PNG / RLE / polygons
     return result
 
 
@@ -175,7 +178,7 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
 
     def ready() -> None:
         if service.state == "starting":
-            raise ApiError(503, "the model is still loading; poll GET /health until it says ready")
+            raise ApiError(503, f"the model is still {service.stage}; poll GET /health until it says ready")
         if service.state == "failed":
             raise ApiError(503, f"the model failed to load: {service.error}")
 
@@ -217,6 +220,8 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
         body = {"status": service.state, "replicas": len(service.replicas), "queued": len(service.batcher)}
         if service.error:
             body["error"] = service.error
+        if service.state == "starting":
+            body["stage"] = service.stage  # loading | warming up (compiling, recording CUDA graphs)
         return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
 
     @app.get("/v1/model", summary="what is loaded, where, in which dtype")
@@ -254,8 +259,13 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
             return ImageSource(f"images[{i}]", image=req.images[i])
 
         sources = [source(i) for i in range(count)]
+        # the probability map only when the answer needs it: its PNG, or a mask at another threshold
+        needs = "probability" in req.formats or req.threshold not in (None, cfg.threshold)
         outcomes = await run(
-            [lambda s=s, p=p: service.prepare_segment(s, req.answer, p) for s, p in zip(sources, prompts, strict=True)]
+            [
+                lambda s=s, p=p: service.prepare_segment(s, req.answer, p, needs)
+                for s, p in zip(sources, prompts, strict=True)
+            ]
         )
         results = await off_loop(lambda: [prediction(i, o, req.formats, req.threshold) for i, o in enumerate(outcomes)])
         end = time.perf_counter()
@@ -266,7 +276,11 @@ def create_app(cfg: ServeConfig, service: Service, jobs: JobManager | None = Non
     async def chat(body: ChatRequest):
         check_prompt(body.prompt, cfg)
         (outcome,) = await run(
-            [lambda: service.prepare_segment(ImageSource("image", image=body.image), "generate", body.prompt)]
+            [
+                lambda: service.prepare_segment(
+                    ImageSource("image", image=body.image), "generate", body.prompt, "probability" in body.formats
+                )
+            ]
         )
         formats = body.formats if outcome.prediction.seg_tokens else []
         return JSONResponse(await off_loop(prediction, 0, outcome, formats, None))

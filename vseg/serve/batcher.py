@@ -47,6 +47,7 @@ class Task:
     sample: dict[str, Any] | None = None  # the processor's features (`Predictor.dataset(...)[0]`), if prepared
     encoded_by: Any = None  # the processor that made `sample` (a model switch since then: encoded again)
     prepare_ms: float = 0.0  # decoding + encoding in the preparation pool
+    probability: bool = True  # the foreground probability map is needed (probability PNG, another threshold)
 
     def batchable_with(self, other: Task) -> bool:
         return self.kind == other.kind == "segment" and self.mode == other.mode
@@ -62,6 +63,8 @@ class Outcome:
     batch_size: int  # images in that call
     replica: str
     prepare_ms: float = 0.0  # decoding + encoding before the queue
+    # the batch's model call in parts: collate_ms, copy_ms (to the device), forward_ms, finish_ms (masks back)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 class Batcher:
@@ -108,10 +111,17 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self) -> list[Task] | None:
-        """The next batch (blocks); None once closed."""
+    def wake(self) -> None:
+        """Wakes idle workers (a replica has a call to run on its worker thread)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(self, interrupt: Callable[[], bool] | None = None) -> list[Task] | None:
+        """The next batch (blocks); None once closed; [] when `interrupt()` turns true while waiting idle."""
         with self._cond:
             while not self._tasks and not self._closed:
+                if interrupt is not None and interrupt():
+                    return []
                 self._cond.wait()
             if self._closed:
                 return None
@@ -145,6 +155,7 @@ class Replica:
         self.batches = 0
         self.images = 0
         self._thread: threading.Thread | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the worker thread before batches
 
     def start(self, on_error: Callable[[BaseException], None]) -> None:
         self._thread = threading.Thread(target=self._loop, args=(on_error,), name=f"vseg-{self.name}", daemon=True)
@@ -154,8 +165,33 @@ class Replica:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Runs `fn` on this replica's worker thread, between batches (warm-up: torch.compile's CUDA-graph trees
+        belong to the thread that records them, so the graphs must be recorded where the model will run)."""
+        future: Future = Future()
+        if self._thread is None or not self._thread.is_alive():
+            future.set_exception(RuntimeError(f"{self.name}: its worker thread is not running"))
+            return future
+        self._calls.append((fn, future))
+        self.batcher.wake()
+        return future
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # the caller gets it; the worker goes on
+                future.set_exception(err)
+
     def _loop(self, on_error: Callable[[BaseException], None]) -> None:
-        while (batch := self.batcher.take()) is not None:
+        while True:
+            self._run_calls()
+            batch = self.batcher.take(lambda: bool(self._calls))
+            if batch is None:
+                break
+            if not batch:
+                continue
             try:
                 self._run(batch)
             except BaseException as err:  # never lose the worker: each task gets the error, the loop goes on
@@ -169,11 +205,12 @@ class Replica:
         with self.lock:
             predictor = self.predictor
             assert predictor is not None, "a worker runs only after its model is loaded"
+            parts: dict[str, float] = {}
             if batch[0].kind == "refine":
                 t = batch[0]
                 results: list[Any] = [predictor.refine(t.image, t.prompt, t.points, t.labels)]
             else:
-                results = self._predict(predictor, batch)
+                results = self._predict(predictor, batch, parts)
         model_ms = 1000 * (time.perf_counter() - start)
         self.batches += 1
         self.images += len(batch)
@@ -182,7 +219,8 @@ class Replica:
                 task.future.set_exception(result)
             else:
                 queue_ms = 1000 * (start - task.enqueued)
-                task.future.set_result(Outcome(result, queue_ms, model_ms, len(batch), self.name, task.prepare_ms))
+                outcome = Outcome(result, queue_ms, model_ms, len(batch), self.name, task.prepare_ms, parts)
+                task.future.set_result(outcome)
 
     @staticmethod
     def _samples(predictor: Predictor, batch: list[Task]) -> list[dict[str, Any]]:
@@ -193,22 +231,33 @@ class Replica:
         return [t.sample for t in batch]  # type: ignore[misc]
 
     @classmethod
-    def _predict(cls, predictor: Predictor, batch: list[Task]) -> list[ItemPrediction | BaseException]:
+    def _predict(
+        cls, predictor: Predictor, batch: list[Task], parts: dict[str, float] | None = None
+    ) -> list[ItemPrediction | BaseException]:
         """One model call for the batch; if it fails, each task alone, so one bad input fails only itself.
 
         The same steps as `Predictor.predict` (the processor's features, `collate`, the predictor on the batch),
-        so a served mask is the mask predict.py writes for the image.
+        so a served mask is the mask predict.py writes for the image. The probability maps are computed only
+        when a task of the batch needs them. `parts` gets where the call's time went (`Outcome.parts`).
         """
         mode = batch[0].mode
+        parts = {} if parts is None else parts
+
+        def run(tasks: list[Task]) -> list[Any]:
+            start = time.perf_counter()
+            collated = collate(predictor.processor, cls._samples(predictor, tasks))
+            parts["collate_ms"] = 1000 * (time.perf_counter() - start)
+            return list(predictor(collated, mode, any(t.probability for t in tasks), parts))
+
         try:
-            return list(predictor(collate(predictor.processor, cls._samples(predictor, batch)), mode, True))
+            return run(batch)
         except Exception:
             if len(batch) == 1:
                 raise
         out: list[ItemPrediction | BaseException] = []
         for t in batch:
             try:
-                out.append(predictor(collate(predictor.processor, cls._samples(predictor, [t])), mode, True)[0])
+                out.append(run([t])[0])
             except Exception as err:
                 out.append(err)
         return out

@@ -7,12 +7,14 @@ spawned processes, each with the processor, and sends the features back (tensors
 DataLoader worker does); the server's own GIL then only collates, launches and answers.
 
 Either way a sample is what `Predictor.predict` makes for the image (`PredictDataset`), so masks stay equal.
+The two resizes of one image (SAM-2's 1024 px side, the MLLM's 448-px tiles) are independent: SAM-2's runs on a
+second thread (`resize_pool`) while the preparing thread tiles, so one request waits for the longer of the two.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,26 +43,41 @@ class ImageSource:
         return load_image(self.image, cfg, self.what)
 
 
-def encode(processor: Any, image: np.ndarray, prompt: str, answer: str | None) -> dict[str, Any]:
-    """The features `Predictor.predict` makes for the image (ValueError if the processor refuses it)."""
-    sample = PredictDataset([PredictItem(0, "request", prompt, pixels=image)], processor, answer)[0]
+def encode(
+    processor: Any, image: np.ndarray, prompt: str, answer: str | None, resize_pool: Executor | None = None
+) -> dict[str, Any]:
+    """The features `Predictor.predict` makes for the image (ValueError if the processor refuses it).
+
+    `resize_pool`: SAM-2's 1024-px resize runs there while this thread makes the MLLM's tiles (same pixels).
+    """
+    sample = PredictDataset([PredictItem(0, "request", prompt, pixels=image)], processor, answer, pool=resize_pool)[0]
     if "error" in sample:
         raise ValueError(f"image: {sample['error']}")
     return sample
 
 
 def prepare(
-    source: ImageSource, prompt: str, answer: str | None, cfg: ServeConfig | None = None, processor: Any = None
+    source: ImageSource,
+    prompt: str,
+    answer: str | None,
+    cfg: ServeConfig | None = None,
+    processor: Any = None,
+    resize_pool: Executor | None = None,
+    split: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(image, features): in a thread with the given processor, in a process with the one it started with."""
-    cfg = cfg or _PROCESS["cfg"]
+    """(image, features): in a thread with the given processor and resize pool, in a process with its own
+    (used when `split`: the server has idle cores)."""
+    if cfg is None:
+        cfg, processor = _PROCESS["cfg"], _PROCESS["processor"]
+        resize_pool = _PROCESS["resize_pool"] if split else None
     image = source.load(cfg)
-    return image, encode(processor or _PROCESS["processor"], image, prompt, answer)
+    return image, encode(processor, image, prompt, answer, resize_pool)
 
 
 def _start_process(processor: Any, cfg: ServeConfig) -> None:
     torch.set_num_threads(1)  # as a DataLoader worker: many processes, one core each
-    _PROCESS.update(processor=processor, cfg=cfg)
+    # one thread resizes for SAM-2 while the process tiles for the MLLM
+    _PROCESS.update(processor=processor, cfg=cfg, resize_pool=ThreadPoolExecutor(1, thread_name_prefix="resize"))
 
 
 def process_pool(cfg: ServeConfig, processor: Any, size: int) -> Executor:

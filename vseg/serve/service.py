@@ -18,15 +18,18 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from vseg.artifacts.sources import ModelSource, resolve_source
 from vseg.config import ConfigError, ModelConfig, ServeConfig
-from vseg.inference.placement import parse_max_memory
+from vseg.config.serve import CUDA_GRAPH_MODES
+from vseg.inference.inputs import DEFAULT_PROMPT, collate
+from vseg.inference.placement import parse_max_memory, resolve_device
 from vseg.inference.predictor import Predictor
 from vseg.serve.batcher import Batcher, Replica, Task
-from vseg.serve.prepare import ImageSource, chain, prepare, process_pool
+from vseg.serve.prepare import ImageSource, chain, encode, prepare, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,38 @@ def placements(cfg: ServeConfig, cuda_count: int | None = None) -> list[dict[str
     if missing:
         raise ConfigError(f"devices={devices}: GPU {missing} not visible ({count} CUDA GPUs here)")
     return [{"device": f"cuda:{i}"} for i in indices]
+
+
+def check_compile(cfg: ServeConfig, placements: list[dict[str, Any]]) -> None:
+    """compile_mode=reduce-overhead records CUDA graphs: refused (one clear message) for a replica on the CPU."""
+    if not (cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES):
+        return
+    for placement in placements:
+        device = placement.get("device")
+        if device is not None and resolve_device(device).type != "cuda":
+            raise ConfigError(
+                f"compile_mode={cfg.compile_mode} records CUDA graphs and needs a GPU, but a replica would run on "
+                f"{resolve_device(device)} (device={cfg.device}, devices={cfg.devices}): use compile_mode=default "
+                "or compile=false on the CPU"
+            )
+
+
+def warm_up(predictor: Predictor, sizes: list[int], side: int = 512) -> dict[int, float]:
+    """Runs the model once per batch size on a `side`-px image through the server's path; {size: seconds}.
+
+    With compile=true the first call per shape compiles the blocks (and with CUDA graphs records them), so a
+    request of a warmed-up size does not pay for it. Images of another tile count or prompts beyond the text
+    padding still compile or record on first use. Call it on the thread that will run the model.
+    """
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    sample = encode(predictor.processor, image, DEFAULT_PROMPT, predictor.answer_text)
+    seconds = {}
+    for size in sizes:
+        start = time.perf_counter()
+        predictor(collate(predictor.processor, [sample] * size), "teacher_forced", False)
+        seconds[size] = round(time.perf_counter() - start, 2)
+    return seconds
 
 
 def model_config(node: dict[str, Any] | None) -> ModelConfig | None:
@@ -74,11 +109,17 @@ class Service:
         self.cfg = cfg
         self.batcher = Batcher(cfg.max_batch_size, cfg.batch_timeout_ms / 1000)
         self.replicas = [Replica(f"replica{i}", p, self.batcher) for i, p in enumerate(placements(cfg))]
+        check_compile(cfg, [r.placement for r in self.replicas])
         self.pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-prepare")
+        # SAM-2's resize of an image, beside its tiles on a preparing thread (`prepare.encode`, `_resize_pool`);
+        # its jobs never wait on anything, so a full pool cannot deadlock
+        self.resize_pool = ThreadPoolExecutor(pool_size(cfg), thread_name_prefix="vseg-resize")
         self.processes: Executor | None = None  # prepare=processes: spawned once the processor is known
         self.ckpt = cfg.ckpt
         self.source: ModelSource | None = None
         self.state = "starting"  # starting | ready | failed
+        self.stage = "loading"  # while starting: loading | warming up (compiling, recording CUDA graphs)
+        self.warmup_seconds: dict[str, dict[int, float]] = {}  # replica -> batch size -> seconds
         self.error: str | None = None
         self.loaded_at: float | None = None
         self.switches = 0
@@ -93,6 +134,7 @@ class Service:
             **placement,
             dtype=c.dtype,
             compile=c.compile,
+            compile_mode=c.compile_mode,
             answer_text=c.answer_text,
             max_new_tokens=c.max_new_tokens,
             threshold=c.threshold,
@@ -106,6 +148,8 @@ class Service:
                 replica.predictor = self._predictor(self.source, replica.placement)
                 replica.start(self._worker_error)
             self._cap_cpu_threads()
+            self.stage = "warming up"
+            self._install({r.name: r.predictor for r in self.replicas})  # type: ignore[misc]
             self._start_processes()
             self.loaded_at, self.state = time.time(), "ready"
             log.info("vseg serve: %d replica(s) ready", len(self.replicas))
@@ -130,6 +174,23 @@ class Service:
         if old is not None:
             old.shutdown(wait=False, cancel_futures=False)
 
+    def _install(self, fresh: dict[str, Predictor]) -> None:
+        """Each replica's worker thread warms its new predictor up (`warm_up`; all replicas at once) and then
+        serves with it: compiled code and CUDA graphs belong to the thread that runs the model."""
+        sizes = self.cfg.warmup_sizes()
+
+        def install(replica: Replica, predictor: Predictor) -> dict[int, float]:
+            seconds = warm_up(predictor, sizes) if sizes else {}
+            with replica.lock:
+                replica.predictor = predictor
+            return seconds
+
+        jobs = [(r, r.call(lambda r=r: install(r, fresh[r.name]))) for r in self.replicas]
+        for replica, job in jobs:
+            self.warmup_seconds[replica.name] = job.result()
+        if sizes:
+            log.info("vseg serve: warmed up batch sizes %s in %s s", sizes, self.warmup_seconds)
+
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="vseg-load", daemon=True)
         thread.start()
@@ -149,10 +210,7 @@ class Service:
             raise ConfigError("a model switch is already running; wait for it to finish")
         try:
             source = resolve_source(ckpt, model_config(self.cfg.model) if ckpt == "random" else None)
-            for replica in self.replicas:
-                fresh = self._predictor(source, replica.placement)
-                with replica.lock:
-                    replica.predictor = fresh
+            self._install({r.name: self._predictor(source, r.placement) for r in self.replicas})
             self.source, self.ckpt, self.switches = source, ckpt, self.switches + 1
             self._start_processes()
             self.loaded_at = time.time()
@@ -164,6 +222,7 @@ class Service:
         for replica in self.replicas:
             replica.join(timeout=5)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.resize_pool.shutdown(wait=False, cancel_futures=True)
         if self.processes is not None:
             self.processes.shutdown(wait=False, cancel_futures=True)
 
@@ -172,9 +231,10 @@ class Service:
         """Queues a task as it is (a segment task without features is encoded by the worker)."""
         return self.batcher.submit(task)
 
-    def prepare_segment(self, source: ImageSource, mode: str, prompt: str) -> Future:
+    def prepare_segment(self, source: ImageSource, mode: str, prompt: str, probability: bool = True) -> Future:
         """Decodes and encodes one image on the pool (threads or processes), then queues it; the future is the
-        task's (its `Outcome`, or the error of any step: the request's ApiError, ValueError from the processor)."""
+        task's (its `Outcome`, or the error of any step: the request's ApiError, ValueError from the processor).
+        `probability`: the request needs the probability map (its PNG, or a threshold other than the server's)."""
         future: Future = Future()
         predictor = self.replicas[0].predictor
         assert predictor is not None, "requests are prepared only once the model is loaded"
@@ -188,7 +248,8 @@ class Service:
                 future.set_exception(error)
                 return
             image, sample = result
-            task = Task("segment", mode, image, prompt, future=future, sample=sample, encoded_by=processor)
+            task = Task("segment", mode, image, prompt, future=future, sample=sample, encoded_by=processor,
+                        probability=probability)  # fmt: skip
             task.prepare_ms = 1000 * (time.perf_counter() - start)
             try:
                 self.batcher.submit(task, announced=True)
@@ -198,14 +259,20 @@ class Service:
         self.batcher.announce()
         try:
             if self.processes is not None:
-                job = self.processes.submit(prepare, source, prompt, answer)
+                split = self._resize_pool() is not None
+                job = self.processes.submit(prepare, source, prompt, answer, split=split)
             else:
-                job = self.pool.submit(prepare, source, prompt, answer, self.cfg, processor)
+                job = self.pool.submit(prepare, source, prompt, answer, self.cfg, processor, self._resize_pool())
         except RuntimeError as err:  # the pool is shut down
             then(None, err)
             return future
         chain(job, then)
         return future
+
+    def _resize_pool(self) -> Executor | None:
+        """The resize pool while cores are idle (at most one request in preparation per two cores); on a busy
+        server each preparing thread resizes alone: a hand-off to another thread then only adds waiting."""
+        return self.resize_pool if self.batcher.coming <= max(1, (os.cpu_count() or 1) // 2) else None
 
     def prepare(self, make: Callable[[], Task]) -> Future:
         """Runs `make` (decoding: raises the request's ApiError) on the thread pool, then queues its task (refine:
@@ -246,6 +313,9 @@ class Service:
             "answer_text": first.answer_text if first else None,
             "threshold": self.cfg.threshold,
             "max_batch_size": self.cfg.max_batch_size,
+            "compile": self.cfg.compile,
+            "compile_mode": self.cfg.compile_mode if self.cfg.compile else None,
+            "warmup_seconds": self.warmup_seconds,
             "batch_timeout_ms": self.cfg.batch_timeout_ms,
             "replicas": [
                 {
