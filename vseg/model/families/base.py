@@ -143,6 +143,21 @@ def row_token_index(
     return placeholders, index.to(input_ids.device)
 
 
+def shared_image_embeds(
+    embed: nn.Module, input_ids: torch.Tensor, image_token_id: int, row_image: torch.Tensor, embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings of rows that share images, each image's embeddings (computed once, in image order)
+    scattered into the placeholders of every row that shows it.
+
+    Returns:
+        (inputs_embeds (B, L, D), the (B, L) placeholder mask, the index of `row_token_index`).
+    """
+    placeholders, index = row_token_index(input_ids, image_token_id, row_image, embeddings.shape[0])
+    inputs_embeds = embed(input_ids)
+    rows = embeddings.to(inputs_embeds.device, inputs_embeds.dtype)[index.to(inputs_embeds.device)]
+    return inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), rows), placeholders, index
+
+
 def vocab_size(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     """Rows of the embedding and LM head.
 

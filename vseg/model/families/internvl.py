@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from vseg.config import ModelConfig
-from vseg.model.families.base import embedding_device, row_token_index, vocab_size
+from vseg.model.families.base import embedding_device, shared_image_embeds, vocab_size
 from vseg.model.families.internvl_release import (
     INTERNVL_BASE_MODEL_TYPES,
     InternVLLayout,
@@ -175,10 +175,9 @@ class InternVLFamily:
         features = model.get_image_features(pixel_values=pixel_values, return_dict=True)
         embeddings = getattr(features, "pooler_output", features)  # an output object (transformers >= 5.17)
         embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # (tiles x tokens per tile, D), images in order
-        placeholders, index = row_token_index(input_ids, mllm.config.image_token_id, row_image, embeddings.shape[0])
-        inputs_embeds = model.get_input_embeddings()(input_ids)
-        rows = embeddings.to(inputs_embeds.device, inputs_embeds.dtype)[index.to(inputs_embeds.device)]
-        inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), rows)
+        inputs_embeds, placeholders, index = shared_image_embeds(
+            model.get_input_embeddings(), input_ids, mllm.config.image_token_id, row_image, embeddings
+        )
         out = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 

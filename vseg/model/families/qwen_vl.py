@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from vseg.config import ModelConfig
-from vseg.model.families.base import embedding_device, row_token_index, vocab_size
+from vseg.model.families.base import embedding_device, shared_image_embeds, vocab_size
 from vseg.model.families.qwen_vl_release import (
     QWEN_ARCHITECTURE,
     QWEN_PROCESSOR_FILES,
@@ -222,10 +222,9 @@ class QwenVLFamily:
         pixels = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
         out = visual(pixels, grid_thw=grid.to(param.device), return_dict=True)
         embeddings = out.pooler_output  # merged tokens of all images, in image order
-        placeholders, index = row_token_index(input_ids, mllm.config.image_token_id, row_image, embeddings.shape[0])
-        inputs_embeds = model.get_input_embeddings()(input_ids)
-        rows = embeddings.to(inputs_embeds.device, inputs_embeds.dtype)[index.to(inputs_embeds.device)]
-        inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), rows)
+        inputs_embeds, placeholders, index = shared_image_embeds(
+            model.get_input_embeddings(), input_ids, mllm.config.image_token_id, row_image, embeddings
+        )
         rope: dict[str, Any] = {
             "image_grid_thw": grid.to(input_ids.device)[row_image.to(input_ids.device)],
             "attention_mask": attention_mask,
