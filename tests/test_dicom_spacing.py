@@ -10,33 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_video import _dicom  # a minimal XA DICOM, single- or multi-frame
 from vseg.cli import compose
 from vseg.data.dicom import dicom_pixel_spacing
 from vseg.data.synthetic import generate_vessels
 from vseg.distances import surface_distances
 from vseg.predict import run as predict
-
-
-def _dicom(path: Path, grey: np.ndarray, **fields) -> Path:
-    """A minimal single-frame XA DICOM (uncompressed, little endian) of HxW uint16 grey values."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "XA"
-    ds.Rows, ds.Columns = grey.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in fields.items():
-        setattr(ds, key, value)
-    ds.PixelData = grey.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
 
 
 def _angiogram(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
