@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from vseg.inference.compile import compile_blocks
+    from vseg.model.compile import compile_blocks
 
     encoder = build_encoder()
     side = int(encoder.backbone.config.image_size[0])

@@ -5,11 +5,14 @@ micro-batches through Lightning does not fit a short device call. This loop buil
 (real shape, random bf16 weights made on the GPU), then for each variant times the step a `train.py` run
 takes at its core: bf16 autocast, `Sa2VA.forward`, the mask BCE + Dice + answer-token CE losses, backward,
 gradient clipping at 1.0 and AdamW (the module's non-fused AdamW), with `MasterWeights` around the
-optimizer when `bf16_weights` is on. Liger's patch cannot be undone, so its variants run last. Lightning's
+optimizer when `bf16_weights` is on, and the repeated blocks compiled in place (`vseg.model.compile`, undone
+for variants without it) when `compile` is on; its warm-up steps include the compilation. Liger's patch
+cannot be undone, so its variants run last. Lightning's
 own per-step work (logging, callbacks, the loader) is not in these numbers: `bench/train_vs_plain.py`
 measures the whole `train.py` path.
 
     python bench/train_switches.py --runs off:2:on,host_positions:2:on,bf16_weights:2:on,liger:2:on,all:2:on
+    python bench/train_switches.py --runs host_positions:2:on,host_positions+compile:2:on   # switches combined
 """
 
 from __future__ import annotations
@@ -31,13 +34,24 @@ sys.path.insert(0, str(ROOT / "tests"))
 from vseg.artifacts import build_sa2va  # noqa: E402
 from vseg.config import load_config  # noqa: E402
 from vseg.losses import mask_loss_sums  # noqa: E402
+from vseg.model.compile import compile_blocks, repeated_blocks  # noqa: E402
 from vseg.model.processor import Sa2VAProcessor  # noqa: E402
 from vseg.model.sa2va import Positions  # noqa: E402
 from vseg.training.speed import MasterWeights, apply_liger  # noqa: E402
 
 from conftest import compose_cfg  # noqa: E402
 
-SWITCHES = ("bf16_weights", "liger", "host_positions")
+SWITCHES = ("bf16_weights", "liger", "host_positions", "compile")
+
+
+def switches_of(variant: str) -> set[str]:
+    """`off`, `all`, one switch, or switches joined by `+` (host_positions+compile)."""
+    if variant in ("off", "all"):
+        return set(SWITCHES) if variant == "all" else set()
+    on = set(variant.split("+"))
+    if not on <= set(SWITCHES):
+        raise SystemExit(f"unknown switch in {variant!r}: off | all | switches joined by + from {SWITCHES}")
+    return on
 
 
 def make_batch(proc: Sa2VAProcessor, batch: int, device: str) -> dict:
@@ -122,12 +136,17 @@ def main() -> None:
     model.train()
     proc = Sa2VAProcessor.for_model(model, tok, cfg.model, 512)
     runs = [r.split(":") for r in args.runs.split(",")]
-    runs.sort(key=lambda r: r[0] in ("liger", "all"))  # Liger's patch is one-way: its variants last
+    runs.sort(key=lambda r: "liger" in switches_of(r[0]))  # Liger's patch is one-way: its variants last
     rows, liger_applied = [], False
     for variant, batch, ckpt in runs:
-        on = set(SWITCHES) if variant == "all" else ({variant} - {"off"})
+        on = switches_of(variant)
         if "liger" in on and not liger_applied:
             liger_applied = apply_liger(model.base_mllm.model.language_model)
+        if "compile" in on:
+            compile_blocks(model)  # in place; the compiled graphs stay cached between variants
+        else:
+            for block in repeated_blocks(model):
+                block._compiled_call_impl = None  # back to eager (what nn.Module.compile set)
         if ckpt == "on":
             model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:

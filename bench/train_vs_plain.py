@@ -4,7 +4,7 @@ First `bench/plain_train.py` (transformers + peft only, one process, every confi
 `train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
 images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT`, where VARIANT is `off` (every
 `speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
-(`bf16_weights`, `liger`, `host_positions`). Ratios printed at the end: vseg / plain at each micro-batch,
+(`bf16_weights`, `liger`, `host_positions`, `compile`). Ratios printed at the end: vseg / plain at each micro-batch,
 best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every run.
 
     python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
@@ -24,14 +24,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train import run_one  # noqa: E402  (bench/train.py)
 
-SWITCHES = ("bf16_weights", "liger", "host_positions")
+SWITCHES = ("bf16_weights", "liger", "host_positions", "compile")
 DEFAULT_VSEG = "off:2:on,all:1:on,all:2:on,all:8:on,all:32:off,bf16_weights:2:on,liger:2:on,host_positions:2:on"
 
 
 def speed_overrides(variant: str) -> list[str]:
-    if variant not in ("off", "all", *SWITCHES):
-        raise SystemExit(f"unknown variant {variant!r}: off | all | {' | '.join(SWITCHES)}")
-    return [f"speed.{s}={str(variant in ('all', s)).lower()}" for s in SWITCHES]
+    """`off`, `all`, one switch, or switches joined by `+` (host_positions+compile)."""
+    on = set(SWITCHES) if variant == "all" else set() if variant == "off" else set(variant.split("+"))
+    if not on <= set(SWITCHES):
+        raise SystemExit(f"unknown variant {variant!r}: off | all | switches joined by + from {SWITCHES}")
+    return [f"speed.{s}={str(s in on).lower()}" for s in SWITCHES]
 
 
 def steps_for(batch: int) -> int:

@@ -386,8 +386,8 @@ def test_compile_gives_the_same_masks_and_the_summary_splits_the_loop_time(train
     Traced by dynamo + AOTAutograd ("aot_eager"): inductor's C++ builds take minutes on two CPU cores; the
     GPU benchmark compares inductor's masks with eager ones (bench/predict.py).
     """
-    import vseg.inference.compile as C
-    from vseg.inference.compile import repeated_blocks
+    import vseg.model.compile as C
+    from vseg.model.compile import repeated_blocks
 
     monkeypatch.setattr(C, "BACKEND", "aot_eager")
 

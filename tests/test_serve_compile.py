@@ -106,7 +106,7 @@ def test_warm_up_runs_on_the_worker_before_ready_and_probability_only_when_asked
 def test_compiled_server_serves_the_eager_masks(monkeypatch):
     """compile=true compile_mode=default on the CPU (traced with "aot_eager": inductor's C++ builds take minutes on
     two cores), warmed up at batch 1 and 2 on start-up: the served masks are the eager model's (~1 min here)."""
-    import vseg.inference.compile as C
+    import vseg.model.compile as C
 
     monkeypatch.setattr(C, "BACKEND", "aot_eager")
     cfg = config_from_args([*BASE, "device=cpu", "compile=true", "compile_mode=default", "max_batch_size=2",

@@ -151,3 +151,33 @@ def test_bf16_weights_checkpoint_the_float32_masters_and_resume_from_them(monkey
     assert seen.keys() == saved.keys()
     for name, value in saved.items():
         assert torch.equal(seen[name].cpu(), value), name  # resumed from the masters, bit for bit
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monkeypatch, tmp_path):
+    """speed.compile on the CPU, traced with "aot_eager" (inductor's C++ builds take minutes here): every
+    repeated block runs compiled, under gradient checkpointing too, with the eager run's losses and state-dict
+    names (blocks are compiled in place, no `_orig_mod.` prefix)."""
+    import vseg.model.compile as C
+
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ckpt = ["model.gradient_checkpointing=true", "checkpoint.every_n_steps=4"]
+    eager, eager_weights = _train_losses(monkeypatch, tmp_path, "eager", ckpt)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, compiled_weights = _train_losses(monkeypatch, tmp_path, "compiled", [*ckpt, "speed.compile=true"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks ran as compiled graphs
+    assert len(compiled) == len(eager) == 4
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert compiled_weights.keys() == eager_weights.keys()
+    saved = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert not any("_orig_mod" in k for k in saved["state_dict"])
+    torch._dynamo.reset()
+
+
+def test_compile_is_refused_with_zero3():
+    from vseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="speed.compile=true is not supported with strategy=zero3"):
+        tiny_cfg(["strategy=zero3", "speed.compile=true"])

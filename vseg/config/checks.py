@@ -163,6 +163,12 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
             "frozen encoder changes the module order ZeRO-3 prefetches by (untested); use ddp, zero2 or zero2_offload",
         )
     validate_feature_cache(cfg, need)
+    need(
+        not (cfg.speed.compile and cfg.strategy.stage == 3),
+        f"speed.compile=true is not supported with strategy={cfg.strategy.name}: ZeRO-3 gathers each block's "
+        "weights in hooks around its forward, which compiled blocks bypass; set speed.compile=false, or pick "
+        "ddp, zero2 or zero2_offload",
+    )
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")

@@ -262,6 +262,9 @@ class SpeedConfig:
     # [SEG] and answer positions found on the host before the batch moves to the GPU, so the step's gathers
     # do not wait for the GPU (host syncs).
     host_positions: bool = True
+    # torch.compile of every repeated block (LLM layers, vision tower, SAM-2 blocks; vseg.model.compile): fused
+    # kernels, fewer launches per step. The first steps compile (about a minute on a GPU). Not with ZeRO-3.
+    compile: bool = False
 
 
 @dataclass

@@ -3,7 +3,7 @@
 At batch 1 a Sa2VA forward is a few thousand small kernels, and the GPU waits on Python launching them. Two
 measures, both options of the `Predictor` (so predict.py, `bench/` and the server get them alike):
 
-* `compile_mode="reduce-overhead"`: the repeated blocks (`vseg.inference.compile`) are compiled with inductor's
+* `compile_mode="reduce-overhead"`: the repeated blocks (`vseg.model.compile`) are compiled with inductor's
   CUDA graphs, so each block is one graph replay instead of tens of launches. Blocks of one class share one
   compiled graph, but each layer records its own CUDA graph (its weights live at other addresses); the
   re-record limit is raised for that. A new batch size or token length records new graphs once.

@@ -39,7 +39,6 @@ from vseg.config import ConfigError, DataConfig, ModelConfig
 from vseg.data.io import read_image
 from vseg.data.runs import Run, frame_names, read_run
 from vseg.inference import latency
-from vseg.inference.compile import compile_blocks
 from vseg.inference.engine import MODES, Engine, ItemPrediction, to_device
 from vseg.inference.inputs import DEFAULT_PROMPT, InputError, PredictDataset, PredictItem
 from vseg.inference.placement import DEVICE_MAPS, dispatch, plan_device_map, resolve_device
@@ -48,6 +47,7 @@ from vseg.inference.refine import refine as refine_by_clicks
 from vseg.inference.targets import TargetsDataset, names_with_truth, parse_targets, predict_targets
 from vseg.inference.video import predict_run
 from vseg.model.build import DTYPES
+from vseg.model.compile import compile_blocks
 from vseg.model.preprocess import to_pil
 from vseg.model.processor import Sa2VAProcessor
 from vseg.model.random_init import build_meta, materialize_random
@@ -202,7 +202,7 @@ class Predictor:
         return quantize_fp8(self.model, FP8_PARTS if parts is None else parts)
 
     def compile(self, mode: str = "default", pad_tokens: bool = True) -> Any:
-        """Compiles the model's repeated blocks in place (`vseg.inference.compile`); returns what was compiled.
+        """Compiles the model's repeated blocks in place (`vseg.model.compile`); returns what was compiled.
 
         Args:
             mode: default | reduce-overhead (CUDA graphs per block, for small batches) | max-autotune-no-cudagraphs.

@@ -16,6 +16,7 @@ from vseg.config import ConfigError, TrainConfig
 from vseg.data.dataset import target_names
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
+from vseg.model.compile import compile_blocks
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
@@ -83,6 +84,7 @@ class Sa2VAModule(L.LightningModule):
         where = cfg.model.sam_feature_cache
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
         self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
+        self.compiled: str | None = None  # speed.compile: what was compiled
         # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
         self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
 
@@ -107,6 +109,11 @@ class Sa2VAModule(L.LightningModule):
         speed = self.cfg.speed
         if speed.liger:
             apply_liger(getattr(self.model.base_mllm.model, "language_model", self.model.base_mllm))
+        if speed.compile and not self.compiled:
+            if self._zero3():  # strategy=auto chose ZeRO-3 (an explicit zero3 is refused by validate)
+                log.warning("speed.compile=true is ignored under ZeRO-3 (chosen by strategy=auto): blocks run eagerly")
+            else:
+                self.compiled = compile_blocks(self.model).describe()
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if speed.bf16_weights and self.masters is None:
             if bf16_weights_apply(self.trainer.precision, deepspeed, self.cfg.model.dtype):
