@@ -308,6 +308,7 @@ def main() -> None:
         help="micro-batch whose FLOPs are counted for MFU (-1: none; counting holds the activations "
         "gradient checkpointing would drop, so capped large-model rows may need -1)",
     )
+    parser.add_argument("--set", default="", help="more train.py overrides, comma-separated (speed.compile=true)")
     parser.add_argument("--workdir", default="/tmp/vseg_bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, help="model config to profile in-process instead")
@@ -332,7 +333,9 @@ def main() -> None:
                         for c in args.grad_ckpt.split(",")
                         for d in args.feature_cache.split(",")
                     ):
-                        row = run_one(args, model, strategy, devices, batch, ckpt, disk)
+                        extra = [o for o in args.set.split(",") if o]
+                        label = "_".join(o.replace("=", "-") for o in extra)
+                        row = run_one(args, model, strategy, devices, batch, ckpt, extra, label, disk=disk)
                         row["device"] = device
                         data["rows"].append(row)
                         out.parent.mkdir(parents=True, exist_ok=True)

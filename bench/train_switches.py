@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from vseg.artifacts import build_sa2va  # noqa: E402
 from vseg.config import load_config  # noqa: E402
 from vseg.losses import mask_loss_sums  # noqa: E402
-from vseg.model.compile import compile_blocks, repeated_blocks  # noqa: E402
+from vseg.model.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from vseg.model.processor import Sa2VAProcessor  # noqa: E402
 from vseg.model.sa2va import Positions  # noqa: E402
 from vseg.training.speed import MasterWeights, apply_liger  # noqa: E402
@@ -137,16 +137,18 @@ def main() -> None:
     proc = Sa2VAProcessor.for_model(model, tok, cfg.model, 512)
     runs = [r.split(":") for r in args.runs.split(",")]
     runs.sort(key=lambda r: "liger" in switches_of(r[0]))  # Liger's patch is one-way: its variants last
-    rows, liger_applied = [], False
+    rows, liger_applied, bf16_traced = [], False, None
     for variant, batch, ckpt in runs:
         on = switches_of(variant)
         if "liger" in on and not liger_applied:
             liger_applied = apply_liger(model.base_mllm.model.language_model)
         if "compile" in on:
+            if bf16_traced is not None and bf16_traced != ("bf16_weights" in on):
+                torch._dynamo.reset()  # graphs traced for one LoRA weight dtype must not run on the other's storage
+            bf16_traced = "bf16_weights" in on
             compile_blocks(model)  # in place; the compiled graphs stay cached between variants
         else:
-            for block in repeated_blocks(model):
-                block._compiled_call_impl = None  # back to eager (what nn.Module.compile set)
+            uncompile_blocks(model)
         if ckpt == "on":
             model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -83,3 +83,13 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> Compiled:
         done.blocks[name] = done.blocks.get(name, 0) + 1
     log.info("torch.compile (%s): %s", BACKEND, done.describe())
     return done
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Puts every repeated block of `model` back to eager execution (undoes `compile_blocks`).
+
+    Needed when the blocks' parameters change dtype in place (`speed.bf16_weights` restoring its float32
+    masters): a compiled graph specialised for the old dtype must not run on the new storage.
+    """
+    for block in repeated_blocks(model):
+        block._compiled_call_impl = None  # what nn.Module.compile sets

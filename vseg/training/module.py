@@ -16,7 +16,7 @@ from vseg.config import ConfigError, TrainConfig
 from vseg.data.dataset import target_names
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
-from vseg.model.compile import compile_blocks
+from vseg.model.compile import compile_blocks, uncompile_blocks
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
@@ -333,6 +333,9 @@ class Sa2VAModule(L.LightningModule):
         if self.masters is not None:  # final weights, last.ckpt and exports in float32
             self.masters.restore_fp32()
             self.masters = None
+            if self.compiled:  # the graphs were made for the bf16 weights
+                uncompile_blocks(self.model)
+                self.compiled = None
         if self.feature_cache is not None:
             log.info("rank %d: feature cache: %s", self.global_rank, self.feature_cache.summary())
 
