@@ -9,10 +9,10 @@ Resize methods (`RESIZE_METHODS`): `pil` (default) is PIL's bicubic, what Sa2VA'
 and fine-tuned weights see the pixels they were trained on. `torch` is an opt-in speed option for inference:
 `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` on the uint8 tensor is PIL's filter in fixed
 point (two separable passes, uint8 in between) and returns CHW directly, about 2-3x faster than PIL plus the
-HWC -> CHW copy (512 -> 1024: ~7 ms against ~21 ms). It is not bit-exact: rounding differs by 1-2 grey levels
-on well under 1 % of pixels when PIL runs its horizontal pass first, as it does for upscales; Pillow >= 13 runs
-the vertical pass first when the height shrinks much more than the width, and there rounding (and, on
-noise-like content, clipping of bicubic overshoot in the uint8 intermediate) differs on more pixels.
+HWC -> CHW copy (512 -> 1024: ~7 ms against ~21 ms). It is not bit-exact: the fixed-point rounding differs by
+1-2 grey levels on under 1 % of pixels. The two passes run in the order the installed Pillow uses (Pillow 13
+goes vertically first when the height shrinks much more than the width): in the other order, the uint8
+intermediate rounds (and clips bicubic overshoot) elsewhere, and up to a quarter of the pixels would differ.
 
 The CPU side (data-loader workers) stops at resized uint8 pixels; `normalise` runs on the model's device.
 That keeps the float maths off the loader's cores and moves 4x fewer bytes to the GPU, with the same
@@ -20,6 +20,8 @@ float32 values as normalising on the CPU.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -67,10 +69,30 @@ def resize_uint8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     torch's uint8 CPU kernel for this call follows PIL's bicubic (a = -0.5, support scaled when shrinking, fixed
     point, uint8 between the two passes); a same-size call returns the pixels, as PIL returns a copy.
     """
-    if tuple(pixels.shape[-2:]) == (height, width):
+    in_height, in_width = pixels.shape[-2:]
+    if (in_height, in_width) == (height, width):
         return pixels.contiguous()
-    out = F.interpolate(pixels[None], size=(height, width), mode="bicubic", antialias=True)[0]
-    return out.contiguous()
+    batch = pixels[None]
+    if pil_resizes_vertically_first(in_width, in_height, width, height):  # torch's one call goes horizontally first
+        batch = F.interpolate(batch, size=(height, in_width), mode="bicubic", antialias=True)
+    return F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True)[0].contiguous()
+
+
+@lru_cache(maxsize=256)
+def pil_resizes_vertically_first(in_width: int, in_height: int, width: int, height: int) -> bool:
+    """Whether the installed Pillow makes its vertical pass first for this resize.
+
+    Pillow < 13 always goes horizontally first; Pillow 13 goes vertically first when the height shrinks much
+    more than the width (python-pillow/Pillow#9549; the exact rule weighs the sizes). The order decides where
+    the uint8 intermediate rounds and clips, so `resize_uint8` follows it: asked once per geometry with a noise
+    image (where the two orders differ), and only when both sides change and the height shrinks.
+    """
+    if width == in_width or height >= in_height:
+        return False
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (in_height, in_width), dtype=np.uint8))
+    bicubic = Image.Resampling.BICUBIC
+    direct = noise.resize((width, height), bicubic)
+    return direct.tobytes() == noise.resize((in_width, height), bicubic).resize((width, height), bicubic).tobytes()
 
 
 def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
