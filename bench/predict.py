@@ -382,6 +382,7 @@ def main() -> None:
         choices=["off", "on"],
         help="compile= variants to run (forward, single, dp)",
     )
+    parser.add_argument("--resize", default="pil", choices=["pil", "torch"], help="single: predict.py's resize=")
     parser.add_argument("--compile-mode", default="reduce-overhead", help="fast: compile_mode of the compiled step")
     parser.add_argument("--fast-steps", nargs="+", default=list(FAST_STEPS), choices=FAST_STEPS)
     parser.add_argument("--fast-fp8", default="on", choices=["on", "off"], help="fast: compiled steps on the fp8 model")
@@ -445,7 +446,16 @@ def main() -> None:
                 outs[flag].mkdir()
                 save(
                     "single",
-                    bench_single(shape, args.batch, small, args.workers, flag, args.writer_threads, outs[flag]),
+                    bench_single(
+                        shape,
+                        args.batch,
+                        small,
+                        args.workers,
+                        flag,
+                        args.writer_threads,
+                        outs[flag],
+                        resize=args.resize,
+                    ),
                 )
             if len(outs) == 2:
                 save(

@@ -107,9 +107,10 @@ def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
     return out
 
 
-def prepare_times(shape: str, folder: Path, rounds: int) -> dict:
+def prepare_times(shape: str, folder: Path, rounds: int, resize: str = "pil") -> dict:
     """One request's preparation (PNG decode + processor) on the CPU, the SAM-2 resize on the preparing thread
-    ("sequential") and on a second thread beside the tiles ("concurrent", what the server does); median ms."""
+    ("sequential") and on a second thread beside the tiles ("concurrent", what the server does); median ms.
+    `resize`: the processor's method (pil | torch, serve's `resize=`)."""
     import torch
 
     from vseg.artifacts.sources import preset
@@ -120,11 +121,11 @@ def prepare_times(shape: str, folder: Path, rounds: int) -> dict:
 
     cfg = preset(shape)
     model, tokenizer = build_meta(cfg)  # parameters on the meta device: only the processor is needed
-    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, 4096)
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg, 4096, resize=resize)
     raws = [p.read_bytes() for p in sorted(folder.glob("*.png"))[:8]]
-    serve_cfg = ServeConfig(ckpt="random")
+    serve_cfg = ServeConfig(ckpt="random", resize=resize)
     torch.set_num_threads(1)
-    out: dict = {"cpus": os.cpu_count()}
+    out: dict = {"cpus": os.cpu_count(), "resize": resize}
     times: dict[str, list[float]] = {"sequential": [], "concurrent": []}
     with ThreadPoolExecutor(2) as resize_pool:
         for i in range(rounds + 3):  # the two ways alternate, so a busy moment of the machine hits both alike
@@ -225,7 +226,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="only time one request's preparation on the CPU (decode + processor of --shape), then exit",
+        help="only time one request's preparation on the CPU (decode + processor of --shape) with resize=pil and "
+        "resize=torch, then exit",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -238,8 +240,13 @@ def main() -> None:
     bench_predict = bench_predict_module()
     bench_predict.write_inputs(tmp / "in", args.predict_images)
     if args.prepare_only:
-        times = prepare_times(args.shape, tmp / "in", args.prepare_only)
+        # both resize methods, side by side (serve's resize=pil | torch)
+        times = {
+            method: prepare_times(args.shape, tmp / "in", args.prepare_only, method) for method in ("pil", "torch")
+        }
         print(json.dumps({"shape": args.shape, "prepare": times}, indent=1))
+        for name in ("sequential", "concurrent"):
+            print(f"{name}: pil {times['pil'][name + '_ms']} ms, torch {times['torch'][name + '_ms']} ms")
         return
     result: dict = {"shape": args.shape, "device": args.device, "size": 512, "max_batch_size": args.max_batch_size,
                     "batch_timeout_ms": args.batch_timeout_ms, "serve_overrides": args.serve,

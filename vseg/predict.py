@@ -134,6 +134,7 @@ def load_predictor(
         compile_mode=opts.compile_mode,
         fp8=opts.fp8,
         merge_lora=opts.merge_lora,
+        resize=opts.resize,
         answer=opts.answer_mode,
         answer_text=opts.answer_text,
         max_new_tokens=opts.max_new_tokens,

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vseg.config.errors import ConfigError, one_line
-from vseg.config.predict import COMPILE_MODES
+from vseg.config.predict import COMPILE_MODES, RESIZE_METHODS
 from vseg.config.schema import TrainConfig
 
 #: compile modes in which inductor records CUDA graphs (a GPU is needed)
@@ -35,6 +35,7 @@ class ServeConfig:
     # batch sizes run once per replica, on its worker thread, before /health says ready (compiles, records the
     # CUDA graphs, tunes kernels); null = [1, max_batch_size] with compile=true, none without
     warmup_batch_sizes: list[int] | None = None
+    resize: str = "pil"  # how requests' images are resized: pil (the authors') | torch (2-3x faster on the CPU)
     answer_text: str | None = None  # teacher-forced answer; null = the run's data.answer
     max_new_tokens: int = 32  # answer=generate and /v1/chat
     threshold: float = 0.5
@@ -129,6 +130,10 @@ def validate_serve(cfg: ServeConfig) -> None:
     need(
         sizes is None or all(isinstance(n, int) and 1 <= n <= cfg.max_batch_size for n in sizes),
         f"warmup_batch_sizes={sizes}: batch sizes in 1..max_batch_size={cfg.max_batch_size} (or [] for none)",
+    )
+    need(
+        cfg.resize in RESIZE_METHODS,
+        f"resize={cfg.resize!r}: expected one of {RESIZE_METHODS} (pil: the authors' resize; torch: faster)",
     )
     need(0.0 < cfg.threshold < 1.0, f"threshold={cfg.threshold}: must be in (0, 1)")
     need(cfg.answer_text is None or "[SEG]" in cfg.answer_text, f"answer_text={cfg.answer_text!r}: needs a [SEG] token")

@@ -50,7 +50,7 @@ def encode_key_frames(
     cut after its last [SEG] (nothing after it changes that state); `answer=None`: the prompt alone."""
     family = processor.family
     one_tile = dataclasses.replace(processor.model_cfg, max_tiles=1)
-    parts = [family.image_inputs(processor.mllm_config, one_tile, to_pil(f)) for f in frames]
+    parts = [family.image_inputs(processor.mllm_config, one_tile, to_pil(f), processor.resize) for f in frames]
     image_text = "\n".join(text for _, text in parts)
     template = get_template(processor.model_cfg.template)
     prompt_ids = processor.token_ids(processor.prompt(image_text, question))
@@ -68,7 +68,7 @@ def encode_key_frames(
         "id": "run",
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor([-100] * len(input_ids), dtype=torch.long),
-        "sam_pixel_values": sam_pixels(to_pil(frames[0]), processor.sam_size),
+        "sam_pixel_values": sam_pixels(to_pil(frames[0]), processor.sam_size, processor.resize),
         "mllm_inputs": family.collate([inputs for inputs, _ in parts]),
         "image_size": frames[0].shape[:2],
     }
@@ -101,15 +101,16 @@ def seg_prompts(predictor, run: Run, keys: list[int], question: str) -> tuple[to
     return prompts, answer
 
 
-def _frame_source(run: Run, size: int, frames_on: str, device: torch.device):
-    """frame index -> (3, S, S) uint8 SAM-2 input; resized on demand (cpu) or all at once on the GPU (gpu)."""
+def _frame_source(run: Run, size: int, frames_on: str, device: torch.device, resize: str = "pil"):
+    """frame index -> (3, S, S) uint8 SAM-2 input; resized on demand (cpu) or all at once on the GPU (gpu), by
+    `resize` (pil | torch, the predictor's)."""
     if frames_on == "gpu":
-        stacked = torch.stack([sam_pixels(to_pil(f), size) for f in run.frames]).to(device)
+        stacked = torch.stack([sam_pixels(to_pil(f), size, resize) for f in run.frames]).to(device)
         return lambda i: stacked[i]
     pin = device.type == "cuda"
 
     def frame(i: int) -> torch.Tensor:
-        pixels = sam_pixels(to_pil(run.frames[i]), size)
+        pixels = sam_pixels(to_pil(run.frames[i]), size, resize)
         return pixels.pin_memory() if pin else pixels
 
     return frame
@@ -146,7 +147,7 @@ def predict_run(
     means = [float("nan")] * count
     if prompts.shape[0]:
         device = next(grounding.sam.vision_encoder.parameters()).device
-        frames = _frame_source(run, grounding.image_size, frames_on, device)
+        frames = _frame_source(run, grounding.image_size, frames_on, device, predictor.processor.resize)
         tracker = Tracker(grounding, prompts, count, keys, frames)
         for t, logits in tracker:
             fg = mask_logits_at(logits, (height, width), grounding.image_size).sigmoid() > predictor.threshold

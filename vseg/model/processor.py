@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vseg.config import ModelConfig
 from vseg.model.families import MLLMFamily
-from vseg.model.preprocess import resize_mask, sam_pixels, to_pil
+from vseg.model.preprocess import check_resize, resize_mask, sam_pixels, to_pil
 from vseg.model.sa2va import IGNORE_INDEX, find_positions
 from vseg.model.tokenizer import (
     QWEN_IMAGE_PAD_TOKEN,
@@ -61,6 +61,9 @@ class Sa2VAProcessor:
         sam_size: SAM-2 input side.
         mask_size: side of the low-res mask logits; targets are also kept at this size.
         max_length: longest allowed token sequence; longer samples are an error.
+        resize: how images are resized, pil (the authors' resize) | torch (faster, within 1-2 grey levels;
+            `vseg.model.preprocess`). Inference only: training always uses pil, so a fine-tuned model learns
+            from the pixels inference gives it by default.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -70,9 +73,20 @@ class Sa2VAProcessor:
     sam_size: int
     mask_size: int
     max_length: int = 2048
+    resize: str = "pil"
+
+    def __post_init__(self) -> None:
+        check_resize(self.resize)
 
     @classmethod
-    def for_model(cls, model: Any, tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig, max_length: int):
+    def for_model(
+        cls,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        model_cfg: ModelConfig,
+        max_length: int,
+        resize: str = "pil",
+    ):
         """The processor matching a built `Sa2VA` (tile size, SAM size and mask size read off the model)."""
         return cls(
             tokenizer=tokenizer,
@@ -82,6 +96,7 @@ class Sa2VAProcessor:
             sam_size=model.grounding.image_size,
             mask_size=model.grounding.low_res_size,
             max_length=max_length,
+            resize=resize,
         )
 
     def token_ids(self, text: str) -> list[int]:
@@ -123,8 +138,8 @@ class Sa2VAProcessor:
             answer: the supervised answer; None for inference (the prompt ends where the answer starts).
             masks: (K, H, W) or (H, W) boolean targets, one per [SEG] in `answer`.
             sample_id: shown in error messages.
-            pool: if given, SAM-2's resize runs there while this thread makes the MLLM's tiles (PIL releases the
-                GIL while it resizes; one image's latency is then the longer resize, not their sum). Same pixels.
+            pool: if given, SAM-2's resize runs there while this thread makes the MLLM's tiles (PIL and torch release
+                the GIL while they resize; one image's latency is then the longer resize, not their sum). Same pixels.
         """
         return self.encode_questions(image, [question], answer, masks, sample_id, pool)[0]
 
@@ -144,9 +159,9 @@ class Sa2VAProcessor:
         """
         pil = to_pil(image)
         template = get_template(self.model_cfg.template)
-        sam_job = pool.submit(sam_pixels, pil, self.sam_size) if pool is not None else None
-        image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil)
-        sam = sam_job.result() if sam_job is not None else sam_pixels(pil, self.sam_size)
+        sam_job = pool.submit(sam_pixels, pil, self.sam_size, self.resize) if pool is not None else None
+        image_inputs, image_text = self.family.image_inputs(self.mllm_config, self.model_cfg, pil, self.resize)
+        sam = sam_job.result() if sam_job is not None else sam_pixels(pil, self.sam_size, self.resize)
         answer_ids = self.token_ids(answer + template.suffix) if answer is not None else []
         out = []
         for question in questions:

@@ -135,6 +135,7 @@ class Service:
             dtype=c.dtype,
             compile=c.compile,
             compile_mode=c.compile_mode,
+            resize=c.resize,
             answer_text=c.answer_text,
             max_new_tokens=c.max_new_tokens,
             threshold=c.threshold,

@@ -93,7 +93,7 @@ def fill(cfg: TrainConfig, progress: bool = True) -> FrozenFeatures:
     model, tokenizer, _ = model_for_run(cfg)  # ZeRO-3: the CPU-loaded base of a model.path run
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
-    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)  # PIL, as training
     items = expand(report.train, cfg.data.objects)
     # the loader's workers read (and check) entries already on disk, in parallel with the encoding
     stores = FrozenFeatures.from_config(cfg).stores

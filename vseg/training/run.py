@@ -279,6 +279,8 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
         log.info("parameters: %s", count_parameters(model))
+    # Always PIL's resize (no `resize=` here): training must see the pixels inference defaults to (and the authors
+    # trained on); predict/serve's resize=torch is an opt-in speed option that stays within 1-2 grey levels of it.
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     # The loader's workers read the disk cache's entries (their own store objects: counts stay the module's).

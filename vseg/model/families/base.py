@@ -31,9 +31,10 @@ class MLLMFamily(Protocol):
     def text_hidden_size(self, mllm: nn.Module) -> int: ...
 
     def image_inputs(
-        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image
+        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image, resize: str = "pil"
     ) -> tuple[dict[str, torch.Tensor], str]:
-        """Per-sample model inputs and the text that stands for the image in the prompt."""
+        """Per-sample model inputs and the text that stands for the image in the prompt; `resize`: pil | torch
+        (`vseg.model.preprocess.RESIZE_METHODS`), for the resizes vseg makes itself."""
         ...
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]: ...

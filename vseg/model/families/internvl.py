@@ -89,9 +89,9 @@ class InternVLFamily:
         return int(size[0] if isinstance(size, list | tuple) else size)
 
     def image_inputs(
-        self, mllm_config: InternVLConfig, cfg: ModelConfig, image: Image.Image
+        self, mllm_config: InternVLConfig, cfg: ModelConfig, image: Image.Image, resize: str = "pil"
     ) -> tuple[dict[str, torch.Tensor], str]:
-        tiles = internvl_tiles(image, self.tile_size(mllm_config), max_tiles=cfg.max_tiles)
+        tiles = internvl_tiles(image, self.tile_size(mllm_config), max_tiles=cfg.max_tiles, resize=resize)
         placeholder = IMG_CONTEXT_TOKEN * (mllm_config.image_seq_length * tiles.shape[0])
         return {"pixel_values": tiles}, f"{IMG_START_TOKEN}{placeholder}{IMG_END_TOKEN}"
 

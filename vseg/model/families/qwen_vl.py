@@ -36,6 +36,7 @@ from vseg.model.families.qwen_vl_release import (
     qwen_config_from_mllm,
     qwen_family,
 )
+from vseg.model.preprocess import check_resize, pil_chw, resize_uint8
 from vseg.model.tokenizer import (
     QWEN_IMAGE_PAD_TOKEN,
     QWEN_VIDEO_PAD_TOKEN,
@@ -149,14 +150,20 @@ class QwenVLFamily:
         )
 
     def image_inputs(
-        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image
+        self, mllm_config: Any, cfg: ModelConfig, image: Image.Image, resize: str = "pil"
     ) -> tuple[dict[str, torch.Tensor], str]:
+        """`resize` picks how vseg makes the first resize (pil | torch, `vseg.model.preprocess`); the second one,
+        into the pixel bounds, is the transformers image processor's own and does not change with it."""
         factor = int(cfg.image_factor)
         # qwen-vl-utils' first resize: multiple of `factor`, area within [4, 16384] * factor^2.
         height, width = smart_resize(image.height, image.width, factor, 4 * factor * factor, 16384 * factor * factor)
-        if (width, height) != image.size:
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        out = self.image_processor(mllm_config, cfg)(images=[image], return_tensors="pt")
+        pixels: Image.Image | torch.Tensor = image
+        if check_resize(resize) == "torch":
+            # a (3, H, W) uint8 tensor: the image processor reads it as the same pixels a PIL image would give
+            pixels = resize_uint8(pil_chw(image), height, width)
+        elif (width, height) != image.size:
+            pixels = image.resize((width, height), Image.Resampling.BICUBIC)
+        out = self.image_processor(mllm_config, cfg)(images=[pixels], return_tensors="pt")
         grid = out["image_grid_thw"].long()
         merge = int(mllm_config.vision_config.spatial_merge_size)
         n_tokens = int(grid.prod()) // (merge * merge)
