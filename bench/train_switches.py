@@ -146,7 +146,7 @@ def main() -> None:
             if bf16_traced is not None and bf16_traced != ("bf16_weights" in on):
                 torch._dynamo.reset()  # graphs traced for one LoRA weight dtype must not run on the other's storage
             bf16_traced = "bf16_weights" in on
-            compile_blocks(model)  # in place; the compiled graphs stay cached between variants
+            compile_blocks(model, dynamic=True)  # as train.py; in place, graphs stay cached between variants
         else:
             uncompile_blocks(model)
         if ckpt == "on":

@@ -76,7 +76,7 @@ def test_liger_falls_back_cleanly_without_cuda(built, caplog):
     assert "speed.liger=true" in caplog.text
 
 
-def _train_losses(monkeypatch, tmp_path, name: str, extra: list[str]) -> tuple[list[float], dict]:
+def _train_losses(monkeypatch, tmp_path, name: str, extra: list[str], probes=()) -> tuple[list[float], dict]:
     import lightning as L
 
     losses: list[float] = []
@@ -87,7 +87,7 @@ def _train_losses(monkeypatch, tmp_path, name: str, extra: list[str]) -> tuple[l
 
     def with_record(*args):
         trainer = BUILD_TRAINER(*args)
-        trainer.callbacks.append(Record())
+        trainer.callbacks.extend([Record(), *probes])
         return trainer
 
     monkeypatch.setattr(train_run, "build_trainer", with_record)
@@ -158,6 +158,8 @@ def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monk
     """speed.compile on the CPU, traced with "aot_eager" (inductor's C++ builds take minutes here): every
     repeated block runs compiled, under gradient checkpointing too, with the eager run's losses and state-dict
     names (blocks are compiled in place, no `_orig_mod.` prefix)."""
+    import lightning as L
+
     import vseg.model.compile as C
 
     monkeypatch.setattr(C, "BACKEND", "aot_eager")
@@ -166,8 +168,27 @@ def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monk
     ckpt = ["model.gradient_checkpointing=true", "checkpoint.every_n_steps=4"]
     eager, eager_weights = _train_losses(monkeypatch, tmp_path, "eager", ckpt)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled, compiled_weights = _train_losses(monkeypatch, tmp_path, "compiled", [*ckpt, "speed.compile=true"])
+    seen: dict[str, object] = {}
+
+    class DuringValidation(L.Callback):
+        """Validation runs the blocks eagerly (no gradient-free compilation) and training gets them back."""
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            seen["graphs_before"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            seen["eager"] = all(b._compiled_call_impl is None for b in C.repeated_blocks(pl_module.model))
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen["graphs_after"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+        def on_train_end(self, trainer, pl_module):
+            seen["compiled_after"] = all(b._compiled_call_impl is not None for b in C.repeated_blocks(pl_module.model))
+
+    compiled, compiled_weights = _train_losses(
+        monkeypatch, tmp_path, "compiled", [*ckpt, "speed.compile=true"], [DuringValidation()]
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks ran as compiled graphs
+    assert seen["eager"] and seen["graphs_after"] == seen["graphs_before"] > 0
+    assert seen["compiled_after"]
     assert len(compiled) == len(eager) == 4
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert compiled_weights.keys() == eager_weights.keys()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,22 +68,43 @@ def repeated_blocks(model: nn.Module, min_repeats: int = 2) -> list[nn.Module]:
     return selected
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> Compiled:
+def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | None = None) -> Compiled:
     """Compiles every repeated block of `model` in place (see the module docstring).
 
     Args:
         model: the model, already on its device(s).
         mode: `torch.compile` mode (None: inductor's default).
+        dynamic: `torch.compile`'s `dynamic`: None compiles for the first shapes and once more, dynamic, when
+            they change; True compiles dynamic shapes from the start (training: the text length changes every
+            batch, and each recompilation of SAM-2's ~16 distinct trunk blocks costs minutes on a GPU).
     """
+    # sympy's range analysis of dynamic shapes logs a warning per unsupported power it meets; it only gives up
+    # a bound, compiled code is unaffected, and hundreds of such lines would bury the run's own log
+    logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
     limit_key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_key, max(getattr(torch._dynamo.config, limit_key), RECOMPILE_LIMIT))
     done = Compiled()
     for block in repeated_blocks(model):
-        block.compile(backend=BACKEND, mode=mode)
+        block.compile(backend=BACKEND, mode=mode, dynamic=dynamic)
         name = type(block).__name__
         done.blocks[name] = done.blocks.get(name, 0) + 1
     log.info("torch.compile (%s): %s", BACKEND, done.describe())
     return done
+
+
+def suspend_compiled(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Runs the compiled blocks of `model` eagerly until `resume_compiled` (training's validation: its
+    gradient-free forward would compile every block class once more, minutes on a GPU, for a few batches)."""
+    saved = [(b, b._compiled_call_impl) for b in repeated_blocks(model) if b._compiled_call_impl is not None]
+    for block, _ in saved:
+        block._compiled_call_impl = None
+    return saved
+
+
+def resume_compiled(saved: list[tuple[nn.Module, Any]]) -> None:
+    """Puts back the compiled blocks `suspend_compiled` took out (their compiled graphs are reused)."""
+    for block, compiled in saved:
+        block._compiled_call_impl = compiled
 
 
 def uncompile_blocks(model: nn.Module) -> None:

@@ -16,13 +16,13 @@ from vseg.config import ConfigError, TrainConfig
 from vseg.data.dataset import target_names
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
-from vseg.model.compile import compile_blocks, uncompile_blocks
+from vseg.model.compile import resume_compiled, suspend_compiled, uncompile_blocks
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults.guard import NonFiniteGuard
 from vseg.training.feature_cache import FrozenFeatures, any_rank
-from vseg.training.speed import MasterWeights, apply_liger, bf16_weights_apply
+from vseg.training.speed import MasterWeights, apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Sa2VAModule(L.LightningModule):
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
         self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
         self.compiled: str | None = None  # speed.compile: what was compiled
+        self._suspended: list = []  # compiled blocks running eagerly during validation
         # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
         self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
 
@@ -106,26 +107,12 @@ class Sa2VAModule(L.LightningModule):
 
     def _speed_setup(self) -> None:
         """The `speed:` switches that change the model; before DDP wraps it (its buckets take the dtypes)."""
-        speed = self.cfg.speed
-        if speed.liger:
-            apply_liger(getattr(self.model.base_mllm.model, "language_model", self.model.base_mllm))
-        if speed.compile and not self.compiled:
-            if self._zero3():  # strategy=auto chose ZeRO-3 (an explicit zero3 is refused by validate)
-                log.warning("speed.compile=true is ignored under ZeRO-3 (chosen by strategy=auto): blocks run eagerly")
-            else:
-                self.compiled = compile_blocks(self.model).describe()
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
-        if speed.bf16_weights and self.masters is None:
-            if bf16_weights_apply(self.trainer.precision, deepspeed, self.cfg.model.dtype):
-                self.masters = MasterWeights((n, p) for n, p in self.named_parameters() if p.requires_grad)
-            else:
-                log.info(
-                    "speed.bf16_weights=true has no effect here (precision %s, model.dtype %s%s): it needs "
-                    "bf16-mixed, a bfloat16 base and no DeepSpeed",
-                    self.trainer.precision,
-                    self.cfg.model.dtype,
-                    ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
-                )
+        if self.masters is None and self.compiled is None:
+            trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # checkpoint names
+            self.masters, self.compiled = apply_speed(
+                self.model, trainable, self.cfg, str(self.trainer.precision), deepspeed, self._zero3()
+            )
 
     def on_train_epoch_end(self) -> None:
         cache = self.sam_cache
@@ -249,6 +236,8 @@ class Sa2VAModule(L.LightningModule):
             self.masters.masters_to_model()
 
     def on_validation_epoch_start(self) -> None:
+        if self.compiled:  # validation runs eagerly: see suspend_compiled
+            self._suspended = suspend_compiled(self.model)
         # ZeRO-3 gathers every layer's weights from all ranks in each forward: a rank with fewer validation
         # batches (the split need not divide evenly) would leave the others waiting forever. Agree on the
         # most batches any rank has; ranks with fewer repeat their last batch's forward (results discarded).
@@ -288,6 +277,8 @@ class Sa2VAModule(L.LightningModule):
             self._log_overlays(batch, predictions)
 
     def on_validation_epoch_end(self) -> None:
+        resume_compiled(self._suspended)
+        self._suspended = []
         # compute() has already gathered every rank's states, so each rank holds the same value; sync_dist
         # averages identical numbers (exact) and tells Lightning the value is global, which it otherwise warns about.
         scores = self.val_metrics.compute()

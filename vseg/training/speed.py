@@ -26,6 +26,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from vseg.config import TrainConfig
+from vseg.model.compile import compile_blocks
+
 log = logging.getLogger(__name__)
 
 LIGER_PATCHES = {"qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_kernel_to_qwen3"}
@@ -136,3 +139,38 @@ def apply_liger(language_model: nn.Module) -> bool:
     )
     log.info("speed.liger: Liger RMSNorm, SwiGLU and RoPE kernels in the %s decoder", kind)
     return True
+
+
+def apply_speed(
+    model: nn.Module,
+    trainable: list[tuple[str, nn.Parameter]],
+    cfg: TrainConfig,
+    precision: str,
+    deepspeed: bool,
+    zero3: bool,
+) -> tuple[MasterWeights | None, str | None]:
+    """The `speed:` switches that change the model, before a strategy wraps it (DDP's buckets take the dtypes):
+    Liger's kernels, compiled blocks and bf16 trainable weights. `trainable`: (checkpoint name, parameter) of
+    every trainable parameter. Returns (the masters, what was compiled)."""
+    speed = cfg.speed
+    if speed.liger:
+        apply_liger(getattr(model.base_mllm.model, "language_model", model.base_mllm))
+    compiled = None
+    if speed.compile:
+        if zero3:  # strategy=auto chose ZeRO-3 (an explicit zero3 is refused by validate)
+            log.warning("speed.compile=true is ignored under ZeRO-3 (chosen by strategy=auto): blocks run eagerly")
+        else:
+            compiled = compile_blocks(model, dynamic=True).describe()
+    masters = None
+    if speed.bf16_weights:
+        if bf16_weights_apply(precision, deepspeed, cfg.model.dtype):
+            masters = MasterWeights(trainable)
+        else:
+            log.info(
+                "speed.bf16_weights=true has no effect here (precision %s, model.dtype %s%s): it needs "
+                "bf16-mixed, a bfloat16 base and no DeepSpeed",
+                precision,
+                cfg.model.dtype,
+                ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
+            )
+    return masters, compiled
