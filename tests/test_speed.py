@@ -173,9 +173,10 @@ def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monk
     class DuringValidation(L.Callback):
         """Validation runs the blocks eagerly (no gradient-free compilation) and training gets them back."""
 
-        def on_validation_epoch_start(self, trainer, pl_module):
-            seen["graphs_before"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-            seen["eager"] = all(b._compiled_call_impl is None for b in C.repeated_blocks(pl_module.model))
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0:  # after the module's own on_validation_epoch_start (callbacks run first)
+                seen["graphs_before"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+                seen["eager"] = all(b._compiled_call_impl is None for b in C.repeated_blocks(pl_module.model))
 
         def on_validation_epoch_end(self, trainer, pl_module):
             seen["graphs_after"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
