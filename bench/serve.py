@@ -216,6 +216,11 @@ def main() -> None:
     parser.add_argument("--serve", nargs="*", default=[], help="more `vseg serve` key=value overrides")
     parser.add_argument("--skip-predict", action="store_true", help="leave out the predict.py run")
     parser.add_argument(
+        "--predict-same-mode",
+        action="store_true",
+        help="predict.py runs compiled in --compile-mode too (like for like; compiling adds minutes to the call)",
+    )
+    parser.add_argument(
         "--compile-mode",
         default=None,
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
@@ -272,7 +277,10 @@ def main() -> None:
     shape = {"sa2va_4b": "4b", "sa2va_1b": "1b", "sa2va_8b": "8b"}.get(args.shape, args.shape)
     if not args.skip_predict:
         bench_predict.SHAPES.setdefault(shape, args.shape)
-        row = bench_predict.bench_single(shape, args.max_batch_size, tmp / "in", args.workers, False, 8)
+        same = args.predict_same_mode and args.compile_mode is not None
+        options = {"compile_mode": args.compile_mode} if same else {}
+        row = bench_predict.bench_single(shape, args.max_batch_size, tmp / "in", args.workers, same, 8, **options)
+        result["predict_py_compile_mode"] = args.compile_mode if same else None
         result["predict_py"] = {k: row[k] for k in ("images", "images_per_second", "loop_seconds", "workers")}
         print(f"predict.py: {row['images_per_second']:.1f} images/s over {row['images']} PNGs", flush=True)
         save()

@@ -150,3 +150,26 @@ def test_sam_resize_is_split_off_only_while_cores_are_idle():
         assert service._resize_pool() is None
     finally:
         service.close()
+
+
+@pytest.mark.gpu
+def test_a_cuda_replica_collates_into_pinned_memory_and_serves_the_same_masks():
+    """The worker stacks a CUDA batch's images into page-locked memory (`processor.stack(pin=True)`): same
+    pixels, pinned, and the served masks equal `Predictor.predict`'s."""
+    from vseg.inference.inputs import collate
+    from vseg.model.processor import stack
+    from vseg.serve.batcher import Replica, Task
+
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(3)]
+    pinned = stack(images, pin=True)
+    assert pinned.is_pinned() and torch.equal(pinned, torch.stack(images))
+    predictor = Predictor.load("random", model="tiny", device="cuda:0")
+    arrays = [generate_vessels(seed=450 + i, size=96)[0] for i in range(3)]
+    samples = [encode(predictor.processor, a, DEFAULT_PROMPT, predictor.answer_text) for a in arrays]
+    assert collate(predictor.processor, samples, pin=True)["sam_pixel_values"].is_pinned()
+    tasks = [Task("segment", "teacher_forced", a, DEFAULT_PROMPT, sample=s, encoded_by=predictor.processor)
+             for a, s in zip(arrays, samples, strict=True)]  # fmt: skip
+    served = Replica._predict(predictor, tasks)
+    expected = predictor.predict(arrays, batch_size=3)
+    for got, want in zip(served, expected, strict=True):
+        assert np.array_equal(got.mask, want.mask)

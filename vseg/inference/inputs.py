@@ -293,14 +293,17 @@ class PredictDataset(Dataset):
         return collate(self.processor, samples)
 
 
-def collate(processor: Sa2VAProcessor, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """A model batch of the readable samples plus per-item extras; unreadable ones go to `failed`."""
+def collate(processor: Sa2VAProcessor, samples: list[dict[str, Any]], pin: bool = False) -> dict[str, Any]:
+    """A model batch of the readable samples plus per-item extras; unreadable ones go to `failed`.
+
+    `pin`: the images are stacked into page-locked memory (`Sa2VAProcessor.collate`), for a CUDA model.
+    """
     ok = [s for s in samples if "error" not in s]
     failed = [(s["item"], s["error"]) for s in samples if "error" in s]
     extras = ("item", "image", "truth", "fov_mask")
     batch: dict[str, Any] = {}
     if ok:
-        batch = processor.collate([{k: v for k, v in s.items() if k not in extras} for s in ok])
+        batch = processor.collate([{k: v for k, v in s.items() if k not in extras} for s in ok], pin)
     for key in extras:
         batch[key + "s"] = [s[key] for s in ok]
     batch["mllm_single"] = [s["mllm_inputs"] for s in ok]  # per-sample image inputs (generation)

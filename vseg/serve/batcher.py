@@ -242,10 +242,12 @@ class Replica:
         """
         mode = batch[0].mode
         parts = {} if parts is None else parts
+        # a CUDA model: images stacked into cached page-locked memory (no page faults per batch, fast copy)
+        pin = predictor.device is not None and predictor.device.type == "cuda"
 
         def run(tasks: list[Task]) -> list[Any]:
             start = time.perf_counter()
-            collated = collate(predictor.processor, cls._samples(predictor, tasks))
+            collated = collate(predictor.processor, cls._samples(predictor, tasks), pin)
             parts["collate_ms"] = 1000 * (time.perf_counter() - start)
             return list(predictor(collated, mode, any(t.probability for t in tasks), parts))
 
