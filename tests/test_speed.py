@@ -154,7 +154,7 @@ def test_bf16_weights_checkpoint_the_float32_masters_and_resume_from_them(monkey
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monkeypatch, tmp_path):
+def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monkeypatch, tmp_path, caplog):
     """speed.compile on the CPU, traced with "aot_eager" (inductor's C++ builds take minutes here): every
     repeated block runs compiled, under gradient checkpointing too, with the eager run's losses and state-dict
     names (blocks are compiled in place, no `_orig_mod.` prefix)."""
@@ -190,6 +190,7 @@ def test_compiled_blocks_train_the_same_losses_and_checkpoint_the_same_keys(monk
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks ran as compiled graphs
     assert seen["eager"] and seen["graphs_after"] == seen["graphs_before"] > 0
     assert seen["compiled_after"]
+    assert "speed.compile=true on the CPU" in caplog.text  # the cost of compiling on the CPU is said up front
     assert len(compiled) == len(eager) == 4
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert compiled_weights.keys() == eager_weights.keys()

@@ -160,6 +160,11 @@ def apply_speed(
         if zero3:  # strategy=auto chose ZeRO-3 (an explicit zero3 is refused by validate)
             log.warning("speed.compile=true is ignored under ZeRO-3 (chosen by strategy=auto): blocks run eagerly")
         else:
+            if not any(p.is_cuda for p in model.parameters()):
+                log.warning(
+                    "speed.compile=true on the CPU: inductor builds C++ kernels for every block class first "
+                    "(minutes), and its gain is measured on GPUs only; set speed.compile=false for CPU runs"
+                )
             compiled = compile_blocks(model, dynamic=True).describe()
     masters = None
     if speed.bf16_weights:
