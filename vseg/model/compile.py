@@ -113,5 +113,4 @@ def uncompile_blocks(model: nn.Module) -> None:
     Needed when the blocks' parameters change dtype in place (`speed.bf16_weights` restoring its float32
     masters): a compiled graph specialised for the old dtype must not run on the new storage.
     """
-    for block in repeated_blocks(model):
-        block._compiled_call_impl = None  # what nn.Module.compile sets
+    suspend_compiled(model)  # and nothing kept to resume
