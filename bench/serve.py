@@ -6,7 +6,8 @@
    also `Predictor.predict` on one decoded image (encoding included) and on batches of 32, for context;
 3. `vseg serve` started as its own process (the real command), clients in this process sending one PNG per
    request as base64 JSON (`formats=["png"]`), at each `--clients` level: requests/s, p50 / p95 latency, the
-   mean batch the server formed and where a request's time went inside the server (prepare / queue / model).
+   mean batch the server formed and where a request's time went inside the server (prepare / queue / model);
+   one server per `--prepare` mode and `--variant` (named sets of serve overrides, e.g. `gil_switch_ms=0.5`).
 
 It prints the two ratios the targets need: requests/s at the most clients / predict.py's images/s (target
 >= 0.8) and p50 at one client / the model's batch-1 time (target <= 1.2). Random weights with real shapes.
@@ -15,6 +16,7 @@ It prints the two ratios the targets need: requests/s at the most clients / pred
     python bench/serve.py --shape tiny --device cpu --clients 1 4 --requests 16 --predict-images 32   # CPU smoke
     python bench/serve.py --shape sa2va_4b --compile-mode reduce-overhead --clients 1 8 32   # CUDA graphs (warm-up ~2-4 min)
     python bench/serve.py --shape sa2va_4b --prepare-only 40 --predict-images 8   # one request's preparation, CPU
+    python bench/serve.py --clients 1 32 --variant base: --variant gil05:gil_switch_ms=0.5   # two servers, one call
 """
 
 from __future__ import annotations
@@ -74,15 +76,24 @@ def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
     images = [np.asarray(Image.open(it.image_path).convert("RGB")) for it in items]
     data = predictor.dataset(items)
     one = to_device(collate(predictor.processor, [data[0]]), predictor.device)
-    engine = predictor.engine()
-    times = []
-    for i in range(35):
-        sync()
-        start = time.perf_counter()
-        engine(one, probability=True)
-        sync()
-        if i >= 5:
-            times.append(time.perf_counter() - start)
+
+    def median_ms(engine, batch_inputs: dict, rounds: int, warm: int) -> float:
+        times = []
+        for i in range(rounds + warm):
+            sync()
+            start = time.perf_counter()
+            engine(batch_inputs, probability=True)
+            sync()
+            if i >= warm:
+                times.append(time.perf_counter() - start)
+        return round(1000 * statistics.median(times), 1)
+
+    batch1_ms = median_ms(predictor.engine(), one, 30, 5)
+    # the batch closed-loop clients form at the most clients (two halves take turns): the server's forward at
+    # that size, without a server around it
+    half = max(1, batch // 2)
+    several = to_device(collate(predictor.processor, [data[i % len(data)] for i in range(half)]), predictor.device)
+    half_ms = median_ms(predictor.engine(), several, 8, 2)
     predictor.predict(images[:1])
     whole = []
     for i in range(15):
@@ -96,12 +107,13 @@ def model_times(shape: str, device: str, folder: Path, batch: int) -> dict:
         predictor.predict(images, batch_size=batch)
     per_s = rounds * len(images) / (time.perf_counter() - start)
     out = {
-        "model_batch1_ms": round(1000 * statistics.median(times), 1),
+        "model_batch1_ms": batch1_ms,
+        f"model_batch{half}_ms": half_ms,
         "predictor_batch1_ms": round(1000 * statistics.median(whole), 1),  # encoding on this thread included
         "predictor_images_per_s": round(per_s, 2),  # batches of `batch`, encoding on this thread
         "dtype": predictor.dtype,
     }
-    del predictor, engine, one
+    del predictor, one, several
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
@@ -214,6 +226,13 @@ def main() -> None:
         help="a server per mode of preparing requests (vseg serve prepare=)",
     )
     parser.add_argument("--serve", nargs="*", default=[], help="more `vseg serve` key=value overrides")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a server per variant (after --serve's overrides), e.g. base: or gil05:gil_switch_ms=0.5",
+    )
     parser.add_argument("--skip-predict", action="store_true", help="leave out the predict.py run")
     parser.add_argument(
         "--predict-same-mode",
@@ -272,7 +291,7 @@ def main() -> None:
     # the model first: it also warms this process's CUDA context and kernels, so predict.py's loop below is not
     # charged for them (its first batch would otherwise take seconds)
     result.update(model_times(args.shape, args.device, tmp / "in", args.max_batch_size))
-    print({k: result[k] for k in ("model_batch1_ms", "predictor_batch1_ms", "predictor_images_per_s")}, flush=True)
+    print({k: v for k, v in result.items() if k.startswith(("model_batch", "predictor_"))}, flush=True)
     save()
     shape = {"sa2va_4b": "4b", "sa2va_1b": "1b", "sa2va_8b": "8b"}.get(args.shape, args.shape)
     if not args.skip_predict:
@@ -292,11 +311,14 @@ def main() -> None:
     most = str(max(args.clients))
     reference = result.get("predict_py", {}).get("images_per_second")
     result["serve"], summary = {}, []
-    for where in args.prepare:  # one server per preparation mode, the same references for all
+    variants = [v.partition(":") for v in args.variant] or [("", "", "")]
+    servers = [(p, name, [o for o in extra.split(",") if o]) for p in args.prepare for name, _, extra in variants]
+    for where_mode, name, extra in servers:  # one server per preparation mode and variant, the same references
+        where = where_mode + (f"+{name}" if name else "")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         started = time.perf_counter()
-        server = start_server(args, port, tmp / f"serve_{where}.log", [f"prepare={where}"])
+        server = start_server(args, port, tmp / f"serve_{where}.log", [f"prepare={where_mode}", *extra])
         rows: dict = {"start_to_ready_s": round(time.perf_counter() - started, 1)}  # loading + warm-up
         rows["warmup_seconds"] = get(url + "/v1/model").get("warmup_seconds")
         print(

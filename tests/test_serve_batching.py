@@ -158,3 +158,110 @@ def test_prepared_requests_give_predict_masks_and_their_own_errors(where):
         assert err.value.status == 415 and "images[0]" in err.value.message and service.batcher.coming == 0
     finally:
         service.close()
+
+
+def test_a_busy_workers_stager_waits_for_every_task_on_its_way_and_lets_idle_takers_go_first():
+    batcher = Batcher(max_batch_size=8, timeout_s=0.05)
+    busy = {"worker": True}
+    batcher.announce(3)
+    first = task(0)
+    batcher.submit(first, announced=True)
+    out: dict = {}
+    ahead = threading.Thread(target=lambda: out.update(batch=batcher.take(lambda: busy["worker"])))
+    ahead.start()
+    time.sleep(0.3)  # far past the 50 ms timeout: a busy worker's stager keeps waiting for the other two
+    assert ahead.is_alive()
+    second = task(1)
+    batcher.submit(second, announced=True)
+    time.sleep(0.1)
+    assert ahead.is_alive()
+    busy["worker"] = False  # the worker finished its batch: the stager takes what it has at once
+    batcher.wake()
+    ahead.join(5)
+    assert out["batch"] == [first, second] and batcher.coming == 1
+    batcher.withdraw()
+
+    # an idle worker's taker gets queued tasks before a busy one's stager
+    busy["worker"] = True
+    ahead = threading.Thread(target=lambda: out.update(ahead=batcher.take(lambda: busy["worker"])))
+    ahead.start()
+    idle_thread, idle = take_in_thread(batcher)
+    time.sleep(0.2)
+    third = task(2)
+    batcher.submit(third)
+    idle_thread.join(5)
+    assert idle["batch"] == [third] and ahead.is_alive()
+    batcher.submit(fourth := task(3))
+    ahead.join(5)
+    assert out["ahead"] == [fourth]
+
+
+def test_the_next_batch_is_collated_while_the_current_one_runs_and_gives_the_same_masks():
+    service = Service(config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123", "max_batch_size=4"]))
+    service.load()
+    try:
+        assert service.state == "ready", service.error
+        replica = service.replicas[0]
+        images = [generate_vessels(seed=420 + i, size=64, style="angiogram")[0] for i in range(4)]
+        expected = replica.predictor.predict(images)
+        make = [lambda i=i: Task("segment", "teacher_forced", images[i], DEFAULT_PROMPT) for i in range(4)]
+        with replica.lock:  # the worker is stuck in its first batch
+            first = service.prepare(make[0])
+            deadline = time.time() + 30
+            while not replica.busy and time.time() < deadline:
+                time.sleep(0.01)
+            assert replica.busy
+            rest = [service.prepare(m) for m in make[1:]]
+            while replica._staged is None and time.time() < deadline:
+                time.sleep(0.01)
+            staged = replica._staged
+            # the three others, collated into one batch while the first one still holds the worker
+            assert staged is not None and staged.collated is not None
+            assert [t.prompt for t in staged.tasks] == [DEFAULT_PROMPT] * 3 and staged.collate_ms > 0
+            assert not first.done()
+        outcomes = [first.result(60)] + [f.result(60) for f in rest]
+        assert [o.batch_size for o in outcomes] == [1, 3, 3, 3]
+        assert "collate_ms" in outcomes[1].parts
+        for outcome, want in zip(outcomes, expected, strict=True):
+            assert (outcome.prediction.mask == want.mask).all()
+    finally:
+        service.close()
+
+
+def test_a_batch_collated_for_a_switched_away_model_is_collated_again():
+    service = Service(config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123"]))
+    service.load()
+    try:
+        replica = service.replicas[0]
+        image = generate_vessels(seed=430, size=64, style="angiogram")[0]
+        old = replica.predictor
+        staged = replica._collate([Task("segment", "teacher_forced", image, DEFAULT_PROMPT)])
+        assert staged.predictor is old and staged.collated is not None
+        fresh = service._predictor(service.source, replica.placement)
+        replica.predictor = fresh
+        replica._run(staged)
+        outcome = staged.tasks[0].future.result(5)
+        assert staged.tasks[0].encoded_by is fresh.processor  # encoded and collated again for the new model
+        assert (outcome.prediction.mask == fresh.predict([image])[0].mask).all()
+    finally:
+        service.close()
+
+
+def test_gil_switch_ms_is_checked_and_set_only_in_the_servers_own_process(monkeypatch):
+    import sys
+
+    import uvicorn
+
+    from vseg.serve.main import main
+
+    with pytest.raises(ConfigError, match="gil_switch_ms=0.0"):
+        config_from_args(["ckpt=random", "model=tiny", "port=9123", "gil_switch_ms=0"])
+    ran: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw, interval=sys.getswitchinterval()))
+    monkeypatch.setattr(Service, "load_in_background", lambda self: None)
+    before = sys.getswitchinterval()
+    try:
+        assert main(["ckpt=random", "model=tiny", "device=cpu", "port=9124", "gil_switch_ms=0.5"]) == 0
+        assert ran["port"] == 9124 and ran["interval"] == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)

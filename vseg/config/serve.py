@@ -43,6 +43,10 @@ class ServeConfig:
     batch_timeout_ms: float = 10.0  # longest a worker waits for requests still being decoded to fill a batch
     workers: int = 0  # threads (or processes) decoding / encoding requests; 0 = one per core, up to 8
     prepare: str = "threads"  # where requests are decoded and encoded: threads | processes (spawned)
+    # how long (ms) a thread may hold the GIL while another waits for it (`sys.setswitchinterval`; Python's own is
+    # 5): the model's worker re-takes the GIL after every kernel launch, so while the preparation threads and the
+    # event loop run Python code a shorter interval lets it launch sooner; null = leave Python's
+    gil_switch_ms: float | None = None
     max_upload_bytes: int = 32_000_000  # per request body
     max_pixels: int = 16_777_216  # per image (4096 x 4096)
     max_images: int = 16  # per request
@@ -142,6 +146,10 @@ def validate_serve(cfg: ServeConfig) -> None:
         need(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
     need(cfg.prepare in ("threads", "processes"), f"prepare={cfg.prepare!r}: expected threads or processes")
     need(cfg.workers >= 0, f"workers={cfg.workers}: must be >= 0 (0 = one per CPU core, up to 8)")
+    need(
+        cfg.gil_switch_ms is None or 0.01 <= cfg.gil_switch_ms <= 100,
+        f"gil_switch_ms={cfg.gil_switch_ms}: must be in [0.01, 100] ms (or null for Python's 5 ms)",
+    )
     need(cfg.batch_timeout_ms >= 0, f"batch_timeout_ms={cfg.batch_timeout_ms}: must be >= 0")
     need(cfg.request_timeout_s > 0, f"request_timeout_s={cfg.request_timeout_s}: must be > 0")
     for root in cfg.roots:

@@ -112,6 +112,8 @@ def main(overrides: list[str]) -> int:
         return 0
     cfg = config_from_args(overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.gil_switch_ms is not None:  # process-wide: set by the server's own process only, not by `Running`
+        sys.setswitchinterval(cfg.gil_switch_ms / 1000)
     service = Service(cfg)  # placements are checked here (GPUs named but not visible: one message, exit 2)
     app = create_app(cfg, service, JobManager(cfg))
     service.load_in_background()
