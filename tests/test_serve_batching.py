@@ -265,3 +265,26 @@ def test_gil_switch_ms_is_checked_and_set_only_in_the_servers_own_process(monkey
         assert ran["port"] == 9124 and ran["interval"] == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_batch_padded_to_a_warmed_size_gives_each_task_its_own_mask():
+    """CUDA-graph replicas pad a batch to the next warmed size (`Replica.pad_sizes`); the padding rows' results
+    are dropped. Same path on the CPU: three tasks run as a batch of four."""
+    service = Service(config_from_args(["ckpt=random", "model=tiny", "device=cpu", "port=9123", "max_batch_size=4",
+                                        "batch_timeout_ms=2000"]))  # fmt: skip
+    service.load()
+    try:
+        replica = service.replicas[0]
+        replica.pad_sizes = [1, 4]
+        images = [generate_vessels(seed=440 + i, size=56 + 8 * i, style="angiogram")[0] for i in range(3)]
+        expected = replica.predictor.predict(images)
+        tasks = [Task("segment", "teacher_forced", im, DEFAULT_PROMPT) for im in images]
+        staged = replica._collate(tasks)
+        assert staged.collated["input_ids"].shape[0] == 4 and len(staged.collated["items"]) == 4
+        replica._run(staged)
+        outcomes = [t.future.result(5) for t in tasks]
+        assert [o.batch_size for o in outcomes] == [3, 3, 3]
+        for outcome, want in zip(outcomes, expected, strict=True):
+            assert outcome.prediction.mask.shape == want.mask.shape and (outcome.prediction.mask == want.mask).all()
+    finally:
+        service.close()

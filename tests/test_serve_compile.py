@@ -40,6 +40,12 @@ def test_cuda_graph_mode_is_refused_on_the_cpu_and_warmup_sizes_are_checked():
     assert config_from_args([*BASE, "max_batch_size=4"]).warmup_sizes() == []  # eager: no warm-up by default
     assert config_from_args([*BASE, "max_batch_size=4", "compile=true"]).warmup_sizes() == [1, 4]
     assert config_from_args([*BASE, "compile=true", "warmup_batch_sizes=[2,1,2]"]).warmup_sizes() == [1, 2]
+    # CUDA graphs: batches are padded to a warmed size, so the powers of two by default and max_batch_size always
+    graphs = [*BASE, "device=cuda:0", "compile=true", "compile_mode=reduce-overhead", "max_batch_size=12"]
+    assert config_from_args(graphs).warmup_sizes() == [1, 2, 4, 8, 12] and config_from_args(graphs).pads_batches()
+    with pytest.raises(ConfigError, match=r"must include max_batch_size=12"):
+        config_from_args([*graphs, "warmup_batch_sizes=[1,8]"])
+    assert config_from_args([*graphs, "warmup_batch_sizes=[4,12]"]).warmup_sizes() == [4, 12]
 
 
 def _png(image: np.ndarray) -> bytes:

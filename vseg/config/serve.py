@@ -33,7 +33,8 @@ class ServeConfig:
     compile: bool = False  # torch.compile each repeated block (compiled and warmed up at start-up)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; GPU only) | max-autotune-no-cudagraphs
     # batch sizes run once per replica, on its worker thread, before /health says ready (compiles, records the
-    # CUDA graphs, tunes kernels); null = [1, max_batch_size] with compile=true, none without
+    # CUDA graphs, tunes kernels); null = [1, max_batch_size] with compile=true, none without; with CUDA graphs
+    # null = the powers of two up to max_batch_size, and every batch is padded to the next warmed size
     warmup_batch_sizes: list[int] | None = None
     resize: str = "pil"  # how requests' images are resized: pil (the authors') | torch (2-3x faster on the CPU)
     answer_text: str | None = None  # teacher-forced answer; null = the run's data.answer
@@ -62,10 +63,24 @@ class ServeConfig:
     docs: bool = True  # /docs and /openapi.json
 
     def warmup_sizes(self) -> list[int]:
-        """The batch sizes warmed up at start-up (see `warmup_batch_sizes`), distinct, smallest first."""
-        if self.warmup_batch_sizes is None:
-            return sorted({1, self.max_batch_size}) if self.compile else []
-        return sorted(set(self.warmup_batch_sizes))
+        """The batch sizes warmed up at start-up (see `warmup_batch_sizes`), distinct, smallest first.
+
+        With CUDA graphs every batch is padded up to a warmed size (`pads_batches`), so the default is the powers
+        of two up to `max_batch_size` (and it): padding then at most doubles a batch.
+        """
+        if self.warmup_batch_sizes is not None:
+            return sorted(set(self.warmup_batch_sizes))
+        if not self.compile:
+            return []
+        if self.pads_batches():
+            return sorted({2**i for i in range(self.max_batch_size.bit_length()) if 2**i <= self.max_batch_size}
+                          | {self.max_batch_size})  # fmt: skip
+        return sorted({1, self.max_batch_size})
+
+    def pads_batches(self) -> bool:
+        """Batches are padded to the next warmed size: a CUDA graph replays only the shapes it was recorded for,
+        and recording a new batch size while serving stalls every request behind it for seconds."""
+        return self.compile and self.compile_mode in CUDA_GRAPH_MODES
 
 
 def load_serve_config(cfg: DictConfig | dict) -> ServeConfig:
@@ -134,6 +149,11 @@ def validate_serve(cfg: ServeConfig) -> None:
     need(
         sizes is None or all(isinstance(n, int) and 1 <= n <= cfg.max_batch_size for n in sizes),
         f"warmup_batch_sizes={sizes}: batch sizes in 1..max_batch_size={cfg.max_batch_size} (or [] for none)",
+    )
+    need(
+        not (cfg.pads_batches() and sizes and cfg.max_batch_size not in sizes),
+        f"warmup_batch_sizes={sizes}: with compile_mode={cfg.compile_mode} every batch is padded to a warmed size, "
+        f"so the list must include max_batch_size={cfg.max_batch_size} (or lower max_batch_size)",
     )
     need(
         cfg.resize in RESIZE_METHODS,

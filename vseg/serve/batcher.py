@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +192,9 @@ class Replica:
         self.batches = 0
         self.images = 0
         self.busy = False  # the worker is running a batch
+        # batch sizes the model was warmed up for with CUDA graphs: a batch is padded up to the next one (its last
+        # sample repeated, the extra rows' predictions dropped); empty = batches run at their own size
+        self.pad_sizes: list[int] = []
         self._threads: list[threading.Thread] = []
         self._inbox = threading.Condition()  # guards the worker's inputs: `_calls`, `_staged`, `_closed`
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the worker thread before batches
@@ -250,7 +253,7 @@ class Replica:
             return staged
         start = time.perf_counter()
         try:
-            staged.collated = self._collated(staged.predictor, tasks)
+            staged.collated = self._collated(staged.predictor, tasks, self.pad_sizes)
         except Exception:  # noqa: BLE001 - the worker runs the tasks one by one, so each gets its own error
             staged.collated = None
         staged.collate_ms = 1000 * (time.perf_counter() - start)
@@ -296,7 +299,7 @@ class Replica:
                 ready = staged.collated if staged.predictor is predictor else None
                 if ready is not None:
                     parts["collate_ms"] = staged.collate_ms  # off the worker: done while the last batch ran
-                results = self._predict(predictor, batch, parts, ready)
+                results = self._predict(predictor, batch, parts, ready, self.pad_sizes)
         model_ms = 1000 * (time.perf_counter() - start)
         self.batches += 1
         self.images += len(batch)
@@ -317,10 +320,14 @@ class Replica:
         return [t.sample for t in batch]  # type: ignore[misc]
 
     @classmethod
-    def _collated(cls, predictor: Predictor, tasks: list[Task]) -> dict[str, Any]:
+    def _collated(cls, predictor: Predictor, tasks: list[Task], pad_sizes: Sequence[int] = ()) -> dict[str, Any]:
+        """The tasks' batch, padded to the smallest of `pad_sizes` that holds it (none: as it is)."""
+        samples = cls._samples(predictor, tasks)
+        size = min((n for n in pad_sizes if n >= len(samples)), default=len(samples))
+        samples += [samples[-1]] * (size - len(samples))
         # a CUDA model: images stacked into cached page-locked memory (no page faults per batch, fast copy)
         pin = predictor.device is not None and predictor.device.type == "cuda"
-        return collate(predictor.processor, cls._samples(predictor, tasks), pin)
+        return collate(predictor.processor, samples, pin)
 
     @classmethod
     def _predict(
@@ -329,13 +336,14 @@ class Replica:
         batch: list[Task],
         parts: dict[str, float] | None = None,
         collated: dict[str, Any] | None = None,
+        pad_sizes: Sequence[int] = (),
     ) -> list[ItemPrediction | BaseException]:
         """One model call for the batch; if it fails, each task alone, so one bad input fails only itself.
 
         The same steps as `Predictor.predict` (the processor's features, `collate`, the predictor on the batch),
         so a served mask is the mask predict.py writes for the image. The probability maps are computed only
         when a task of the batch needs them. `parts` gets where the call's time went (`Outcome.parts`);
-        `collated`: the batch already collated (by the stager).
+        `collated`: the batch already collated (by the stager); `pad_sizes`: see `Replica.pad_sizes`.
         """
         mode = batch[0].mode
         parts = {} if parts is None else parts
@@ -343,9 +351,9 @@ class Replica:
         def run(tasks: list[Task], ready: dict[str, Any] | None = None) -> list[Any]:
             if ready is None:
                 start = time.perf_counter()
-                ready = cls._collated(predictor, tasks)
+                ready = cls._collated(predictor, tasks, pad_sizes)
                 parts["collate_ms"] = 1000 * (time.perf_counter() - start)
-            return list(predictor(ready, mode, any(t.probability for t in tasks), parts))
+            return list(predictor(ready, mode, any(t.probability for t in tasks), parts))[: len(tasks)]
 
         try:
             return run(batch, collated)

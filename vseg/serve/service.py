@@ -184,6 +184,7 @@ class Service:
             seconds = warm_up(predictor, sizes) if sizes else {}
             with replica.lock:
                 replica.predictor = predictor
+                replica.pad_sizes = sizes if self.cfg.pads_batches() else []
             return seconds
 
         jobs = [(r, r.call(lambda r=r: install(r, fresh[r.name]))) for r in self.replicas]
