@@ -204,3 +204,27 @@ def test_compile_is_refused_with_zero3():
 
     with pytest.raises(ConfigError, match="speed.compile=true is not supported with strategy=zero3"):
         tiny_cfg(["strategy=zero3", "speed.compile=true"])
+
+
+def test_compile_under_gradient_checkpointing_keeps_dynamos_graph_order_and_warns_only_for_the_cpu(
+    monkeypatch, caplog
+):
+    """The recomputation in the backward must find the forward's graph (pytorch/pytorch#166926): with
+    checkpointing, `speed.compile` turns off dynamo's most-recently-used lookup. The CPU warning follows where the
+    strategy runs the model, not where its weights still are when the switches are applied."""
+    import vseg.model.compile as C
+    from vseg.artifacts import build_sa2va
+    from vseg.training.speed import apply_speed
+
+    calls: list[bool] = []
+    monkeypatch.setattr(torch._C._dynamo.eval_frame, "_set_lru_cache", calls.append)
+    for checkpointing, device in ((False, "cpu"), (True, "cuda")):
+        caplog.clear()
+        cfg = tiny_cfg([f"model.gradient_checkpointing={str(checkpointing).lower()}", "speed.compile=true"])
+        model, _ = build_sa2va(cfg.model, cfg.lora)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        _, compiled = apply_speed(model, trainable, cfg, "bf16-mixed", False, False, device)
+        assert compiled and all(b._compiled_call_impl is not None for b in C.repeated_blocks(model))
+        assert ("speed.compile=true on the CPU" in caplog.text) == (device == "cpu")
+        C.uncompile_blocks(model)
+    assert calls == [False]  # once: only the run with checkpointing

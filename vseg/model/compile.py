@@ -92,6 +92,20 @@ def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | No
     return done
 
 
+def keep_graph_order() -> None:
+    """Dynamo looks a block's compiled graphs up in the order they were made, not most recently used first.
+
+    Why (training with gradient checkpointing): checkpointing runs a block's forward again in the backward pass,
+    on autograd's device thread for CUDA tensors. When the block's code has more than one valid graph, the
+    most-recently-used lookup can choose another graph for that recomputation than the forward used, and
+    checkpointing stops with "a different number of tensors was saved" (pytorch/pytorch#166926; torchtitan
+    turns the reordering off the same way). Process-wide; a no-op on torch builds without the switch.
+    """
+    setter = getattr(torch._C._dynamo.eval_frame, "_set_lru_cache", None)
+    if setter is not None:
+        setter(False)
+
+
 def suspend_compiled(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     """Runs the compiled blocks of `model` eagerly until `resume_compiled` (training's validation: its
     gradient-free forward would compile every block class once more, minutes on a GPU, for a few batches)."""

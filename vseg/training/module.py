@@ -111,7 +111,13 @@ class Sa2VAModule(L.LightningModule):
         if self.masters is None and self.compiled is None:
             trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # checkpoint names
             self.masters, self.compiled = apply_speed(
-                self.model, trainable, self.cfg, str(self.trainer.precision), deepspeed, self._zero3()
+                self.model,
+                trainable,
+                self.cfg,
+                str(self.trainer.precision),
+                deepspeed,
+                self._zero3(),
+                self.trainer.strategy.root_device.type,
             )
 
     def on_train_epoch_end(self) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vseg.config import TrainConfig
-from vseg.model.compile import compile_blocks
+from vseg.model.compile import compile_blocks, keep_graph_order
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,12 @@ def apply_speed(
     precision: str,
     deepspeed: bool,
     zero3: bool,
+    device_type: str = "cuda",
 ) -> tuple[MasterWeights | None, str | None]:
     """The `speed:` switches that change the model, before a strategy wraps it (DDP's buckets take the dtypes):
     Liger's kernels, compiled blocks and bf16 trainable weights. `trainable`: (checkpoint name, parameter) of
-    every trainable parameter. Returns (the masters, what was compiled)."""
+    every trainable parameter; `device_type`: where the strategy will run the model (it may still be on the CPU
+    here). Returns (the masters, what was compiled)."""
     speed = cfg.speed
     if speed.liger:
         apply_liger(getattr(model.base_mllm.model, "language_model", model.base_mllm))
@@ -160,12 +162,14 @@ def apply_speed(
         if zero3:  # strategy=auto chose ZeRO-3 (an explicit zero3 is refused by validate)
             log.warning("speed.compile=true is ignored under ZeRO-3 (chosen by strategy=auto): blocks run eagerly")
         else:
-            if not any(p.is_cuda for p in model.parameters()):
+            if device_type == "cpu":
                 log.warning(
                     "speed.compile=true on the CPU: inductor builds C++ kernels for every block class first "
                     "(minutes), and its gain is measured on GPUs only; set speed.compile=false for CPU runs"
                 )
             compiled = compile_blocks(model, dynamic=True).describe()
+            if cfg.model.gradient_checkpointing:
+                keep_graph_order()  # the recomputation must run the forward's graph
     masters = None
     if speed.bf16_weights:
         if bf16_weights_apply(precision, deepspeed, cfg.model.dtype):
