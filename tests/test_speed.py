@@ -228,3 +228,20 @@ def test_compile_under_gradient_checkpointing_keeps_dynamos_graph_order_and_warn
         assert ("speed.compile=true on the CPU" in caplog.text) == (device == "cpu")
         C.uncompile_blocks(model)
     assert calls == [False]  # once: only the run with checkpointing
+
+
+@pytest.mark.gpu
+def test_compiled_blocks_train_under_gradient_checkpointing_on_a_gpu(monkeypatch, tmp_path):
+    """The H200 failure this guards against: with CUDA tensors the backward (and checkpointing's recomputation)
+    runs on autograd's device thread, where dynamo's most-recently-used lookup picked another graph than the
+    forward's and checkpointing stopped ("a different number of tensors was saved"). The CPU test above cannot
+    meet it: there the backward runs on the calling thread. Inductor, as train.py uses it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    torch._dynamo.reset()
+    ckpt = ["model.gradient_checkpointing=true", "trainer.accelerator=gpu", "trainer.devices=1"]
+    eager, _ = _train_losses(monkeypatch, tmp_path, "eager", ckpt)
+    compiled, _ = _train_losses(monkeypatch, tmp_path, "compiled", [*ckpt, "speed.compile=true"])
+    assert len(compiled) == len(eager) == 4
+    assert compiled == pytest.approx(eager, rel=2e-2)  # inductor's bf16 kernels round differently from eager's
+    torch._dynamo.reset()
