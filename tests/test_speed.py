@@ -206,9 +206,7 @@ def test_compile_is_refused_with_zero3():
         tiny_cfg(["strategy=zero3", "speed.compile=true"])
 
 
-def test_compile_under_gradient_checkpointing_keeps_dynamos_graph_order_and_warns_only_for_the_cpu(
-    monkeypatch, caplog
-):
+def test_compile_under_gradient_checkpointing_keeps_dynamos_graph_order_and_warns_only_for_the_cpu(monkeypatch, caplog):
     """The recomputation in the backward must find the forward's graph (pytorch/pytorch#166926): with
     checkpointing, `speed.compile` turns off dynamo's most-recently-used lookup. The CPU warning follows where the
     strategy runs the model, not where its weights still are when the switches are applied."""
