@@ -237,7 +237,8 @@ def test_compiled_blocks_train_under_gradient_checkpointing_on_a_gpu(monkeypatch
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     torch._dynamo.reset()
-    ckpt = ["model.gradient_checkpointing=true", "trainer.accelerator=gpu", "trainer.devices=1"]
+    # no LoRA dropout: inductor draws its own random numbers, so dropout would make the losses differ anyway
+    ckpt = ["model.gradient_checkpointing=true", "trainer.accelerator=gpu", "trainer.devices=1", "lora.dropout=0.0"]
     eager, _ = _train_losses(monkeypatch, tmp_path, "eager", ckpt)
     compiled, _ = _train_losses(monkeypatch, tmp_path, "compiled", [*ckpt, "speed.compile=true"])
     assert len(compiled) == len(eager) == 4
