@@ -73,8 +73,7 @@ class ServeConfig:
         if not self.compile:
             return []
         if self.pads_batches():
-            return sorted({2**i for i in range(self.max_batch_size.bit_length()) if 2**i <= self.max_batch_size}
-                          | {self.max_batch_size})  # fmt: skip
+            return sorted({2**i for i in range(self.max_batch_size.bit_length())} | {self.max_batch_size})
         return sorted({1, self.max_batch_size})
 
     def pads_batches(self) -> bool:
