@@ -127,7 +127,9 @@ def run_one(
         args.workers or min(15, max(1, (os.cpu_count() or 2) // devices - 1)),
         args.flops_step,
         args.sam_cache,
-        work / "feature_cache" if disk else None,
+        # one directory for every run: entries are keyed by the encoders' inputs and the model's identity, so a
+        # later run's `vseg cache` pass finds the images an earlier run encoded and skips them
+        Path(args.workdir) / "feature_cache" if disk else None,
     )
     config += list(extra or [])
     cmd = [sys.executable, "train.py", *config]

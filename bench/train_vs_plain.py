@@ -2,9 +2,10 @@
 
 First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's
 `train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
-images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT`, where VARIANT is `off` (every
+images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off` (every
 `speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
-(`bf16_weights`, `liger`, `host_positions`, `compile`). Ratios printed at the end: vseg / plain at each micro-batch,
+(`bf16_weights`, `liger`, `host_positions`, `compile`); `:disk` reads the frozen SAM-2 and vision-tower
+features from the disk feature cache (`vseg cache` fills it first; the plain stack computes them). Ratios printed at the end: vseg / plain at each micro-batch,
 best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every run.
 
     python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default="sa2va_4b")
     parser.add_argument("--plain", default="1:on,2:on,8:on,32:off", help="plain configs MICRO_BATCH:CKPT ('' = none)")
     parser.add_argument("--plain-steps", type=int, default=8)
-    parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT")
+    parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT[:disk]")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=150, help="seconds per vseg run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plain_vs_vseg_train.json"))
@@ -85,7 +86,10 @@ def main() -> None:
         save()
 
     for item in filter(None, args.vseg.split(",")):
-        variant, batch, ckpt = item.split(":")
+        variant, batch, ckpt, *cache = item.split(":")
+        if cache not in ([], ["disk"]):
+            raise SystemExit(f"vseg run {item!r}: VARIANT:MICRO_BATCH:CKPT or VARIANT:MICRO_BATCH:CKPT:disk")
+        disk = cache == ["disk"]
         batch = int(batch)
         run_args = argparse.Namespace(
             accum=1,
@@ -94,23 +98,44 @@ def main() -> None:
             sam_cache="none",
             image_size=512,
             workers=args.workers,
-            flops_step=2 if batch >= 32 else -1,  # counted once, for MFU; a counted step is slow on the host
+            # counted once, for MFU, on eager runs only (a counted step is slow on the host, and FlopCounterMode
+            # does not see inside compiled graphs): a compiled row takes the eager row's FLOPs per sample
+            flops_step=2 if batch >= 32 and "compile" not in variant else -1,
             workdir="/tmp/vseg_bench",
             timeout=args.timeout,
         )
-        row = run_one(run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant)
+        row = run_one(run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk)
+        variant += "+disk" if disk else ""  # a row name of its own in the ratios
         row.update(stack="vseg", variant=variant)
         data["rows"].append(row)
         save()
         brief = {k: row.get(k) for k in ("variant", "micro_batch", "grad_ckpt", "status", "samples_per_s", "mfu")}
-        brief.update(peak_gb=row.get("peak_allocated_gb"), wall_s=row.get("wall_s"))
+        brief.update(
+            peak_gb=row.get("peak_allocated_gb"), wall_s=row.get("wall_s"), cache_fill_s=row.get("cache_fill_s")
+        )
         print(json.dumps(brief), flush=True)
         if row["status"] != "ok":
             print(row.get("tail", "")[-2000:], flush=True)
 
+    fill_mfu(data["rows"])
     data["ratios"] = ratios(data["rows"])
     save()
     print(json.dumps(data["ratios"], indent=1), flush=True)
+
+
+def fill_mfu(rows: list[dict]) -> None:
+    """MFU of a compiled row from the FLOPs per sample counted on the eager row of the same shape (same model
+    work: micro-batch, checkpointing, disk cache), marked `mfu_flops_from`."""
+
+    def shape(r: dict) -> tuple:
+        return r.get("micro_batch"), r.get("grad_ckpt"), r.get("disk_feature_cache"), r.get("stack")
+
+    counted = {shape(r): r for r in rows if r.get("model_flops_per_sample") and r.get("peak_tflops_per_gpu")}
+    for r in rows:
+        source = counted.get(shape(r))
+        if r.get("status") == "ok" and r.get("mfu") is None and source and r.get("samples_per_s"):
+            flops = source["model_flops_per_sample"] * r["samples_per_s"]
+            r.update(mfu=round(flops / (source["peak_tflops_per_gpu"] * 1e12), 4), mfu_flops_from=source["variant"])
 
 
 def ratios(rows: list[dict]) -> dict:
