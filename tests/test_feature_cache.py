@@ -332,6 +332,28 @@ def test_zero3_ranks_agree_and_skip_the_partitioned_encoders_when_cached(tmp_pat
         assert len(list(directory.glob("*/*.safetensors"))) == 6  # batches A of both ranks + rank 1's batch B
 
 
+def test_plan_counts_the_vision_tiles_of_the_configured_image_size():
+    """Several tiles per image: the vision part holds what the processor cuts from a `data.image_size` square
+    (not the worst case of `max_tiles`); images of their own sizes get the worst case, said to be a bound."""
+    from PIL import Image
+
+    from vseg.model.preprocess import internvl_tiles
+    from vseg.planner.disk import cache_size
+
+    one_tile = cache_size(tiny_cfg(["feature_cache.enabled=true"]), 4).per_image["vision"]
+    for side in (40, 128, 300):
+        cfg = tiny_cfg(["feature_cache.enabled=true", "model.max_tiles=12", f"data.image_size={side}"])
+        tile = cfg.model.vision["image_size"][0]
+        tiles = internvl_tiles(Image.new("RGB", (side, side)), tile, max_tiles=12).shape[0]
+        size = cache_size(cfg, 4)
+        assert size.exact and size.per_image["vision"] == tiles * one_tile, side
+    assert tiles > 1  # the largest side cuts a grid (+ thumbnail)
+    own_sizes = dataclasses.replace(cfg.data, image_size=None)  # as a folder source without data.image_size
+    bound = cache_size(dataclasses.replace(cfg, data=own_sizes), 4)
+    assert not bound.exact and bound.per_image["vision"] == 13 * one_tile
+    assert "up to vision" not in bound.line(True) and "up to sam " in bound.line(True)
+
+
 def test_plan_reports_the_disk_size_that_entries_really_take(built, tmp_path, capsys):
     from vseg.planner.disk import cache_size
     from vseg.planner.plan import main

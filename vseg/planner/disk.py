@@ -2,8 +2,9 @@
 
 Per image, from the model config alone (no build): SAM-2 keeps its three FPN maps (the size
 `sam_cache_bytes` computes, ~45 MB for Hiera-L at 1024 px in bf16); InternVL's vision part keeps, per tile,
-(tile / patch)^2 tokens x the tower's width (pixel shuffle regroups them), for up to `max_tiles` tiles
-(+ the thumbnail when more than one). Entries are stored in the dtype the encoders run in; a safetensors
+(tile / patch)^2 tokens x the tower's width (pixel shuffle regroups them), for the tiles InternVL cuts from
+a `data.image_size` square (`tile_grid`, + the thumbnail when more than one), or for the worst case of
+`max_tiles` tiles when images keep their own sizes (then the size is an upper bound). Entries are stored in the dtype the encoders run in; a safetensors
 header adds a few hundred bytes.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vseg.config import TrainConfig
+from vseg.model.preprocess import tile_grid
 
 GB = 2**30
 
@@ -43,8 +45,23 @@ def vision_bytes_per_image(cfg: TrainConfig) -> float:
     vision = InternVLVisionConfig(**cfg.model.vision)
     size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
     patch = vision.patch_size[0] if isinstance(vision.patch_size, list | tuple) else vision.patch_size
-    tiles = 1 if cfg.model.max_tiles == 1 else cfg.model.max_tiles + 1
+    tiles = internvl_tiles_per_image(cfg, int(size))
     return float(tiles * (int(size) // int(patch)) ** 2 * vision.hidden_size * feature_dtype_bytes(cfg))
+
+
+def internvl_tiles_per_image(cfg: TrainConfig, tile: int) -> int:
+    """Tiles (thumbnail included) of every training image resized to `data.image_size`; without a size, the most
+    any image can have."""
+    most = cfg.model.max_tiles
+    if cfg.data.image_size is None:
+        return 1 if most == 1 else most + 1
+    cols, rows = tile_grid(cfg.data.image_size, cfg.data.image_size, tile, 1, most)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+def size_is_exact(cfg: TrainConfig) -> bool:
+    """False when the vision part's size is the worst case (images of their own sizes, several tiles allowed)."""
+    return not ("vision" in cfg.feature_cache.parts and cfg.model.family == "internvl" and cfg.data.image_size is None)
 
 
 @dataclass
@@ -54,6 +71,7 @@ class CacheSize:
     per_image: dict[str, float]
     images: int | None  # distinct training images (None: the data could not be read)
     variants: int  # encoder inputs per image: the fixed augmented variants, or 1
+    exact: bool = True  # False: an upper bound (images keep their sizes: the most tiles InternVL can cut)
 
     @property
     def total(self) -> float | None:
@@ -62,6 +80,7 @@ class CacheSize:
     def line(self, enabled: bool) -> str:
         parts = " + ".join(f"{p} {b / 2**20:.1f} MB" for p, b in self.per_image.items())
         state = "on" if enabled else "off; feature_cache.enabled=true to use it"
+        parts = parts if self.exact else f"up to {parts} (images of their own sizes: the most tiles)"
         if self.images is None:
             return f"feature cache on disk ({state}): {parts} per image (the training images could not be counted)"
         variants = f" x {self.variants} variants" if self.variants > 1 else ""
@@ -78,7 +97,7 @@ def cache_size(cfg: TrainConfig, images: int | None) -> CacheSize:
     per_image = {p: b for p, b in per_image.items() if b > 0}
     a = cfg.data.augment
     variants = a.variants if a.enabled and a.variants >= 1 else 1
-    return CacheSize(per_image, images, variants)
+    return CacheSize(per_image, images, variants, size_is_exact(cfg))
 
 
 def training_images(cfg: TrainConfig) -> int | None:
