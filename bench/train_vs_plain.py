@@ -2,11 +2,12 @@
 
 First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's
 `train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
-images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off` (every
-`speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
+images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off`
+(every `speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
 (`bf16_weights`, `liger`, `host_positions`, `compile`); `:disk` reads the frozen SAM-2 and vision-tower
-features from the disk feature cache (`vseg cache` fills it first; the plain stack computes them). Ratios printed at the end: vseg / plain at each micro-batch,
-best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every run.
+features from the disk feature cache (`vseg cache` fills it first; the plain stack computes them). Ratios
+printed at the end: vseg / plain at each micro-batch, best / best, and each switch against `off` at the same
+micro-batch. Rows go to `--out` after every run.
 
     python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
 """

@@ -4,8 +4,8 @@ Per image, from the model config alone (no build): SAM-2 keeps its three FPN map
 `sam_cache_bytes` computes, ~45 MB for Hiera-L at 1024 px in bf16); InternVL's vision part keeps, per tile,
 (tile / patch)^2 tokens x the tower's width (pixel shuffle regroups them), for the tiles InternVL cuts from
 a `data.image_size` square (`tile_grid`, + the thumbnail when more than one), or for the worst case of
-`max_tiles` tiles when images keep their own sizes (then the size is an upper bound). Entries are stored in the dtype the encoders run in; a safetensors
-header adds a few hundred bytes.
+`max_tiles` tiles when images keep their own sizes (then the size is an upper bound). Entries are stored in
+the dtype the encoders run in; a safetensors header adds a few hundred bytes.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def internvl_tiles_per_image(cfg: TrainConfig, tile: int) -> int:
 
 def size_is_exact(cfg: TrainConfig) -> bool:
     """False when the vision part's size is the worst case (images of their own sizes, several tiles allowed)."""
-    return not ("vision" in cfg.feature_cache.parts and cfg.model.family == "internvl" and cfg.data.image_size is None)
+    vision = "vision" in cfg.feature_cache.parts and cfg.model.family == "internvl"
+    return not (vision and cfg.data.image_size is None and cfg.model.max_tiles > 1)
 
 
 @dataclass
@@ -72,6 +73,14 @@ class CacheSize:
     images: int | None  # distinct training images (None: the data could not be read)
     variants: int  # encoder inputs per image: the fixed augmented variants, or 1
     exact: bool = True  # False: an upper bound (images keep their sizes: the most tiles InternVL can cut)
+    batches_in_flight: int = 1  # batches the loader holds in host memory at once (workers x prefetch, + one)
+    batch_size: int = 1
+
+    @property
+    def in_flight(self) -> float:
+        """Host RAM per rank that the loader's batches of cached features hold (shared memory, then pinned):
+        measured 27 GB of process RSS at 8 workers x micro-batch 32 on Sa2VA-4B (BENCHMARKS.md)."""
+        return sum(self.per_image.values()) * self.batch_size * self.batches_in_flight
 
     @property
     def total(self) -> float | None:
@@ -84,10 +93,16 @@ class CacheSize:
         if self.images is None:
             return f"feature cache on disk ({state}): {parts} per image (the training images could not be counted)"
         variants = f" x {self.variants} variants" if self.variants > 1 else ""
-        return (
+        line = (
             f"feature cache on disk ({state}): {parts} per image x {self.images} training images{variants} = "
             f"{self.total / GB:.2f} GB"
         )
+        if enabled and self.in_flight >= 1 * GB:
+            line += (
+                f"; the loader holds up to {self.in_flight / GB:.1f} GB of them in host RAM per rank "
+                f"({self.batches_in_flight} batches of {self.batch_size}: fewer data.num_workers lowers it)"
+            )
+        return line
 
 
 def cache_size(cfg: TrainConfig, images: int | None) -> CacheSize:
@@ -97,7 +112,9 @@ def cache_size(cfg: TrainConfig, images: int | None) -> CacheSize:
     per_image = {p: b for p, b in per_image.items() if b > 0}
     a = cfg.data.augment
     variants = a.variants if a.enabled and a.variants >= 1 else 1
-    return CacheSize(per_image, images, variants, size_is_exact(cfg))
+    # DataLoader's default prefetch: 2 batches per worker, plus the batch being pinned and trained on
+    in_flight = 2 * cfg.data.num_workers + 1 if cfg.data.num_workers > 0 else 1
+    return CacheSize(per_image, images, variants, size_is_exact(cfg), in_flight, cfg.data.batch_size)
 
 
 def training_images(cfg: TrainConfig) -> int | None:
