@@ -35,9 +35,11 @@ def test_combine_weights_and_logging():
     assert out["loss_logged"].item() == pytest.approx(out["loss"].item())
 
 
-def test_accumulated_gradient_equals_full_batch_gradient():
+@pytest.mark.parametrize("summed_on_device", [False, True])
+def test_accumulated_gradient_equals_full_batch_gradient(summed_on_device):
     """Two micro-batches with different mask and token counts, averaged by the trainer (/2),
-    give the gradient of one batch holding all of them."""
+    give the gradient of one batch holding all of them; the window's counts may be host numbers (one rank) or
+    0-dim tensors (summed over ranks on the device, never read back)."""
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
     feats = [torch.randn(1, 4, 4, 5), torch.randn(3, 4, 4, 5)]  # 1 mask, then 3 masks
@@ -50,7 +52,8 @@ def test_accumulated_gradient_equals_full_batch_gradient():
         llm = ((tokens[i] @ w) ** 2).sum()
         return LossSums(bce, dice, feats[i].shape[0], llm, tokens[i].shape[0])
 
-    window = Window(num_masks=4, num_tokens=9, scale=2.0)
+    count = torch.tensor if summed_on_device else float
+    window = Window(num_masks=count(4.0), num_tokens=count(9.0), scale=2.0)
     for i in range(2):
         (combine(sums_of(i), cfg, window)["loss"] / 2).backward()  # Lightning divides by accumulation
     accumulated = w.grad.clone()

@@ -73,9 +73,13 @@ class Window:
     each micro-batch is multiplied by (micro-batches per window x ranks) before those divisions.
     """
 
-    num_masks: float
-    num_tokens: float
+    num_masks: float | torch.Tensor  # a 0-dim device tensor when summed over ranks (read back, it would sync)
+    num_tokens: float | torch.Tensor
     scale: float = 1.0
+
+
+def _at_least_one(count: float | torch.Tensor) -> float | torch.Tensor:
+    return count.clamp(min=1.0) if isinstance(count, torch.Tensor) else max(count, 1.0)
 
 
 def combine(sums: LossSums, weights: LossConfig, window: Window) -> dict[str, torch.Tensor]:
@@ -85,8 +89,8 @@ def combine(sums: LossSums, weights: LossConfig, window: Window) -> dict[str, to
         `loss` (differentiable, window-normalised) and detached `loss_mask`, `loss_dice`, `llm_loss`,
         `loss_logged` (the same weighted sum over this micro-batch's own means).
     """
-    masks = max(window.num_masks, 1.0)
-    tokens = max(window.num_tokens, 1.0)
+    masks = _at_least_one(window.num_masks)
+    tokens = _at_least_one(window.num_tokens)
     loss = window.scale * (
         weights.mask_weight * sums.mask_bce / masks
         + weights.dice_weight * sums.mask_dice / masks

@@ -185,12 +185,15 @@ class Sa2VAModule(L.LightningModule):
         info = batch.get("window")
         if info is None:  # a batch from a plain loader: it is its own window
             return Window(sums.num_masks, sums.num_tokens, 1.0)
-        counts = torch.tensor([info["masks"], info["tokens"]], dtype=torch.float64, device=self.device)
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        return Window(float(counts[0]), float(counts[1]), float(accumulate * world))
+        if world == 1:  # the loader's own counts: host numbers, nothing to wait for
+            return Window(float(info["masks"]), float(info["tokens"]), float(accumulate))
+        # Summed over ranks on the device and divided by there: reading the sum back to the host would wait for
+        # the whole forward pass queued before it. float32 holds these counts exactly (< 2^24).
+        counts = torch.tensor([info["masks"], info["tokens"]], dtype=torch.float32)
+        counts = self.trainer.strategy.reduce(counts.to(self.device, non_blocking=True), reduce_op="sum")
+        return Window(counts[0], counts[1], float(accumulate * world))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, sums = self._forward(batch)
