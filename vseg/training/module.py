@@ -189,7 +189,7 @@ class Sa2VAModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         if world == 1:  # the loader's own counts: host numbers, nothing to wait for
             return Window(float(info["masks"]), float(info["tokens"]), float(accumulate))
-        # Summed over ranks on the device and divided by there: reading the sum back to the host would wait for
+        # Summed over ranks on the device and used there: reading the sum back to the host would wait for
         # the whole forward pass queued before it. float32 holds these counts exactly (< 2^24).
         counts = torch.tensor([info["masks"], info["tokens"]], dtype=torch.float32)
         counts = self.trainer.strategy.reduce(counts.to(self.device, non_blocking=True), reduce_op="sum")
