@@ -99,7 +99,9 @@ def test_warm_up_runs_on_the_worker_before_ready_and_probability_only_when_asked
             assert (outcome.prediction.mask == want.mask).all()
             assert outcome.prediction.probability is None  # not asked for: not computed
             assert {"collate_ms", "copy_ms", "forward_ms", "finish_ms"} <= set(outcome.parts)
-            assert sum(outcome.parts.values()) <= outcome.model_ms + 1
+            # copy, forward and finish are inside the worker's call; collating may have run ahead on the stager
+            in_call = sum(v for k, v in outcome.parts.items() if k != "collate_ms")
+            assert in_call <= outcome.model_ms + 1 and outcome.parts["collate_ms"] >= 0
         (asked,) = _serve(service, images[:1], True)
         probability = asked.prediction.probability
         assert probability is not None and ((probability > cfg.threshold) == expected[0].mask).all()
