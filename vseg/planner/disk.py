@@ -59,12 +59,6 @@ def internvl_tiles_per_image(cfg: TrainConfig, tile: int) -> int:
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
-def size_is_exact(cfg: TrainConfig) -> bool:
-    """False when the vision part's size is the worst case (images of their own sizes, several tiles allowed)."""
-    vision = "vision" in cfg.feature_cache.parts and cfg.model.family == "internvl"
-    return not (vision and cfg.data.image_size is None and cfg.model.max_tiles > 1)
-
-
 @dataclass
 class CacheSize:
     """The disk feature cache of a config: bytes per image per part, images, variants."""
@@ -114,7 +108,9 @@ def cache_size(cfg: TrainConfig, images: int | None) -> CacheSize:
     variants = a.variants if a.enabled and a.variants >= 1 else 1
     # DataLoader's default prefetch: 2 batches per worker, plus the batch being pinned and trained on
     in_flight = 2 * cfg.data.num_workers + 1 if cfg.data.num_workers > 0 else 1
-    return CacheSize(per_image, images, variants, size_is_exact(cfg), in_flight, cfg.data.batch_size)
+    # the vision part is a worst case when images keep their own sizes and may be cut into several tiles
+    exact = "vision" not in per_image or cfg.data.image_size is not None or cfg.model.max_tiles == 1
+    return CacheSize(per_image, images, variants, exact, in_flight, cfg.data.batch_size)
 
 
 def training_images(cfg: TrainConfig) -> int | None:
