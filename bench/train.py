@@ -49,6 +49,7 @@ def overrides(
     flops_step: int = 2,
     sam_cache: str = "none",
     feature_cache: Path | None = None,
+    log_every: int = 1,
 ) -> list[str]:
     samples = max(16, batch * accum * devices * 2)
     out = [
@@ -70,7 +71,8 @@ def overrides(
         "trainer.num_sanity_val_steps=0",
         "trainer.val_check_interval=null",
         "trainer.check_val_every_n_epoch=1000",
-        "trainer.log_every_n_steps=1",
+        # the throughput window: the monitor waits for the GPU at each window's end (1: every step stands alone)
+        f"trainer.log_every_n_steps={log_every}",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "checkpoint.every_n_steps=100000",
@@ -130,6 +132,7 @@ def run_one(
         # one directory for every run: entries are keyed by the encoders' inputs and the model's identity, so a
         # later run's `vseg cache` pass finds the images an earlier run encoded and skips them
         Path(args.workdir) / "feature_cache" if disk else None,
+        getattr(args, "log_every", 1),
     )
     config += list(extra or [])
     cmd = [sys.executable, "train.py", *config]
@@ -145,6 +148,7 @@ def run_one(
         "sam_feature_cache": args.sam_cache,
         "disk_feature_cache": disk,
         "steps": args.steps,
+        "log_every_n_steps": getattr(args, "log_every", 1),
         "command": "python " + " ".join(cmd[1:]),
     }
     if disk:  # `vseg cache` with the same overrides: every timed step then reads its frozen features from disk

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=10, help="first profiled batch index (after warm-up)")
     parser.add_argument("--last", type=int, default=12)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--trace", default=None, help="also write the profiled steps' Chrome trace here (.json.gz)")
     args, overrides = parser.parse_known_args()
 
     import lightning as L
@@ -68,6 +69,8 @@ def main() -> None:
             )
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+            if args.trace:  # host ranges and kernels on one time line: where the GPU waits for the host
+                self.prof.export_chrome_trace(args.trace)
 
     build = train.build_trainer
 

@@ -3,11 +3,13 @@
 First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's
 `train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
 images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off`
-(every `speed.*` switch off: the path before these switches), `all` (every switch on) or one switch alone
-(`bf16_weights`, `liger`, `host_positions`, `compile`); `:disk` reads the frozen SAM-2 and vision-tower
-features from the disk feature cache (`vseg cache` fills it first; the plain stack computes them). Ratios
-printed at the end: vseg / plain at each micro-batch, best / best, and each switch against `off` at the same
-micro-batch. Rows go to `--out` after every run.
+(every `speed.*` switch off: the path before these switches), `all` (every switch on) or switches joined by
+`+` (`bf16_weights`, `liger`, `host_positions`, `compile`, `overlap_steps`); `:disk` reads the frozen SAM-2
+and vision-tower features from the disk feature cache (`vseg cache` fills it first; the plain stack computes
+them). vseg is timed in windows of `--log-every` steps, waiting for the GPU at each window's end as a user's
+run does at each log step; the plain loop times each step alone. Ratios printed at the end: vseg / plain at
+each micro-batch, best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after
+every run.
 
     python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train import run_one  # noqa: E402  (bench/train.py)
 
-SWITCHES = ("bf16_weights", "liger", "host_positions", "compile")
+SWITCHES = ("bf16_weights", "liger", "host_positions", "compile", "overlap_steps")
 DEFAULT_VSEG = "off:2:on,all:1:on,all:2:on,all:8:on,all:32:off,bf16_weights:2:on,liger:2:on,host_positions:2:on"
 
 
@@ -38,8 +40,11 @@ def speed_overrides(variant: str) -> list[str]:
     return [f"speed.{s}={str(s in on).lower()}" for s in SWITCHES]
 
 
-def steps_for(batch: int) -> int:
-    return 14 if batch <= 2 else (8 if batch <= 8 else 6)
+def steps_for(batch: int, log_every: int) -> int:
+    """The warm-up window (compilation, the FLOPs count) and then 3 timed windows (2 from micro-batch 32 on)."""
+    if log_every == 1:
+        return 14 if batch <= 2 else (8 if batch <= 8 else 6)
+    return log_every * (4 if batch < 32 else 3)
 
 
 def main() -> None:
@@ -50,6 +55,13 @@ def main() -> None:
     parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT[:disk]")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=150, help="seconds per vseg run")
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=4,
+        help="vseg steps per throughput window (trainer.log_every_n_steps; the GPU is waited for at each window's "
+        "end, as in a user's run; 1: every step alone, as the plain loop times them)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plain_vs_vseg_train.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -94,7 +106,8 @@ def main() -> None:
         batch = int(batch)
         run_args = argparse.Namespace(
             accum=1,
-            steps=steps_for(batch),
+            steps=steps_for(batch, args.log_every),
+            log_every=args.log_every,
             cap_gb=None,
             sam_cache="none",
             image_size=512,

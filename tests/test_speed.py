@@ -244,3 +244,37 @@ def test_compiled_blocks_train_under_gradient_checkpointing_on_a_gpu(monkeypatch
     assert len(compiled) == len(eager) == 4
     assert compiled == pytest.approx(eager, rel=2e-2)  # inductor's bf16 kernels round differently from eager's
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_overlapped_steps_train_exactly_what_waiting_steps_train(monkeypatch, tmp_path, device):
+    """speed.overlap_steps: fused AdamW's device-side skip (no bad steps here: every step applied) and, on a GPU,
+    batches copied on a side stream. Same losses and weights, bit for bit, as the guard that reads its flags on
+    the host and batches copied on the compute stream."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    extra = ["trainer.accelerator=gpu", "trainer.devices=1"] if device == "cuda" else []
+    waiting = _train_losses(monkeypatch, tmp_path, "waiting", [*extra, "speed.overlap_steps=false"])
+    overlapped = _train_losses(monkeypatch, tmp_path, "overlapped", [*extra, "speed.overlap_steps=true"])
+    assert len(overlapped[0]) == 4 and overlapped[0] == waiting[0]
+    assert overlapped[1].keys() == waiting[1].keys()
+    assert all(torch.equal(overlapped[1][n], waiting[1][n]) for n in waiting[1])
+
+
+@pytest.mark.gpu
+def test_side_stream_copy_is_waited_for_before_the_batch_is_used():
+    """A 1 GiB pinned tensor takes tens of milliseconds to copy; a kernel on the (idle) compute stream that
+    did not wait for the copy stream would read it half-written."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from vseg.training.speed import SideStreamCopy
+
+    copy, device = SideStreamCopy(), torch.device("cuda", 0)
+    batch = {"big": torch.ones(2**28).pin_memory(), "nested": [{"x": torch.arange(10).pin_memory()}], "ids": ["a"]}
+    torch.cuda.synchronize()
+    moved = copy(batch, device, move_data_to_device)
+    complete = moved["big"].eq(1).all()  # queued on the compute stream right behind the copy
+    assert bool(complete) and moved["nested"][0]["x"].tolist() == list(range(10)) and moved["ids"] == ["a"]
+    assert copy.stream is not None and copy.stream != torch.cuda.current_stream(device)

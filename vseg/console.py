@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Any
 
@@ -41,6 +42,9 @@ def setup_console() -> None:
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(_DropAdverts())
+    # vseg's LightningModule moves batches itself (speed.overlap_steps: a copy stream) and so overrides
+    # `transfer_batch_to_device` next to a DataModule, which Lightning reports on every fit as if by mistake.
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`")
     # Lightning 2.6's own pytree helper (lightning/pytorch/utilities/_pytree.py) builds `LeafSpec()`, which
     # torch 2.13 deprecates; it runs inside every fit/predict loop and nothing vseg passes can avoid it.
     warnings.filterwarnings(
@@ -49,11 +53,33 @@ def setup_console() -> None:
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without `v_num`.
+    """Lightning's progress bar without `v_num`, reading the step's losses at most once a second.
 
     `v_num` is the logger's version; vseg's TensorBoard logger writes to `<run dir>/tensorboard` (version
     "tensorboard"), which the bar showed as `v_num=oard`. The run directory is printed instead.
+
+    Reading a logged loss copies it from the GPU, which waits for every kernel queued before it: done after
+    every training step, the host could never start a step while the GPU still ran the one before
+    (`speed.overlap_steps`). The count still moves with every step.
     """
+
+    METRICS_EVERY_S = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._metrics_read = -float("inf")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is None or not self._should_update(n, bar.total):
+            return
+        if not bar.disable:
+            bar.n = n
+            bar.refresh()
+        now = time.monotonic()
+        if now - self._metrics_read >= self.METRICS_EVERY_S or n == bar.total:
+            self._metrics_read = now
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)

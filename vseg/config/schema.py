@@ -265,6 +265,10 @@ class SpeedConfig:
     # torch.compile of every repeated block (LLM layers, vision tower, SAM-2 blocks; vseg.model.compile): fused
     # kernels, fewer launches per step. The first steps compile (about a minute on a GPU). Not with ZeRO-3.
     compile: bool = False
+    # Nothing on the host waits for a step to end: the bad-step guard decides on the GPU (fused AdamW skips a
+    # bad step itself; the warning comes one step later) and the next batch is copied to the GPU on a side
+    # stream while the current backward runs.
+    overlap_steps: bool = True
 
 
 @dataclass

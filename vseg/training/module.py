@@ -22,7 +22,7 @@ from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults.guard import NonFiniteGuard
 from vseg.training.feature_cache import FrozenFeatures, any_rank
-from vseg.training.speed import MasterWeights, apply_speed
+from vseg.training.speed import MasterWeights, SideStreamCopy, apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Sa2VAModule(L.LightningModule):
         self._suspended: list = []  # compiled blocks running eagerly during validation
         # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
         self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
+        self._copy = SideStreamCopy() if cfg.speed.overlap_steps else None
 
     def setup(self, stage: str) -> None:
         val_set = getattr(getattr(self._trainer, "datamodule", None), "val_set", None)
@@ -138,6 +139,13 @@ class Sa2VAModule(L.LightningModule):
         return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # ---------------------------------------------------------------- steps
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if self._copy is None:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return self._copy(
+            batch, device, lambda b, d: super(Sa2VAModule, self).transfer_batch_to_device(b, d, dataloader_idx)
+        )
+
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` is True on any rank: a collective under multi-rank ZeRO-3 (the feature cache's
         agreement on running the partitioned encoders), `flag` itself elsewhere."""
@@ -233,7 +241,23 @@ class Sa2VAModule(L.LightningModule):
         closure_result = optimizer_closure()  # forward + backward of the window's last micro-batch
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         check = self.guard.check_grads and scaler is None
-        skip = self.guard.decide(self, NonFiniteGuard.grads_bad(params) if check else None)
+        grads_bad = NonFiniteGuard.grads_bad(params) if check else None
+        inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Lightning's wrapper
+        if self.cfg.speed.overlap_steps and scaler is None and inner.defaults.get("fused"):
+            # The decision stays on the device: fused AdamW skips the whole update itself when `found_inf` is
+            # set (no moments, no weight decay, its step count restored: GradScaler's protocol), so the host
+            # goes on to the next batch (its copy to the GPU, the next forward) while this backward still
+            # runs. The guard reports the outcome at the next optimizer step.
+            inner.found_inf = self.guard.defer(self, grads_bad)
+            try:
+                optimizer.step(closure=lambda: closure_result)
+            finally:
+                del inner.found_inf
+            self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+            if self.masters is not None:  # masters of a skipped step are unchanged: this copies them back as they were
+                self.masters.masters_to_model()
+            return
+        skip = self.guard.decide(self, grads_bad)
         self.log("train/bad_steps", float(self.guard.total), batch_size=1)
         if skip:
             optimizer.zero_grad(set_to_none=True)
@@ -329,7 +353,28 @@ class Sa2VAModule(L.LightningModule):
         if self.masters is not None:  # before Lightning clips the optimizer's (the masters') gradients
             self.masters.grads_to_masters()
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if (
+            not gradient_clip_val
+            or not inner.defaults.get("fused")
+            or isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        ):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # Lightning's AMP plugin refuses to clip for any fused optimizer, as one that could unscale fp16 gradients
+        # itself. vseg fuses AdamW only where no GradScaler runs (configure_optimizers), so these gradients are
+        # the true ones and are clipped as Lightning would clip them.
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_train_end(self) -> None:
+        self.guard.settle()  # the last step's deferred report (and the stop, were it one too many)
         if self.masters is not None:  # final weights, last.ckpt and exports in float32
             self.masters.restore_fp32()
             self.masters = None
@@ -352,8 +397,10 @@ class Sa2VAModule(L.LightningModule):
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas))
         else:
-            # Not fused: Lightning's gradient clipping under AMP refuses optimizers that unscale internally.
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+            # Fused (one kernel set for every tensor; the guard's device-side skip needs it), except under fp16
+            # AMP, where Lightning's gradient clipping refuses optimizers that unscale internally.
+            fused = not str(self.trainer.precision).startswith("16")
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,

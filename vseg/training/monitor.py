@@ -135,7 +135,7 @@ class PerfMonitor(Callback):
         peak_tflops: per-GPU peak for MFU; None = from the device name.
         perf_json: write a summary JSON here at the end of training (rank 0).
         memory_cap_gb: cap each process's CUDA allocator at this many GiB.
-        warmup_steps: optimizer steps left out of the summary's throughput.
+        warmup_steps: optimizer steps left out of the summary's throughput (with every window that holds one).
     """
 
     def __init__(
@@ -295,7 +295,8 @@ class PerfMonitor(Callback):
         metrics.update(self._memory(trainer))
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
-        if step > self.warmup_steps and not self._window_counted:
+        first = step - self._window["steps"] + 1  # the window's first optimizer step (counted from 1)
+        if first > self.warmup_steps and not self._window_counted:
             self.rates.append((step, samples_s, tokens_s, step_time))
         self._window_counted = False
         self._window = {"samples": 0, "tokens": 0, "steps": 0}

@@ -16,12 +16,16 @@ and is measured on its own (`bench/train_vs_plain.py`):
   (a few per sample), and the head carries PEFT's trainable token rows, whose merged weight would have to
   be built on every call to hand it to a fused kernel.
 - `host_positions`: see `vseg.model.sa2va.find_positions`.
+- `overlap_steps`: the host does not wait for a step's end before it starts the next: the bad-step guard's
+  decision stays on the GPU (`NonFiniteGuard.defer`), and `SideStreamCopy` copies the next batch (with the
+  disk cache, 44 MB of SAM-2 features per image) while the GPU still runs the backward pass before it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,3 +187,43 @@ def apply_speed(
                 ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
             )
     return masters, compiled
+
+
+class SideStreamCopy:
+    """Batches copied to the GPU on a CUDA stream of their own, so the copy runs next to the kernels queued
+    before it instead of after them (on the compute stream the copy of a batch waits for the previous step's
+    backward and optimizer, and the next forward waits for the copy).
+
+    The compute stream waits for the copy before it uses the batch; each copied tensor is marked as used by
+    the compute stream, so the allocator does not hand its memory out again before the step is done with it.
+    The copies overlap only from pinned host memory (the loaders pin theirs on CUDA machines).
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+
+    def __call__(self, batch: Any, device: torch.device, move: Callable[[Any, torch.device], Any]) -> Any:
+        """`move(batch, device)` (the usual transfer) issued on the copy stream."""
+        if device.type != "cuda":
+            return move(batch, device)
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self.stream):
+            moved = move(batch, device)
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(self.stream)
+        for tensor in _tensors(moved):
+            if tensor.is_cuda:
+                tensor.record_stream(compute)
+        return moved
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)

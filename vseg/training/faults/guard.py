@@ -32,6 +32,7 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
         self._window: list[tuple[list[Any], torch.Tensor]] = []
+        self._pending: tuple[list[list[Any]], torch.Tensor, Any, int, int] | None = None  # `defer`'s, unreported
 
     def observe(self, loss: torch.Tensor, ids: list[Any]) -> None:
         """Records one micro-batch's loss (no device sync here)."""
@@ -47,31 +48,64 @@ class NonFiniteGuard:
         # few launches, where a check per tensor issues ~3 kernels for each of the ~500 LoRA tensors every step.
         return ~torch.isfinite(get_total_norm(grads, norm_type=float("inf"), foreach=None))
 
-    def decide(self, module: L.LightningModule, grads_bad: torch.Tensor | None) -> bool:
-        """True when the step must be skipped; reports it and raises after too many in a row.
-
-        Every rank calls this at the same optimizer step (the flags are all-reduced).
-        """
+    def _flags(self, module: L.LightningModule, grads_bad: torch.Tensor | None) -> tuple[list[Any], torch.Tensor]:
+        """(the window's ids per micro-batch, a device tensor [any loss bad, any gradient bad (all ranks), this
+        rank's loss flag per micro-batch]); the window starts anew."""
         window, self._window = self._window, []
         device = module.device
-        loss_bad = torch.stack([flag for _, flag in window]).any() if window else torch.tensor(False)
-        flags = torch.stack(
-            [loss_bad.to(device), (grads_bad if grads_bad is not None else torch.tensor(False)).to(device)]
-        )
-        flags = flags.float()
+        own = torch.stack([flag.to(device) for _, flag in window]) if window else torch.zeros(0, dtype=torch.bool)
+        grad = grads_bad if grads_bad is not None else torch.tensor(False)
+        flags = torch.stack([own.to(device).any(), grad.to(device)]).float()
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="max")
-        any_loss_bad, any_grad_bad = (bool(v) for v in flags.tolist())
-        step = module.global_step
-        rank = trainer.global_rank if trainer is not None else 0
+        return [ids for ids, _ in window], torch.cat([flags, own.to(device).float()])
+
+    def decide(self, module: L.LightningModule, grads_bad: torch.Tensor | None) -> bool:
+        """True when the step must be skipped; reports it and raises after too many in a row. Reads the flags
+        on the host: waits for the step's backward pass.
+
+        Every rank calls this at the same optimizer step (the flags are all-reduced).
+        """
+        ids, flags = self._flags(module, grads_bad)
+        trainer = module._trainer
+        return self._report(ids, flags.tolist(), module.global_step, trainer.global_rank if trainer else 0)
+
+    def defer(self, module: L.LightningModule, grads_bad: torch.Tensor | None) -> torch.Tensor:
+        """The skip decision on the device, for an optimizer that skips itself (fused AdamW's `found_inf`): a
+        float32 scalar, 1.0 when the step must be skipped. Nothing waits for it here; `settle` reports it
+        (warnings, counts, the stop after too many in a row) once the step has run, one optimizer step later.
+        """
+        self.settle()
+        ids, flags = self._flags(module, grads_bad)
+        host = flags.to("cpu", non_blocking=True)  # pinned when copied from a GPU: the copy does not block
+        done = torch.cuda.Event() if flags.is_cuda else None
+        if done is not None:
+            done.record()
+        trainer = module._trainer
+        self._pending = (ids, host, done, module.global_step, trainer.global_rank if trainer else 0)
+        return flags[:2].max()
+
+    def settle(self) -> None:
+        """Reports the deferred decision of the last `defer`, if any (raises after too many bad steps)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            ids, host, done, step, rank = pending
+            if done is not None:
+                done.synchronize()
+            self._report(ids, host.tolist(), step, rank)
+
+    def _report(self, window_ids: list[list[Any]], flags: list[float], step: int, rank: int) -> bool:
+        """Counts a step's outcome from its flags (`_flags`' layout); warns about a bad one; raises after too
+        many in a row. True when the step was bad."""
+        any_loss_bad, any_grad_bad = bool(flags[0]), bool(flags[1])
         if not (any_loss_bad or any_grad_bad):
             self.in_a_row = 0
             return False
         self.in_a_row += 1
         self.total += 1
-        local_bad_ids = [i for ids, flag in window if bool(flag) for i in ids]
-        all_ids = [i for ids, _ in window for i in ids]
+        local_bad_ids = [i for ids, flag in zip(window_ids, flags[2:], strict=True) if flag for i in ids]
+        all_ids = [i for ids in window_ids for i in ids]
         what = "loss" if any_loss_bad else "gradient"
         if local_bad_ids:
             where = f"non-finite loss in samples {local_bad_ids}"
