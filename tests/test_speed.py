@@ -263,11 +263,12 @@ def test_compiled_blocks_checkpoint_inside_their_graph_whatever_transformers_doe
     model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     was_training = model.training
     model.train()
-    layers = [b for b in C.repeated_blocks(model) if getattr(b, "gradient_checkpointing", False)]
+    llm = model.base_mllm.model.language_model  # its layers only: tracing every block of the model takes minutes
+    layers = [b for b in C.repeated_blocks(llm) if getattr(b, "gradient_checkpointing", False)]
     assert layers
     batch = random_batch(processor, sizes=((60, 72), (50, 40)), seed=2)
     torch._dynamo.reset()
-    C.compile_blocks(model, dynamic=True)
+    C.compile_blocks(llm, dynamic=True)
     try:
         assert not any(b.gradient_checkpointing for b in layers)
         for step in range(2):
@@ -280,7 +281,7 @@ def test_compiled_blocks_checkpoint_inside_their_graph_whatever_transformers_doe
         checkpointed = [g for g in graphs if g["checkpoint"]]
         assert checkpointed and sum(g["calls"] for g in checkpointed) == len(layers)
     finally:
-        C.uncompile_blocks(model)
+        C.uncompile_blocks(llm)
         model.base_mllm.gradient_checkpointing_disable()
         model.train(was_training)
         torch._dynamo.reset()
