@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from vseg.config import TrainConfig
@@ -212,18 +213,6 @@ class SideStreamCopy:
             moved = move(batch, device)
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(self.stream)
-        for tensor in _tensors(moved):
-            if tensor.is_cuda:
-                tensor.record_stream(compute)
+        # Lightning's own walk over a batch's nested dicts and lists (a dependency of lightning)
+        apply_to_collection(moved, torch.Tensor, lambda t: t.record_stream(compute) if t.is_cuda else None)
         return moved
-
-
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
