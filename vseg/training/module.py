@@ -32,6 +32,11 @@ def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, 
     return {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's `LightningOptimizer` wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _one_dtype_for_zero3(model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
     """ZeRO-3 flattens each optimizer group into one buffer and asserts a single dtype (seen on GPUs: bf16
     adapters next to fp32 heads). DeepSpeed keeps fp32 master weights itself, so every trainable tensor is
@@ -242,30 +247,29 @@ class Sa2VAModule(L.LightningModule):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         check = self.guard.check_grads and scaler is None
         grads_bad = NonFiniteGuard.grads_bad(params) if check else None
-        inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Lightning's wrapper
-        if self.cfg.speed.overlap_steps and scaler is None and inner.defaults.get("fused"):
+        inner = _torch_optimizer(optimizer)
+        on_device = self.cfg.speed.overlap_steps and scaler is None and inner.defaults.get("fused")
+        if on_device:
             # The decision stays on the device: fused AdamW skips the whole update itself when `found_inf` is
             # set (no moments, no weight decay, its step count restored: GradScaler's protocol), so the host
             # goes on to the next batch (its copy to the GPU, the next forward) while this backward still
             # runs. The guard reports the outcome at the next optimizer step.
             inner.found_inf = self.guard.defer(self, grads_bad)
-            try:
-                optimizer.step(closure=lambda: closure_result)
-            finally:
-                del inner.found_inf
-            self.log("train/bad_steps", float(self.guard.total), batch_size=1)
-            if self.masters is not None:  # masters of a skipped step are unchanged: this copies them back as they were
-                self.masters.masters_to_model()
-            return
-        skip = self.guard.decide(self, grads_bad)
+            skip = False
+        else:
+            skip = self.guard.decide(self, grads_bad)
         self.log("train/bad_steps", float(self.guard.total), batch_size=1)
         if skip:
             optimizer.zero_grad(set_to_none=True)
             for p in params:  # with bf16 weights the gradients are still on the model, not yet on the masters
                 p.grad = None
             return
-        optimizer.step(closure=lambda: closure_result)
-        if self.masters is not None:
+        try:
+            optimizer.step(closure=lambda: closure_result)
+        finally:
+            if on_device:
+                del inner.found_inf
+        if self.masters is not None:  # after a step skipped on the device this copies the unchanged masters back
             self.masters.masters_to_model()
 
     def on_validation_epoch_start(self) -> None:
@@ -356,7 +360,7 @@ class Sa2VAModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = _torch_optimizer(optimizer)
         if (
             not gradient_clip_val
             or not inner.defaults.get("fused")
