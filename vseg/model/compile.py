@@ -22,6 +22,11 @@ compiled forward a second time from autograd's thread, with its guard check and 
 (an H200 profile: 36 such calls of 3.7 ms host time per micro-batch-2 step of the 4B LLM); later versions
 checkpoint inside `forward` and so inside the region. vseg takes the checkpoint over from transformers for
 the blocks it compiles, so both run the same way.
+
+torch 2.11's inductor (the GPU image's) could not partition such a graph with dynamic shapes: its pattern
+matcher copies the checkpoint's "recompute" tag up to the graph's inputs (the symbolic sizes among them), and
+the partitioner then neither saves those inputs nor can recompute them ("Node ... was invalid, but is output").
+Later torch stops at the inputs; `_untag_inputs` removes the tag from inputs on every version.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | No
     for block in repeated_blocks(model):
         if getattr(block, "gradient_checkpointing", False):  # a transformers layer with checkpointing turned on
             if checkpointed is None:  # one compiled function for every block, as `nn.Module.compile` does
+                _untag_inputs_before_partitioning()
                 checkpointed = torch.compile(_checkpointed_call, backend=BACKEND, mode=mode, dynamic=dynamic)
             block.gradient_checkpointing = False  # transformers' own checkpoint would wrap the region from outside
             block._vseg_checkpointed = True
@@ -118,6 +124,38 @@ def _checkpointed_call(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if block.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block._call_impl, *args, use_reentrant=False, **kwargs)
     return block._call_impl(*args, **kwargs)
+
+
+def _untag_inputs(graph: torch.fx.Graph) -> None:
+    """A graph input carries no checkpoint "recompute" tag: an input cannot be recomputed, so the tag means
+    nothing there on any version, and torch 2.11's partitioner leaves such an input unsaved (module docstring)."""
+    for node in graph.find_nodes(op="placeholder"):
+        node.meta.pop("recompute", None)
+        node.meta.pop("ac_graph_id", None)
+
+
+def _untag_inputs_before_partitioning() -> None:
+    """Runs `_untag_inputs` as inductor's `joint_custom_post_pass` (after its pattern matcher, before the
+    partitioner), process-wide. A pass already installed there is kept and runs first."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class UntagInputs(CustomGraphPass):
+        def __init__(self, before: Any) -> None:
+            self.before = before
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            if self.before is not None:
+                self.before(graph)
+            _untag_inputs(graph)
+
+        def uuid(self) -> Any:  # inductor's FX graph cache keys on it (a pass without one turns the cache off)
+            before = self.before.uuid() if hasattr(self.before, "uuid") else self.before
+            return ("vseg.model.compile._untag_inputs/1", before)
+
+    current = config.joint_custom_post_pass
+    if type(current).__name__ != "UntagInputs":  # once per process
+        config.joint_custom_post_pass = UntagInputs(current)
 
 
 def keep_graph_order() -> None:
