@@ -309,6 +309,56 @@ def test_compiled_blocks_checkpoint_inside_their_graph_whatever_transformers_doe
 
 
 @pytest.mark.gpu
+def test_compiled_checkpoint_gives_eager_checkpointings_gradients_on_a_gpu(built):
+    """The LLM's layers compiled by inductor with their checkpoint inside the graph (dynamic shapes, bf16
+    autocast, two prompt lengths) give the losses and LoRA gradients of transformers' eager checkpointing.
+    LoRA dropout off: inductor draws other random numbers than eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    _compiled_checkpoint_against_eager(built, "cuda")
+
+
+def _compiled_checkpoint_against_eager(built, device: str) -> None:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torch import nn
+
+    import vseg.model.compile as C
+
+    model, _, processor = built
+    model.to(device).train()
+    model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm = model.base_mllm.model.language_model
+    for m in llm.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    lora = {n: p for n, p in llm.named_parameters() if p.requires_grad}
+    batches = [random_batch(processor, sizes=((60, 72), (50, 40)), seed=2), random_batch(processor, seed=3)]
+    batches = [move_data_to_device(b, device) for b in batches]
+
+    def step(batch):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = _forward(model, batch)
+        loss = out.llm_loss_sum + out.mask_logits.float().sigmoid().mean()
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in lora.items()}
+
+    eager = [step(b) for b in batches]
+    torch._dynamo.reset()
+    C.compile_blocks(llm, dynamic=True)
+    try:
+        compiled = [step(b) for b in batches]
+    finally:
+        C.uncompile_blocks(llm)
+        torch._dynamo.reset()
+    for (loss, grads), (loss_c, grads_c) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(loss_c, loss, rtol=2e-2, atol=1e-3)  # inductor's bf16 kernels round otherwise
+        for name, grad in grads.items():
+            scale = grad.abs().max().clamp_min(1e-6)
+            assert (grads_c[name] - grad).abs().max() / scale < 5e-2, name
+
+
+@pytest.mark.gpu
 def test_compiled_blocks_train_under_gradient_checkpointing_on_a_gpu(monkeypatch, tmp_path):
     """The H200 failure this guards against: with CUDA tensors the backward (and checkpointing's recomputation)
     runs on autograd's device thread, where dynamo's most-recently-used lookup picked another graph than the
