@@ -308,6 +308,41 @@ def test_compiled_blocks_checkpoint_inside_their_graph_whatever_transformers_doe
         assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
+def test_the_input_untagging_pass_installs_once_and_keeps_a_pass_already_there(monkeypatch):
+    """Inductor has one joint_custom_post_pass slot: vseg's pass runs after one a user installed, keys the graph
+    cache on both, and compiling again does not stack it a second time."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    import vseg.model.compile as C
+
+    calls: list[str] = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph):
+            calls.append("theirs")
+
+        def uuid(self):
+            return "theirs/1"
+
+    monkeypatch.setattr(config, "joint_custom_post_pass", Theirs())
+    C._untag_inputs_before_partitioning()
+    installed = config.joint_custom_post_pass
+    C._untag_inputs_before_partitioning()
+    assert config.joint_custom_post_pass is installed
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta.update(recompute="PREFER_RECOMPUTE", ac_graph_id=1)
+    graph.output(graph.call_function(torch.neg, (x,)))
+    installed(graph)
+    assert calls == ["theirs"] and "recompute" not in x.meta and "ac_graph_id" not in x.meta
+    assert "theirs/1" in installed.uuid()
+    monkeypatch.setattr(config, "joint_custom_post_pass", lambda graph: None)  # no uuid: uncacheable, as alone
+    C._untag_inputs_before_partitioning()
+    assert config.joint_custom_post_pass.uuid() is None
+
+
 @pytest.mark.gpu
 def test_compiled_checkpoint_gives_eager_checkpointings_gradients_on_a_gpu(built):
     """The LLM's layers compiled by inductor with their checkpoint inside the graph (dynamic shapes, bf16

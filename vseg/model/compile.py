@@ -149,9 +149,11 @@ def _untag_inputs_before_partitioning() -> None:
                 self.before(graph)
             _untag_inputs(graph)
 
-        def uuid(self) -> Any:  # inductor's FX graph cache keys on it (a pass without one turns the cache off)
-            before = self.before.uuid() if hasattr(self.before, "uuid") else self.before
-            return ("vseg.model.compile._untag_inputs/1", before)
+        def uuid(self) -> Any:  # inductor's FX graph cache keys on it; None (uncacheable) as for a pass without one
+            if self.before is None:
+                return "vseg.model.compile._untag_inputs/1"
+            before = self.before.uuid() if isinstance(self.before, CustomGraphPass) else None
+            return None if before is None else ("vseg.model.compile._untag_inputs/1", before)
 
     current = config.joint_custom_post_pass
     if type(current).__name__ != "UntagInputs":  # once per process
