@@ -85,14 +85,16 @@ def repeated_blocks(model: nn.Module, min_repeats: int = 2) -> list[nn.Module]:
 
 
 def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | None = None) -> Compiled:
-    """Compiles every repeated block of `model` in place (see the module docstring).
+    """Compiles every repeated block of `model` in place (see the module docstring); blocks already compiled
+    (by an earlier call on a part of the model, with another `dynamic`) are left as they are.
 
     Args:
         model: the model, already on its device(s).
         mode: `torch.compile` mode (None: inductor's default).
-        dynamic: `torch.compile`'s `dynamic`: None compiles for the first shapes and once more, dynamic, when
-            they change; True compiles dynamic shapes from the start (training: the text length changes every
-            batch, and each recompilation of SAM-2's ~16 distinct trunk blocks costs minutes on a GPU).
+        dynamic: `torch.compile`'s `dynamic`: None compiles for the first shapes and once more, with the sizes
+            that changed dynamic, when they change; True compiles every size dynamic from the start (the LLM in
+            training, whose text length changes every batch). True costs more to compile where blocks reshape
+            by their sizes: SAM-2's windowed Hiera blocks spend minutes in sympy's simplification.
     """
     # sympy's range analysis of dynamic shapes logs a warning per unsupported power it meets; it only gives up
     # a bound, compiled code is unaffected, and hundreds of such lines would bury the run's own log
@@ -102,6 +104,8 @@ def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | No
     done = Compiled()
     checkpointed = None
     for block in repeated_blocks(model):
+        if block._compiled_call_impl is not None:
+            continue
         if getattr(block, "gradient_checkpointing", False):  # a transformers layer with checkpointing turned on
             if checkpointed is None:  # one compiled function for every block, as `nn.Module.compile` does
                 _untag_inputs_before_partitioning()

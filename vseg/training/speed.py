@@ -32,7 +32,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from vseg.config import TrainConfig
-from vseg.model.compile import compile_blocks, keep_graph_order
+from vseg.model.compile import Compiled, compile_blocks, keep_graph_order
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,13 @@ def apply_speed(
                     "speed.compile=true on the CPU: inductor builds C++ kernels for every block class first "
                     "(minutes), and its gain is measured on GPUs only; set speed.compile=false for CPU runs"
                 )
-            compiled = compile_blocks(model, dynamic=True).describe()
+            # the text length changes every batch: the LLM's layers compile dynamic from the start; the image
+            # blocks see fixed sizes, so they compile for them (a smaller last batch compiles them once more,
+            # dynamic in the batch only) and never pay the cost of compiling every size symbolic
+            llm = getattr(model.base_mllm.model, "language_model", None)
+            parts = [compile_blocks(llm, dynamic=True)] if llm is not None else []
+            parts.append(compile_blocks(model))
+            compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
             if cfg.model.gradient_checkpointing:
                 keep_graph_order()  # the recomputation must run the forward's graph
     masters = None
