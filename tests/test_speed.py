@@ -351,17 +351,13 @@ def test_compiled_checkpoint_gives_eager_checkpointings_gradients_on_a_gpu(built
     LoRA dropout off: inductor draws other random numbers than eager."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    _compiled_checkpoint_against_eager(built, "cuda")
-
-
-def _compiled_checkpoint_against_eager(built, device: str) -> None:
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from torch import nn
 
     import vseg.model.compile as C
 
     model, _, processor = built
-    model.to(device).train()
+    model.cuda().train()
     model.base_mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     llm = model.base_mllm.model.language_model
     for m in llm.modules():
@@ -369,11 +365,11 @@ def _compiled_checkpoint_against_eager(built, device: str) -> None:
             m.p = 0.0
     lora = {n: p for n, p in llm.named_parameters() if p.requires_grad}
     batches = [random_batch(processor, sizes=((60, 72), (50, 40)), seed=2), random_batch(processor, seed=3)]
-    batches = [move_data_to_device(b, device) for b in batches]
+    batches = [move_data_to_device(b, "cuda") for b in batches]
 
     def step(batch):
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             out = _forward(model, batch)
         loss = out.llm_loss_sum + out.mask_logits.float().sigmoid().mean()
         loss.backward()
