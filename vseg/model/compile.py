@@ -145,6 +145,8 @@ def _untag_inputs_before_partitioning() -> None:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class UntagInputs(CustomGraphPass):
+        vseg_untag_inputs = True  # what marks it installed (the class is made anew on each call)
+
         def __init__(self, before: Any) -> None:
             self.before = before
 
@@ -160,7 +162,7 @@ def _untag_inputs_before_partitioning() -> None:
             return None if before is None else ("vseg.model.compile._untag_inputs/1", before)
 
     current = config.joint_custom_post_pass
-    if type(current).__name__ != "UntagInputs":  # once per process
+    if not getattr(current, "vseg_untag_inputs", False):  # once per process
         config.joint_custom_post_pass = UntagInputs(current)
 
 
