@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +28,12 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=12)
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--trace", default=None, help="also write the profiled steps' Chrome trace here (.json.gz)")
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="print the Python stack of every host-device synchronisation in the profiled steps "
+        "(torch.cuda.set_sync_debug_mode), once per distinct stack",
+    )
     args, overrides = parser.parse_known_args()
 
     import lightning as L
@@ -34,6 +42,18 @@ def main() -> None:
 
     import vseg.training.run as train
     from vseg.config import compose
+
+    seen_stacks: set[str] = set()
+
+    def show_sync(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        stack = "".join(traceback.format_stack(limit=14)[:-1])
+        if stack not in seen_stacks:
+            seen_stacks.add(stack)
+            print(f"--- host sync #{len(seen_stacks)}: {message}\n{stack}", flush=True)
+
+    shown = warnings.showwarning
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -48,10 +68,17 @@ def main() -> None:
                 self.start = time.perf_counter()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
+                if args.sync_debug:
+                    warnings.simplefilter("always")
+                    warnings.showwarning = show_sync
+                    torch.cuda.set_sync_debug_mode("warn")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx != args.last or self.prof is None:
                 return
+            if args.sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+                print(f"{len(seen_stacks)} distinct synchronising stacks in the profiled steps", flush=True)
             sync()
             wall = time.perf_counter() - self.start
             self.prof.__exit__(None, None, None)

@@ -48,6 +48,69 @@ def test_host_positions_give_exactly_the_boolean_gathers(built):
         assert torch.equal(new_grads[name], grad), name
 
 
+def test_an_unpadded_batch_trains_without_a_mask_exactly_as_with_one(built):
+    """The collate knows on the host whether a row is padded; unpadded, training passes no attention mask (whose
+    padding check in transformers waits for the GPU). Same losses, masks and gradients as with the mask."""
+    model, _, processor = built
+    same = random_batch(processor, seed=4)  # one prompt for both rows: nothing padded
+    assert same["padded"] is False and bool(same["attention_mask"].all())
+    results = []
+    for mask in (same["attention_mask"], None):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = model(same["input_ids"], mask, same["labels"], same["sam_pixel_values"], same["mllm_inputs"])
+        (out.llm_loss_sum + out.mask_logits.sigmoid().mean()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (old, old_grads), (new, new_grads) = results
+    torch.testing.assert_close(new.llm_loss_sum, old.llm_loss_sum)
+    torch.testing.assert_close(new.mask_logits, old.mask_logits)
+    assert old_grads.keys() == new_grads.keys() and len(old_grads) > 0
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, msg=name)
+    samples = [
+        processor.encode(*_sample(64), sample_id="a"),
+        processor.encode(*_sample(64, "Segment all."), sample_id="b"),
+    ]
+    assert processor.collate(samples)["padded"] is True  # prompts of two lengths: the shorter row is padded
+
+
+def _sample(size: int, prompt: str = "Segment the vessels, please, all of them."):
+    import numpy as np
+
+    rng = np.random.default_rng(size)
+    return rng.integers(0, 255, (size, size, 3), dtype=np.uint8), prompt, "It is [SEG].", rng.random((size, size)) > 0.5
+
+
+def test_token_rows_keep_their_index_on_the_device_and_merge_as_peft_does(built):
+    """[SEG] and the other added token rows: PEFT's merge (rebuilt per call from a Python list, a host copy that
+    waits for the GPU) against vseg's layer, which makes the index once: same weights, same gradients."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from vseg.model.build import TokenRowsOnDevice
+
+    model, _, _ = built
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert layers and all(type(m) is TokenRowsOnDevice for m in layers)
+    for layer in layers:
+        adapters = layer.active_adapters
+        with torch.no_grad():
+            layer.trainable_tokens_delta[adapters[0]].add_(0.25)  # rows that differ from the base weight
+        try:
+            ours = layer.get_merged_weights(adapters)
+            peft = TrainableTokensLayer.get_merged_weights(layer, adapters)
+            assert torch.equal(ours, peft) and not torch.equal(ours, layer.base_layer.weight)
+            index = next(iter(layer._index_on_device.values()))
+            layer.get_merged_weights(adapters)
+            assert next(iter(layer._index_on_device.values())) is index  # made once, not per call
+            ours.sum().backward()
+            delta = layer.trainable_tokens_delta[adapters[0]]
+            assert delta.grad is not None and bool((delta.grad != 0).all())
+        finally:
+            with torch.no_grad():
+                layer.trainable_tokens_delta[adapters[0]].sub_(0.25)
+            model.zero_grad(set_to_none=True)
+
+
 def test_master_weights_round_trip():
     layer = torch.nn.Linear(4, 3)
     want = layer.weight.detach().clone()

@@ -239,6 +239,7 @@ class Sa2VAProcessor:
         positions = find_positions(input_ids, labels, token_id(self.tokenizer, SEG_TOKEN))
         batch["seg_positions"], batch["answer_positions"] = positions.seg, positions.answer
         batch["num_tokens"] = int(attention_mask.sum())  # for throughput logs, known without asking the GPU
+        batch["padded"] = batch["num_tokens"] < attention_mask.numel()  # training then passes no mask when False
         if all("content_keys" in s for s in samples):  # hashes of the encoders' inputs (disk feature cache)
             batch["content_keys"] = [s["content_keys"] for s in samples]
         if all("cached_features" in s for s in samples):  # entries the loader already read from that cache

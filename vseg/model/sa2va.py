@@ -92,7 +92,7 @@ class Sa2VA(nn.Module):
     def decoder_states(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         mllm_inputs: dict[str, Any],
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -145,7 +145,7 @@ class Sa2VA(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         sam_pixel_values: torch.Tensor,
         mllm_inputs: dict[str, Any],
@@ -156,7 +156,7 @@ class Sa2VA(nn.Module):
 
         Args:
             input_ids: (B, L) token ids, image-context placeholders included.
-            attention_mask: (B, L) 1 for real tokens.
+            attention_mask: (B, L) 1 for real tokens; None when no row is padded.
             labels: (B, L) target ids, IGNORE_INDEX outside the answers.
             sam_pixel_values: (B, 3, S, S) SAM-2 inputs, one image per sample.
             mllm_inputs: the family's image inputs (e.g. InternVL `pixel_values` of all tiles).

@@ -32,6 +32,12 @@ def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, 
     return {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def host_scalar(value: float) -> torch.Tensor:
+    """A number to `self.log` as a CPU tensor. Lightning turns a Python number into a tensor on the module's
+    device: a copy from pageable host memory, which waits for every kernel queued before it, once per step."""
+    return torch.tensor(float(value))
+
+
 def _torch_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside Lightning's `LightningOptimizer` wrapper (or the optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -168,7 +174,8 @@ class Sa2VAModule(L.LightningModule):
             backbone = self.sam_cache.features(keys, batch["sam_pixel_values"], self.model.grounding)
         out = self.model(
             batch["input_ids"],
-            batch["attention_mask"],
+            # no padding (known on the host): no mask, and so no check of it that waits for the GPU
+            batch["attention_mask"] if batch.get("padded", True) else None,
             batch["labels"],
             batch["sam_pixel_values"],
             mllm_inputs,
@@ -218,7 +225,8 @@ class Sa2VAModule(L.LightningModule):
         for key in ("loss_mask", "loss_dice", "llm_loss"):
             self.log(f"train/{key}", losses[key], batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], batch_size=size)
+            lr = self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+            self.log("train/lr", host_scalar(lr), batch_size=size)
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -241,7 +249,7 @@ class Sa2VAModule(L.LightningModule):
                 overflow = bool(getattr(getattr(trainer.model, "optimizer", None), "overflow", False))
                 overflow &= not str(trainer.precision).startswith("16")  # fp16: loss scaling's routine overflow
                 self.guard.decide(self, torch.tensor(overflow))
-                self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+                self.log("train/bad_steps", host_scalar(self.guard.total), batch_size=1)
             return
         closure_result = optimizer_closure()  # forward + backward of the window's last micro-batch
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -258,7 +266,7 @@ class Sa2VAModule(L.LightningModule):
             skip = False
         else:
             skip = self.guard.decide(self, grads_bad)
-        self.log("train/bad_steps", float(self.guard.total), batch_size=1)
+        self.log("train/bad_steps", host_scalar(self.guard.total), batch_size=1)
         if skip:
             optimizer.zero_grad(set_to_none=True)
             for p in params:  # with bf16 weights the gradients are still on the model, not yet on the masters

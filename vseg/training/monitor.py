@@ -314,9 +314,10 @@ class PerfMonitor(Callback):
             ]
         else:
             stats = [0.0, 0.0, 0.0, 0.0]
-        local = torch.tensor([s / GIB for s in stats] + [_rss_gb()], dtype=torch.float64, device=device)
-        gathered = trainer.strategy.all_gather(local) if trainer.world_size > 1 else local[None]
-        gathered = gathered.reshape(-1, 5).cpu()
+        local = torch.tensor([s / GIB for s in stats] + [_rss_gb()], dtype=torch.float64)
+        if trainer.world_size > 1:  # one all-gather on the device; alone, the numbers never leave the host
+            local = trainer.strategy.all_gather(local.to(device))
+        gathered = local.reshape(-1, 5).cpu()
         out: dict[str, float] = {}
         names = ("allocated_gb", "reserved_gb", "peak_allocated_gb", "peak_reserved_gb")
         for rank, row in enumerate(gathered.tolist()):

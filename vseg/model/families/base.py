@@ -43,11 +43,11 @@ class MLLMFamily(Protocol):
         self,
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs: dict[str, Any],
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last-layer hidden states (B, L, D).
+        """Last-layer hidden states (B, L, D). `attention_mask` None: no padding (every token attends causally).
 
         `inputs` holds one image per row; with `row_image` (B,) it holds the images that the rows share (several
         questions about one image): each image then goes through the vision encoder once, and its embeddings are
@@ -108,6 +108,12 @@ def embedding_device(mllm: nn.Module) -> torch.device:
     module's forward, which fails.
     """
     return next(mllm.get_input_embeddings().parameters()).device
+
+
+def to_device(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """An attention mask on `device`; None (no padding) stays None. transformers then builds no mask, where a
+    given one is first checked for padding, a check that waits for the GPU (`masking_utils`)."""
+    return None if mask is None else mask.to(device)
 
 
 def row_token_index(

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from vseg.config import ModelConfig
-from vseg.model.families.base import embedding_device, shared_image_embeds, vocab_size
+from vseg.model.families.base import embedding_device, shared_image_embeds, to_device, vocab_size
 from vseg.model.families.internvl_release import (
     INTERNVL_BASE_MODEL_TYPES,
     InternVLLayout,
@@ -124,7 +124,7 @@ class InternVLFamily:
         self,
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs: dict[str, Any],
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -137,7 +137,7 @@ class InternVLFamily:
             image = BaseModelOutputWithPooling(pooler_output=projector(features))
             out = mllm.model(
                 input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                attention_mask=to_device(attention_mask, device),
                 mm_encoder_outputs={"image": image},
                 use_cache=False,
             )
@@ -148,11 +148,11 @@ class InternVLFamily:
         pixel_values = pixel_values.to(mllm.model.dtype)
         if row_image is not None:
             return self._shared_image_states(
-                mllm, input_ids.to(device), attention_mask.to(device), pixel_values, row_image
+                mllm, input_ids.to(device), to_device(attention_mask, device), pixel_values, row_image
             )
         out = mllm.model(
             input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            attention_mask=to_device(attention_mask, device),
             pixel_values=pixel_values,
             use_cache=False,
         )
@@ -162,7 +162,7 @@ class InternVLFamily:
     def _shared_image_states(
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor,
         row_image: torch.Tensor,
     ) -> torch.Tensor:

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from vseg.config import ModelConfig
-from vseg.model.families.base import embedding_device, shared_image_embeds, vocab_size
+from vseg.model.families.base import embedding_device, shared_image_embeds, to_device, vocab_size
 from vseg.model.families.qwen_vl_release import (
     QWEN_ARCHITECTURE,
     QWEN_PROCESSOR_FILES,
@@ -185,7 +185,7 @@ class QwenVLFamily:
         self,
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs: dict[str, Any],
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -194,10 +194,10 @@ class QwenVLFamily:
         vision_param = next(visual.parameters())
         input_ids = input_ids.to(device)
         if row_image is not None:
-            return self._shared_image_states(mllm, input_ids, attention_mask.to(device), inputs, row_image)
+            return self._shared_image_states(mllm, input_ids, to_device(attention_mask, device), inputs, row_image)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
-            "attention_mask": attention_mask.to(device),
+            "attention_mask": to_device(attention_mask, device),
             "pixel_values": inputs["pixel_values"].to(device=vision_param.device, dtype=vision_param.dtype),
             "image_grid_thw": inputs["image_grid_thw"].to(vision_param.device),
             "use_cache": False,
@@ -211,7 +211,7 @@ class QwenVLFamily:
         self,
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs: dict[str, Any],
         row_image: torch.Tensor,
     ) -> torch.Tensor:

@@ -53,13 +53,18 @@ class NonFiniteGuard:
         rank's loss flag per micro-batch]); the window starts anew."""
         window, self._window = self._window, []
         device = module.device
-        own = torch.stack([flag.to(device) for _, flag in window]) if window else torch.zeros(0, dtype=torch.bool)
-        grad = grads_bad if grads_bad is not None else torch.tensor(False)
-        flags = torch.stack([own.to(device).any(), grad.to(device)]).float()
+        # made on the device: copying a host-made tensor there would wait for every kernel queued before it
+        own = (
+            torch.stack([flag.to(device) for _, flag in window])
+            if window
+            else torch.zeros(0, dtype=torch.bool, device=device)
+        )
+        grad = grads_bad if grads_bad is not None else torch.zeros((), dtype=torch.bool, device=device)
+        flags = torch.stack([own.any(), grad.to(device)]).float()
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="max")
-        return [ids for ids, _ in window], torch.cat([flags, own.to(device).float()])
+        return [ids for ids, _ in window], torch.cat([flags, own.float()])
 
     def decide(self, module: L.LightningModule, grads_bad: torch.Tensor | None) -> bool:
         """True when the step must be skipped; reports it and raises after too many in a row. Reads the flags

@@ -1,0 +1,138 @@
+"""The LLM's training step alone, for the host cost of its compiled layers: eager, compiled, compiled + CUDA graphs.
+
+A micro-batch-2 step of vseg is bound by the host issuing the LLM layers' kernels (BENCHMARKS.md, issue 21).
+This isolates that part: the decoder stack of a vseg model preset (random bf16 weights on the GPU), PEFT LoRA
+with the vseg recipe (`conf/lora/default.yaml`), gradient checkpointing, bf16 autocast, next-token loss on
+every position, fused AdamW; each layer compiled as `vseg.model.compile.compile_blocks` compiles it. Two text
+lengths alternate so the dynamic-shape path is the one timed. `--check` also runs each mode with dropout off
+from the same weights and prints the largest loss difference to eager.
+
+    python bench/llm_step.py --modes eager,default,reduce-overhead --batch 2 --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(model_yaml: Path, lora_yaml: Path, dropout: float | None, device: str):
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(yaml.safe_load(model_yaml.read_text())["model"]["text"])
+    lora = yaml.safe_load(lora_yaml.read_text())
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    peft = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"] if dropout is None else dropout,
+        target_modules=lora["target_modules"],
+    )
+    model = get_peft_model(model, peft)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, config.vocab_size
+
+
+def run(mode: str, args, dropout: float | None, steps: int) -> dict:
+    import torch
+
+    import vseg.model.compile as C
+
+    torch._dynamo.reset()
+    model, vocab = build(Path(args.model_yaml), Path(args.lora_yaml), dropout, args.device)
+    cuda = args.device == "cuda"
+    if mode != "eager":
+        C.compile_blocks(model.base_model.model.model, dynamic=True, mode=None if mode == "default" else mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    gen = torch.Generator(device=args.device).manual_seed(1)
+    times, losses = [], []
+    for step in range(steps):
+        length = args.length - 4 * (step % 2)
+        ids = torch.randint(0, vocab - 10, (args.batch, length), device=args.device, generator=gen)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup :]
+    row = {
+        "mode": mode,
+        "dropout": dropout,
+        "batch": args.batch,
+        "length": args.length,
+        "ms_per_step": round(statistics.median(timed) * 1e3, 1) if timed else None,
+        "first_steps_s": [round(t, 1) for t in times[: args.warmup]],
+        "losses": [round(float(x), 5) for x in losses],
+        "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+    }
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-yaml", default=str(ROOT / "conf/model/sa2va_4b.yaml"))
+    parser.add_argument("--lora-yaml", default=str(ROOT / "conf/lora/default.yaml"))
+    parser.add_argument("--modes", default="eager,default,reduce-overhead")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--check", action="store_true", help="also compare losses to eager with dropout off")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tiny model)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for mode in args.modes.split(","):
+        try:
+            rows.append(run(mode, args, None, args.steps))
+        except Exception as error:  # a mode that fails is a result too; the next one still runs
+            rows.append({"mode": mode, "error": f"{type(error).__name__}: {str(error)[:2000]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.check:
+        reference = None
+        for mode in args.modes.split(","):
+            try:
+                row = run(mode, args, 0.0, 4)
+            except Exception as error:
+                row = {"mode": mode, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+            if mode == "eager":
+                reference = row["losses"]
+            elif reference and "losses" in row:
+                row["max_loss_diff_vs_eager"] = max(abs(a - b) for a, b in zip(row["losses"], reference, strict=True))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
