@@ -345,6 +345,7 @@ class PerfMonitor(Callback):
             "tokens_per_s": med(2),
             "step_time_s": med(3),
             "steps_measured": len(rates),
+            "window_samples_per_s": [round(r[1], 3) for r in rates],  # each timed window: the median's spread
             "world_size": world,
             "peak_allocated_gb": peaks["peak_allocated_gb"],
             "peak_reserved_gb": peaks["peak_reserved_gb"],
