@@ -74,6 +74,30 @@ def test_an_unpadded_batch_trains_without_a_mask_exactly_as_with_one(built):
     assert processor.collate(samples)["padded"] is True  # prompts of two lengths: the shorter row is padded
 
 
+def test_training_passes_no_mask_for_an_unpadded_batch_and_the_mask_for_a_padded_one(built, cfg):
+    from vseg.training.module import Sa2VAModule
+
+    model, _, processor = built
+    seen = []
+    forward = model.forward
+
+    def spy(input_ids, attention_mask, *args, **kwargs):
+        seen.append(attention_mask)
+        return forward(input_ids, attention_mask, *args, **kwargs)
+
+    module = Sa2VAModule(model, cfg)
+    padded = processor.collate(
+        [processor.encode(*_sample(64), sample_id="a"), processor.encode(*_sample(64, "Segment all."), sample_id="b")]
+    )
+    model.forward = spy
+    try:
+        for batch in (random_batch(processor, seed=4), padded):
+            module._forward(batch)
+    finally:
+        del model.forward
+    assert seen[0] is None and seen[1] is padded["attention_mask"]
+
+
 def _sample(size: int, prompt: str = "Segment the vessels, please, all of them."):
     import numpy as np
 
