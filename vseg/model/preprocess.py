@@ -100,9 +100,18 @@ def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     unchanged (already normalised)."""
     if pixels.dtype != torch.uint8:
         return pixels
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device)[:, None, None]
+    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), pixels.device)
     return (pixels.float() / 255.0 - mean_t) / std_t
+
+
+@lru_cache(maxsize=32)
+def _channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (C, 1, 1) float32 tensors on `device`, made once: a tensor made on a GPU from a Python list
+    is a copy from host memory that waits for every kernel queued before it (in training, the previous step's)."""
+    made = torch.tensor([mean, std], dtype=torch.float32, device=device)[:, :, None, None]
+    return made[0], made[1]
 
 
 def sam_pixels(image: Image.Image, size: int, resize: str = "pil") -> torch.Tensor:
