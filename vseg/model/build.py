@@ -131,7 +131,7 @@ def finish_build(model: Sa2VA, tokenizer: PreTrainedTokenizerBase, cfg: ModelCon
 
 
 def _peft_model(mllm: nn.Module, config: PeftLoraConfig | TrainableTokensConfig, upcast: bool) -> nn.Module:
-    """`get_peft_model`, without the FutureWarning its own code causes.
+    """`get_peft_model`, without the FutureWarning its own code causes, its token-row layers `TokenRowsOnDevice`.
 
     PEFT 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates
     (FutureWarning on every build). The read is inside PEFT, so only that one warning is silenced, here only.
