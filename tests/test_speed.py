@@ -67,14 +67,11 @@ def test_an_unpadded_batch_trains_without_a_mask_exactly_as_with_one(built):
     assert old_grads.keys() == new_grads.keys() and len(old_grads) > 0
     for name, grad in old_grads.items():
         torch.testing.assert_close(new_grads[name], grad, msg=name)
-    samples = [
-        processor.encode(*_sample(64), sample_id="a"),
-        processor.encode(*_sample(64, "Segment all."), sample_id="b"),
-    ]
-    assert processor.collate(samples)["padded"] is True  # prompts of two lengths: the shorter row is padded
+    assert _padded_batch(processor)["padded"] is True
 
 
 def test_training_passes_no_mask_for_an_unpadded_batch_and_the_mask_for_a_padded_one(built, cfg):
+    """What the training step hands the model: None for an unpadded batch, the collate's mask otherwise."""
     from vseg.training.module import Sa2VAModule
 
     model, _, processor = built
@@ -86,9 +83,7 @@ def test_training_passes_no_mask_for_an_unpadded_batch_and_the_mask_for_a_padded
         return forward(input_ids, attention_mask, *args, **kwargs)
 
     module = Sa2VAModule(model, cfg)
-    padded = processor.collate(
-        [processor.encode(*_sample(64), sample_id="a"), processor.encode(*_sample(64, "Segment all."), sample_id="b")]
-    )
+    padded = _padded_batch(processor)
     model.forward = spy
     try:
         for batch in (random_batch(processor, seed=4), padded):
@@ -98,11 +93,22 @@ def test_training_passes_no_mask_for_an_unpadded_batch_and_the_mask_for_a_padded
     assert seen[0] is None and seen[1] is padded["attention_mask"]
 
 
-def _sample(size: int, prompt: str = "Segment the vessels, please, all of them."):
+def _padded_batch(processor) -> dict:
+    """Two samples whose prompts differ in length: the shorter row is padded."""
     import numpy as np
 
-    rng = np.random.default_rng(size)
-    return rng.integers(0, 255, (size, size, 3), dtype=np.uint8), prompt, "It is [SEG].", rng.random((size, size)) > 0.5
+    rng = np.random.default_rng(5)
+    samples = [
+        processor.encode(
+            rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+            prompt,
+            "It is [SEG].",
+            rng.random((64, 64)) > 0.5,
+            sample_id=f"s{i}",
+        )
+        for i, prompt in enumerate(("Segment the vessels, please, all of them.", "Segment all."))
+    ]
+    return processor.collate(samples)
 
 
 def test_token_rows_keep_their_index_on_the_device_and_merge_as_peft_does(built):
