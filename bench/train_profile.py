@@ -68,7 +68,8 @@ def main() -> None:
                 self.start = time.perf_counter()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
-                if args.sync_debug:
+                if args.sync_debug:  # every occurrence, shown by `show_sync`, until the last profiled step
+                    self.filters = warnings.filters[:]
                     warnings.simplefilter("always")
                     warnings.showwarning = show_sync
                     torch.cuda.set_sync_debug_mode("warn")
@@ -78,6 +79,8 @@ def main() -> None:
                 return
             if args.sync_debug:
                 torch.cuda.set_sync_debug_mode("default")
+                warnings.filters[:] = self.filters  # the run's own warnings as before
+                warnings.showwarning = shown
                 print(f"{len(seen_stacks)} distinct synchronising stacks in the profiled steps", flush=True)
             sync()
             wall = time.perf_counter() - self.start
