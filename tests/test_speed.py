@@ -93,6 +93,60 @@ def test_training_passes_no_mask_for_an_unpadded_batch_and_the_mask_for_a_padded
     assert seen[0] is None and seen[1] is padded["attention_mask"]
 
 
+def test_a_padded_batch_gets_its_4d_mask_from_vseg_with_transformers_results(built, monkeypatch):
+    """Padded rows: vseg builds the causal + padding mask on the device (`decoder_mask`), so transformers' padding
+    check (`_ignore_causal_mask_sdpa`, a wait for the GPU) never runs; losses, masks and gradients are those of
+    the 2-D mask that transformers expands itself."""
+    import transformers.masking_utils as masking
+
+    import vseg.model.families.internvl as internvl
+    from vseg.model.families.base import to_device
+
+    model, _, processor = built
+    assert model.base_mllm.config.text_config._attn_implementation == "sdpa"
+    batch = _padded_batch(processor)
+    checks = []
+    check = masking._ignore_causal_mask_sdpa
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *a, **k: checks.append(1) or check(*a, **k))
+    results = []
+    for make_mask in (lambda mask, device, config: to_device(mask, device), internvl.decoder_mask):
+        monkeypatch.setattr(internvl, "decoder_mask", make_mask)
+        checks.clear()
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = _forward(model, batch)
+        (out.llm_loss_sum + out.mask_logits.sigmoid().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, len(checks)))
+    (old, old_grads, old_checks), (new, new_grads, new_checks) = results
+    assert old_checks > 0 and new_checks == 0  # transformers checked the 2-D mask; vseg's 4-D one goes in as is
+    torch.testing.assert_close(new.llm_loss_sum, old.llm_loss_sum)
+    torch.testing.assert_close(new.mask_logits, old.mask_logits)
+    assert old_grads.keys() == new_grads.keys() and len(old_grads) > 0
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, msg=name)
+
+
+def test_the_4d_mask_is_made_only_where_transformers_would_make_the_same():
+    from types import SimpleNamespace
+
+    from vseg.model.families.base import decoder_mask
+
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    full = SimpleNamespace(_attn_implementation="sdpa", layer_types=["full_attention"] * 2, sliding_window=None)
+    made = decoder_mask(mask, torch.device("cpu"), full)
+    assert made.shape == (2, 1, 3, 3) and made.dtype == torch.bool
+    assert torch.equal(made[0, 0], torch.ones(3, 3, dtype=torch.bool).tril())
+    assert torch.equal(made[1, 0], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool))
+    for other in (
+        SimpleNamespace(**{**vars(full), "_attn_implementation": "eager"}),  # eager adds a float mask
+        SimpleNamespace(**{**vars(full), "_attn_implementation": "flash_attention_2"}),  # unpads from the 2-D one
+        SimpleNamespace(**{**vars(full), "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 2}),
+    ):
+        assert decoder_mask(mask, torch.device("cpu"), other) is mask
+    assert decoder_mask(None, torch.device("cpu"), full) is None
+
+
 def _padded_batch(processor) -> dict:
     """Two samples whose prompts differ in length: the shorter row is padded."""
     import numpy as np

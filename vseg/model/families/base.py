@@ -116,6 +116,30 @@ def to_device(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     return None if mask is None else mask.to(device)
 
 
+def decoder_mask(mask: torch.Tensor | None, device: torch.device, text_config: Any) -> torch.Tensor | None:
+    """The language model's attention mask for (B, L) right-padded rows, made so that nothing waits for the GPU.
+
+    Given a 2-D mask, transformers first checks on the GPU whether any token is padded (`masking_utils`), a
+    wait of the host inside every padded step. With SDPA and causal attention in every layer the mask it would
+    build is known: (B, 1, L, L) booleans, causal and zero at padded keys; this builds that one on the device,
+    and transformers uses a 4-D mask as given. Right padding leaves every query row a key to attend to (its
+    row's first token), so no row is all masked. Other attention implementations (eager adds a float mask,
+    flash-attention unpads from the 2-D one) and sliding-window layers get the 2-D mask, as before.
+    """
+    if mask is None:
+        return None
+    mask = mask.to(device, non_blocking=True)
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    full_attention = all(t == "full_attention" for t in layer_types) and not getattr(
+        text_config, "sliding_window", None
+    )
+    if getattr(text_config, "_attn_implementation", None) != "sdpa" or not full_attention:
+        return mask
+    length = mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return causal[None, None] & mask.bool()[:, None, None, :]
+
+
 def row_token_index(
     input_ids: torch.Tensor, image_token_id: int, row_image: torch.Tensor, n_embeddings: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from vseg.config import ModelConfig
-from vseg.model.families.base import embedding_device, shared_image_embeds, to_device, vocab_size
+from vseg.model.families.base import decoder_mask, embedding_device, shared_image_embeds, vocab_size
 from vseg.model.families.internvl_release import (
     INTERNVL_BASE_MODEL_TYPES,
     InternVLLayout,
@@ -137,7 +137,7 @@ class InternVLFamily:
             image = BaseModelOutputWithPooling(pooler_output=projector(features))
             out = mllm.model(
                 input_ids=input_ids.to(device),
-                attention_mask=to_device(attention_mask, device),
+                attention_mask=decoder_mask(attention_mask, device, mllm.config.text_config),
                 mm_encoder_outputs={"image": image},
                 use_cache=False,
             )
@@ -148,11 +148,15 @@ class InternVLFamily:
         pixel_values = pixel_values.to(mllm.model.dtype)
         if row_image is not None:
             return self._shared_image_states(
-                mllm, input_ids.to(device), to_device(attention_mask, device), pixel_values, row_image
+                mllm,
+                input_ids.to(device),
+                decoder_mask(attention_mask, device, mllm.config.text_config),
+                pixel_values,
+                row_image,
             )
         out = mllm.model(
             input_ids=input_ids.to(device),
-            attention_mask=to_device(attention_mask, device),
+            attention_mask=decoder_mask(attention_mask, device, mllm.config.text_config),
             pixel_values=pixel_values,
             use_cache=False,
         )
