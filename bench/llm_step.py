@@ -1,4 +1,5 @@
-"""The LLM's training step alone, for the host cost of its compiled layers: eager, compiled, compiled + CUDA graphs.
+"""The LLM's training step alone, for the host cost of its compiled layers: eager, compiled, compiled + CUDA graphs,
+compiled with inductor's C++ wrapper (`cpp-wrapper`: the same kernels, launched from C++).
 
 A micro-batch-2 step of vseg is bound by the host issuing the LLM layers' kernels (BENCHMARKS.md, issue 21).
 This isolates that part: the decoder stack of a vseg model preset (random bf16 weights on the GPU), PEFT LoRA
@@ -58,8 +59,11 @@ def run(mode: str, args, dropout: float | None, steps: int) -> dict:
     ckpt = args.ckpt == "on"
     model, vocab = build(Path(args.model_yaml), Path(args.lora_yaml), dropout, args.device, ckpt)
     cuda = args.device == "cuda"
+    if mode == "cpp-wrapper":  # inductor's default kernels, launched from generated C++ instead of Python
+        torch._inductor.config.cpp_wrapper = True
     if mode != "eager":
-        C.compile_blocks(model.base_model.model.model, dynamic=True, mode=None if mode == "default" else mode)
+        compile_mode = None if mode in ("default", "cpp-wrapper") else mode
+        C.compile_blocks(model.base_model.model.model, dynamic=True, mode=compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
     gen = torch.Generator(device=args.device).manual_seed(1)
@@ -104,16 +108,32 @@ def run(mode: str, args, dropout: float | None, steps: int) -> dict:
 def child_row(mode: str, ckpt: bool, dropout: float | None, steps: int, args) -> dict:
     """One mode in a process of its own: a mode that crashes the process (CUDA graphs died with a segmentation
     fault in their first trial) becomes a row, and the other modes still run."""
-    cmd = [sys.executable, __file__, "--one", mode, "--ckpt", "on" if ckpt else "off", "--steps", str(steps)]
+    # -X faulthandler: a segmentation fault still prints the Python stack it happened under
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        __file__,
+        "--one",
+        mode,
+        "--ckpt",
+        "on" if ckpt else "off",
+        "--steps",
+        str(steps),
+    ]
     cmd += ["--model-yaml", args.model_yaml, "--lora-yaml", args.lora_yaml, "--batch", str(args.batch)]
     cmd += ["--length", str(args.length), "--warmup", str(args.warmup), "--device", args.device]
     if dropout is not None:
         cmd += ["--dropout", str(dropout)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as err:
+        tail = ((err.stdout or b"").decode() + (err.stderr or b"").decode())[-4000:]
+        return {"mode": mode, "ckpt": ckpt, "dropout": dropout, "error": f"over {args.timeout} s", "tail": tail}
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and rows:
         return json.loads(rows[-1])
-    tail = (proc.stdout + proc.stderr)[-1500:]
+    tail = (proc.stdout + proc.stderr)[-4000:]
     return {"mode": mode, "ckpt": ckpt, "dropout": dropout, "returncode": proc.returncode, "error": tail}
 
 
@@ -128,11 +148,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--check", action="store_true", help="also compare losses to eager with dropout off")
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tiny model)")
+    parser.add_argument(
+        "--device", default="cuda", help="cpu: a smoke run of the script (with --model-yaml conf/model/tiny.yaml)"
+    )
     parser.add_argument("--timeout", type=int, default=400, help="seconds per mode")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process's mode
-    parser.add_argument("--dropout", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default: the recipe's)")
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(run(args.one, args, args.dropout, args.steps)), flush=True)
@@ -141,7 +163,7 @@ def main() -> None:
     settings = [c == "on" for c in args.ckpt.split(",")]
     for ckpt in settings:
         for mode in args.modes.split(","):
-            rows.append(child_row(mode, ckpt, None, args.steps, args))
+            rows.append(child_row(mode, ckpt, args.dropout, args.steps, args))
             print(json.dumps(rows[-1]), flush=True)
     if args.check:  # dropout off: inductor draws other random numbers than eager
         for ckpt in settings:
