@@ -83,6 +83,27 @@ def test_windowed_loader_stamps_window_counts(built):
     assert batches[4]["window"]["tokens"] == per_batch[4][1]
 
 
+def test_windowed_loader_stamps_how_long_each_batch_was_waited_for():
+    """Each batch carries the seconds its fetch blocked the training process (the monitor's input-wait share)."""
+    import time
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            time.sleep(0.05 if i == 2 else 0.0)
+            return {"x": torch.tensor(i), "labels": torch.zeros(1, 2, dtype=torch.long)}
+
+    def collate(items):
+        return {"x": torch.stack([i["x"] for i in items]), "labels": torch.cat([i["labels"] for i in items])}
+
+    batches = list(WindowedLoader(DataLoader(Slow(), batch_size=1, collate_fn=collate), accumulate=2))
+    waits = [b["input_wait_s"] for b in batches]
+    assert len(waits) == 4 and all(w >= 0.0 for w in waits)
+    assert waits[2] >= 0.05 and max(waits[0], waits[1], waits[3]) < 0.05
+
+
 def test_datamodule_shuffles_per_epoch_reproducibly(cfg, built):
     _, _, processor = built
     dm = VesselDataModule(cfg.data, processor)

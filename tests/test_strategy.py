@@ -93,6 +93,37 @@ def test_monitor_flops_bookkeeping():
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("mystery") is None
 
 
+def test_monitor_reports_the_share_of_each_window_spent_waiting_for_inputs(monkeypatch, caplog):
+    """Windows of 1 s whose batches waited 0.1 s and then 0.5 s: shares 0.1 and 0.5 in the summary, and the
+    loader-bound window said once on the console."""
+    from types import SimpleNamespace
+
+    import vseg.training.monitor as monitor
+
+    clock = iter([10.0, 11.0, 11.0, 12.0, 12.0, 13.0, 13.0])
+    monkeypatch.setattr(monitor, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # the monitor's clock
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        global_step=0,
+        log_every_n_steps=1,
+        world_size=1,
+        is_global_zero=True,
+        logger=None,
+    )
+    perf = monitor.PerfMonitor(warmup_steps=0)
+    caplog.set_level("WARNING", logger="vseg.training.monitor")
+    for step, wait in enumerate((0.1, 0.5, 0.6), start=1):
+        batch = {"ids": ["a", "b"], "num_tokens": 8, "input_wait_s": wait}
+        perf.on_train_batch_start(trainer, None, batch, step - 1)
+        trainer.global_step = step
+        perf.on_train_batch_end(trainer, None, None, batch, step - 1)
+    summary = perf.summary(trainer)
+    assert summary["window_input_wait_share"] == [0.1, 0.5, 0.6]
+    assert summary["input_wait_share"] == pytest.approx(0.5) and summary["window_samples_per_s"] == [2.0] * 3
+    warned = [r.getMessage() for r in caplog.records if "waited for their inputs" in r.getMessage()]
+    assert len(warned) == 1 and "steps 2-2" in warned[0] and "50%" in warned[0]
+
+
 DS_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch

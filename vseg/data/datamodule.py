@@ -3,12 +3,15 @@
 Training batches come through `WindowedLoader`: it reads ahead one optimisation window (the
 `accumulate_grad_batches` micro-batches of one optimizer step) and stamps every batch with the window's
 mask and answer-token counts, so the losses can be normalised over the whole window (see vseg.losses).
-It also owns the distributed sampler, so every rank sees a disjoint shard in a seeded order per epoch.
+It also owns the distributed sampler, so every rank sees a disjoint shard in a seeded order per epoch, and
+stamps every batch with the seconds the training process waited for it (`batch["input_wait_s"]`): the
+monitor turns them into the share of each window spent waiting for inputs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -88,7 +91,7 @@ class WindowedLoader:
             batches = (b for i, b in enumerate(self.loader) if i >= skip)
         self._handed_out = skip
         pending: list[dict[str, Any]] = []
-        for batch in batches:
+        for batch in _timed(batches):
             self._handed_out += 1
             pending.append(batch)
             if len(pending) == self.accumulate:
@@ -104,6 +107,20 @@ class WindowedLoader:
         for b in batches:
             b["window"] = dict(window)
         return batches
+
+
+def _timed(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches, each stamped with how long this process waited for it (host seconds, no GPU involved):
+    the time blocked on the DataLoader's workers, or spent building the batch when there are none."""
+    batches = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        batch["input_wait_s"] = time.perf_counter() - start
+        yield batch
 
 
 class _ResumableSampler(Sampler):

@@ -4,6 +4,9 @@
 
 * `perf/samples_per_s`, `perf/tokens_per_s` (all ranks together; tokens = attention-mask ones, image
   placeholders included), `perf/step_time_s` (seconds per optimizer step);
+* `perf/input_wait_share`: the share of the window this process spent waiting for its batches (the loader
+  stamps each batch with its wait, `vseg.data.datamodule`). A share above `INPUT_WAIT_WARN` in a timed window
+  is said once on the console: the GPU then idles on the DataLoader's workers, not on the model;
 * `perf/tflops_per_gpu`, `perf/mfu` and `perf/hfu` once FLOPs are known. FLOPs are *counted*, not guessed:
   on micro-batch `callbacks.flops_step` (off by default: -1; e.g. 2, after warm-up) the forward and the backward of that
   micro-batch run under `torch.utils.flop_counter.FlopCounterMode`, which adds up the FLOPs of every matmul,
@@ -38,6 +41,8 @@ from lightning.pytorch.callbacks import Callback
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+#: a timed window that waited this share of its time for inputs is loader-bound (warned once)
+INPUT_WAIT_WARN = 0.2
 # Dense bf16 tensor-core peak per GPU (TFLOP/s), from the vendors' data sheets (no sparsity).
 PEAK_BF16_TFLOPS = {
     "H200": 989.4,
@@ -159,11 +164,13 @@ class PerfMonitor(Callback):
         self.recompute_flops = 0.0
         self.flops_samples = 0
         self._window_start: float | None = None
-        self._window = {"samples": 0, "tokens": 0, "steps": 0}
+        self._window = {"samples": 0, "tokens": 0, "steps": 0, "input_wait_s": 0.0}
         self._last_step = -1
         self._window_counted = False
         self._batch_size = 0
-        self.rates: list[tuple[int, float, float, float]] = []  # (step, samples/s, tokens/s, s/step)
+        # (step, samples/s, tokens/s, s/step, share of the window spent waiting for inputs)
+        self.rates: list[tuple[int, float, float, float, float]] = []
+        self._warned_inputs = False
         self.memory: list[dict[str, float]] = []
 
     @classmethod
@@ -265,6 +272,8 @@ class PerfMonitor(Callback):
             self._stop_count()
         self._batch_size = len(batch["ids"]) if isinstance(batch, dict) and "ids" in batch else 0
         self._window["samples"] += self._batch_size
+        if isinstance(batch, dict):
+            self._window["input_wait_s"] += float(batch.get("input_wait_s", 0.0))
         if isinstance(batch, dict) and "num_tokens" in batch:  # counted by the collate: no host sync
             self._window["tokens"] += int(batch["num_tokens"])
         elif isinstance(batch, dict) and "attention_mask" in batch:
@@ -285,7 +294,13 @@ class PerfMonitor(Callback):
         samples_s = self._window["samples"] * world / seconds
         tokens_s = self._window["tokens"] * world / seconds
         step_time = seconds / max(self._window["steps"], 1)
-        metrics = {"perf/samples_per_s": samples_s, "perf/tokens_per_s": tokens_s, "perf/step_time_s": step_time}
+        waiting = min(self._window["input_wait_s"] / seconds, 1.0)
+        metrics = {
+            "perf/samples_per_s": samples_s,
+            "perf/tokens_per_s": tokens_s,
+            "perf/step_time_s": step_time,
+            "perf/input_wait_share": waiting,
+        }
         per_gpu = samples_s / world
         if self.flops_per_sample:
             metrics["perf/tflops_per_gpu"] = per_gpu * self.flops_per_sample / 1e12
@@ -297,10 +312,24 @@ class PerfMonitor(Callback):
             trainer.logger.log_metrics(metrics, step=step)
         first = step - self._window["steps"] + 1  # the window's first optimizer step (counted from 1)
         if first > self.warmup_steps and not self._window_counted:
-            self.rates.append((step, samples_s, tokens_s, step_time))
+            self.rates.append((step, samples_s, tokens_s, step_time, waiting))
+            self._warn_inputs(trainer, first, step, waiting)
         self._window_counted = False
-        self._window = {"samples": 0, "tokens": 0, "steps": 0}
+        self._window = {"samples": 0, "tokens": 0, "steps": 0, "input_wait_s": 0.0}
         self._window_start = time.perf_counter()
+
+    def _warn_inputs(self, trainer: L.Trainer, first: int, last: int, waiting: float) -> None:
+        if waiting < INPUT_WAIT_WARN or self._warned_inputs or not trainer.is_global_zero:
+            return
+        self._warned_inputs = True
+        log.warning(
+            "steps %d-%d waited for their inputs %.0f%% of the time: the DataLoader's workers are slower than the "
+            "model. Raise data.num_workers (up to the CPU cores per GPU), or see perf/input_wait_share in "
+            "TensorBoard over the run (said once)",
+            first,
+            last,
+            100 * waiting,
+        )
 
     def _memory(self, trainer: L.Trainer) -> dict[str, float]:
         """Every rank's memory (one all-gather of a 5-vector); rank r's values under memory/gpu<r>/..."""
@@ -346,6 +375,8 @@ class PerfMonitor(Callback):
             "step_time_s": med(3),
             "steps_measured": len(rates),
             "window_samples_per_s": [round(r[1], 3) for r in rates],  # each timed window: the median's spread
+            "input_wait_share": med(4),
+            "window_input_wait_share": [round(r[4], 3) for r in rates],
             "world_size": world,
             "peak_allocated_gb": peaks["peak_allocated_gb"],
             "peak_reserved_gb": peaks["peak_reserved_gb"],
