@@ -1,8 +1,11 @@
 """Training benchmark on the device machine: real-size Sa2VA shapes x strategies x GPU counts.
 
 Every configuration runs the real entry point (`python train.py ...`, Lightning, the chosen strategy) on
-synthetic 512-px vessel images (1 InternVL tile + 1024-px SAM-2 input, random weights) for a few optimizer
-steps; `vseg.training.monitor.PerfMonitor` writes the median samples/s after warm-up, the counted FLOPs and every
+512-px vessel images (1 InternVL tile + 1024-px SAM-2 input, random weights) for a few optimizer steps. The
+images are vseg's synthetic ones, written once as PNG files and read with `data=folders`, as users' folders
+are (`--inputs png`, the default): drawing them on the fly (`--inputs synthetic`) costs ~115 ms per image in
+the loader's workers, which fell behind a compiled 4B step at micro-batch 32 (93 samples/s) once their
+read-ahead ran out; `vseg.training.monitor.PerfMonitor` writes the median samples/s after warm-up, the counted FLOPs and every
 GPU's peak memory, and this script collects one JSON row per configuration into `--out` (rewritten after
 each row, so a run cut short keeps what it measured). `--cap-gb 23` caps each process's CUDA allocator to
 mimic a 24 GB card. Example (one H200):
@@ -50,16 +53,18 @@ def overrides(
     sam_cache: str = "none",
     feature_cache: Path | None = None,
     log_every: int = 1,
+    pngs: Path | None = None,
 ) -> list[str]:
-    samples = max(16, batch * accum * devices * 2)
+    samples = sample_count(batch, accum, devices)
+    # the same images either way: `pngs` holds the synthetic set written out by `write_pngs`
+    inputs = ["data=folders", f"data.root={pngs}"] if pngs else ["data=synthetic", f"data.num_samples={samples}"]
     out = [
         f"model={model}",
         "trainer=gpu",
         f"strategy={strategy}",
         f"trainer.devices={devices}",
-        "data=synthetic",
+        *inputs,
         f"data.image_size={image}",
-        f"data.num_samples={samples}",
         "data.repeats=50",
         f"data.batch_size={batch}",
         f"data.num_workers={workers}",
@@ -93,6 +98,34 @@ def overrides(
     return out
 
 
+def sample_count(batch: int, accum: int, devices: int) -> int:
+    """Images in a benchmark's set: two optimizer steps' worth, at least 16 (each is repeated 50 times)."""
+    return max(16, batch * accum * devices * 2)
+
+
+def write_pngs(root: Path, count: int, size: int) -> Path:
+    """`data=synthetic`'s first `count` images (seed 0) as `<id>.png` + `masks/<id>.png` under `root/<count>x<size>`,
+    written once (a folder already complete is reused)."""
+    import numpy as np
+    from PIL import Image
+
+    from vseg.config import DataConfig
+    from vseg.data.sources import synthetic_records
+    from vseg.data.synthetic import generate_vessels
+
+    folder = root / f"{count}x{size}"
+    done = folder / "complete"
+    if done.is_file():
+        return folder
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for record in synthetic_records(DataConfig(source="synthetic", num_samples=count, image_size=size)):
+        image, mask = generate_vessels(*record.synthetic)
+        Image.fromarray(image).save(folder / f"{record.id}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{record.id}.png")
+    done.write_text("")
+    return folder
+
+
 def run_one(
     args: argparse.Namespace,
     model: str,
@@ -114,6 +147,10 @@ def run_one(
     tag += "_disk" if disk else ""
     work = Path(args.workdir) / tag
     perf = work / "perf.json"
+    pngs = None
+    if getattr(args, "inputs", "png") == "png":
+        samples = sample_count(batch, args.accum, devices)
+        pngs = write_pngs(Path(args.workdir) / "pngs", samples, args.image_size)
     config = overrides(
         model,
         strategy,
@@ -133,6 +170,7 @@ def run_one(
         # later run's `vseg cache` pass finds the images an earlier run encoded and skips them
         Path(args.workdir) / "feature_cache" if disk else None,
         getattr(args, "log_every", 1),
+        pngs,
     )
     config += list(extra or [])
     cmd = [sys.executable, "train.py", *config]
@@ -147,6 +185,7 @@ def run_one(
         "memory_cap_gb": args.cap_gb,
         "sam_feature_cache": args.sam_cache,
         "disk_feature_cache": disk,
+        "inputs": "png" if pngs else "synthetic",
         "steps": args.steps,
         "log_every_n_steps": getattr(args, "log_every", 1),
         "command": "python " + " ".join(cmd[1:]),
@@ -295,6 +334,12 @@ def main() -> None:
         "each to draw and preprocess, so too few workers cap samples/s)",
     )
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument(
+        "--inputs",
+        default="png",
+        choices=["png", "synthetic"],
+        help="png: the synthetic images written once as files (data=folders); synthetic: drawn by the workers",
+    )
     parser.add_argument(
         "--sam-cache",
         default="none",

@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--plain-again", action="store_true", help="run the plain configs again after vseg's")
     parser.add_argument("--vseg", default=DEFAULT_VSEG, help="vseg runs VARIANT:MICRO_BATCH:CKPT[:disk]")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--inputs", default="png", choices=["png", "synthetic"], help="as bench/train.py's --inputs")
     parser.add_argument("--timeout", type=int, default=150, help="seconds per vseg run")
     parser.add_argument(
         "--log-every",
@@ -96,6 +97,7 @@ def main() -> None:
             sam_cache="none",
             image_size=512,
             workers=args.workers,
+            inputs=args.inputs,
             # counted once, for MFU, on eager runs only (a counted step is slow on the host, and FlopCounterMode
             # does not see inside compiled graphs): a compiled row takes the eager row's FLOPs per sample
             flops_step=2 if batch >= 32 and "compile" not in variant else -1,
