@@ -133,7 +133,9 @@ def child_row(mode: str, ckpt: bool, dropout: float | None, steps: int, args) ->
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and rows:
         return json.loads(rows[-1])
-    tail = (proc.stdout + proc.stderr)[-4000:]
+    text = proc.stdout + proc.stderr
+    fatal = text.find("Fatal Python error")  # faulthandler's report: the stacks, then a long list of modules
+    tail = text[fatal : fatal + 4000] if fatal >= 0 else text[-4000:]
     return {"mode": mode, "ckpt": ckpt, "dropout": dropout, "returncode": proc.returncode, "error": tail}
 
 
