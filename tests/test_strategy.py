@@ -103,12 +103,14 @@ def test_monitor_reports_the_share_of_each_window_spent_waiting_for_inputs(monke
     clock = iter([10.0, 11.0, 11.0, 12.0, 12.0, 13.0, 13.0])
     monkeypatch.setattr(monitor, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # the monitor's clock
     trainer = SimpleNamespace(
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        strategy=SimpleNamespace(root_device=torch.device("meta")),  # an accelerator, not CPU (CPU runs: no warning)
         global_step=0,
         log_every_n_steps=1,
         world_size=1,
         is_global_zero=True,
         logger=None,
+        num_devices=1,
+        datamodule=SimpleNamespace(cfg=SimpleNamespace(num_workers=3)),
     )
     perf = monitor.PerfMonitor(warmup_steps=0)
     caplog.set_level("WARNING", logger="vseg.training.monitor")
@@ -121,7 +123,16 @@ def test_monitor_reports_the_share_of_each_window_spent_waiting_for_inputs(monke
     assert summary["window_input_wait_share"] == [0.1, 0.5, 0.6]
     assert summary["input_wait_share"] == pytest.approx(0.5) and summary["window_samples_per_s"] == [2.0] * 3
     warned = [r.getMessage() for r in caplog.records if "waited for their inputs" in r.getMessage()]
-    assert len(warned) == 1 and "steps 2-2" in warned[0] and "50%" in warned[0]
+    assert len(warned) == 1 and "steps 2-2" in warned[0] and "50%" in warned[0] and "(now 3)" in warned[0]
+    caplog.clear()  # a CPU run: loader and model share the cores, so the share is logged but not warned about
+    trainer.strategy.root_device, trainer.global_step = torch.device("cpu"), 0
+    clock = iter([20.0, 21.0, 21.0])
+    cpu = monitor.PerfMonitor(warmup_steps=0)
+    cpu.on_train_batch_start(trainer, None, batch, 0)
+    trainer.global_step = 1
+    cpu.on_train_batch_end(trainer, None, None, batch, 0)
+    assert cpu.summary(trainer)["window_input_wait_share"] == [0.6]
+    assert not [r for r in caplog.records if "waited for their inputs" in r.getMessage()]
 
 
 DS_SCRIPT = textwrap.dedent(

@@ -6,7 +6,7 @@
   placeholders included), `perf/step_time_s` (seconds per optimizer step);
 * `perf/input_wait_share`: the share of the window this process spent waiting for its batches (the loader
   stamps each batch with its wait, `vseg.data.datamodule`). A share above `INPUT_WAIT_WARN` in a timed window
-  is said once on the console: the GPU then idles on the DataLoader's workers, not on the model;
+  of a GPU run is said once on the console: the GPU then idles on the DataLoader's workers, not on the model;
 * `perf/tflops_per_gpu`, `perf/mfu` and `perf/hfu` once FLOPs are known. FLOPs are *counted*, not guessed:
   on micro-batch `callbacks.flops_step` (off by default: -1; e.g. 2, after warm-up) the forward and the backward of that
   micro-batch run under `torch.utils.flop_counter.FlopCounterMode`, which adds up the FLOPs of every matmul,
@@ -319,16 +319,23 @@ class PerfMonitor(Callback):
         self._window_start = time.perf_counter()
 
     def _warn_inputs(self, trainer: L.Trainer, first: int, last: int, waiting: float) -> None:
-        if waiting < INPUT_WAIT_WARN or self._warned_inputs or not trainer.is_global_zero:
+        # on the CPU the loader and the model share the same cores: more workers there take from the step
+        cpu = trainer.strategy.root_device.type == "cpu"
+        if waiting < INPUT_WAIT_WARN or self._warned_inputs or not trainer.is_global_zero or cpu:
             return
         self._warned_inputs = True
+        data = getattr(getattr(trainer, "datamodule", None), "cfg", None)
+        workers = f" (now {data.num_workers})" if data is not None and hasattr(data, "num_workers") else ""
+        cores = (os.cpu_count() or 1) // max(int(getattr(trainer, "num_devices", 1) or 1), 1)
         log.warning(
             "steps %d-%d waited for their inputs %.0f%% of the time: the DataLoader's workers are slower than the "
-            "model. Raise data.num_workers (up to the CPU cores per GPU), or see perf/input_wait_share in "
-            "TensorBoard over the run (said once)",
+            "model. Raise data.num_workers%s, up to the %d CPU cores per GPU here; perf/input_wait_share in "
+            "TensorBoard shows it over the run (said once)",
             first,
             last,
             100 * waiting,
+            workers,
+            cores,
         )
 
     def _memory(self, trainer: L.Trainer) -> dict[str, float]:
