@@ -1,5 +1,6 @@
 """The LLM's training step alone, for the host cost of its compiled layers: eager, compiled, compiled + CUDA graphs,
-compiled with inductor's C++ wrapper (`cpp-wrapper`: the same kernels, launched from C++).
+compiled with inductor's C++ wrapper (`cpp-wrapper`: the same kernels, launched from C++), compiled with
+inductor's combo kernels (`combo`: independent kernels fused side by side, fewer launches).
 
 A micro-batch-2 step of vseg is bound by the host issuing the LLM layers' kernels (BENCHMARKS.md, issue 21).
 This isolates that part: the decoder stack of a vseg model preset (random bf16 weights on the GPU), PEFT LoRA
@@ -61,8 +62,10 @@ def run(mode: str, args, dropout: float | None, steps: int) -> dict:
     cuda = args.device == "cuda"
     if mode == "cpp-wrapper":  # inductor's default kernels, launched from generated C++ instead of Python
         torch._inductor.config.cpp_wrapper = True
+    if mode == "combo":  # independent small kernels (LoRA's, the norms') fused side by side: fewer launches
+        torch._inductor.config.combo_kernels = True
     if mode != "eager":
-        compile_mode = None if mode in ("default", "cpp-wrapper") else mode
+        compile_mode = None if mode in ("default", "cpp-wrapper", "combo") else mode
         C.compile_blocks(model.base_model.model.model, dynamic=True, mode=compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
