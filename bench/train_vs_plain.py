@@ -14,7 +14,8 @@ every run.
 Both stacks are bound by the host's CPU at small micro-batches, and the plain loop has moved by up to 29 %
 between two runs in one call on one machine. `--plain-again` runs it once more after the vseg runs; the
 ratios then divide by the faster of its two passes (the ratio least favourable to vseg), and the spread
-between them is printed with the ratios.
+between them is printed with the ratios. Every row records the host as it started and ended (`host`, `host_after`:
+CPU model, cores, mean clock, load average), to tell a slower host from a slower stack when calls disagree.
 
     python bench/train_vs_plain.py --out bench/results/plain_vs_vseg_train_h200.json
 """
@@ -43,6 +44,24 @@ def speed_overrides(variant: str) -> list[str]:
     if not on <= set(SWITCHES):
         raise SystemExit(f"unknown variant {variant!r}: off | all | switches joined by + from {SWITCHES}")
     return [f"speed.{s}={str(s in on).lower()}" for s in SWITCHES]
+
+
+def host_facts() -> dict:
+    """The host's CPU as a run starts: what a host-bound step's speed moves with between calls."""
+    import os
+
+    facts: dict = {"cores": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return facts
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    mhz = [float(line.split(":", 1)[1]) for line in lines if line.startswith("cpu MHz")]
+    if models:
+        facts["cpu"] = models[0]
+    if mhz:
+        facts["mhz_mean"], facts["mhz_min"] = round(sum(mhz) / len(mhz)), round(min(mhz))
+    return facts
 
 
 def steps_for(batch: int, log_every: int) -> int:
@@ -104,9 +123,10 @@ def main() -> None:
             workdir="/tmp/vseg_bench",
             timeout=args.timeout,
         )
+        host = host_facts()
         row = run_one(run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk)
         variant += "+disk" if disk else ""  # a row name of its own in the ratios
-        row.update(stack="vseg", variant=variant)
+        row.update(stack="vseg", variant=variant, host=host, host_after=host_facts())
         data["rows"].append(row)
         save()
         brief = {k: row.get(k) for k in ("variant", "micro_batch", "grad_ckpt", "status", "samples_per_s", "mfu")}
@@ -144,12 +164,14 @@ def run_plain(args: argparse.Namespace, rows: list[dict], pass_no: int) -> None:
         "--out",
         str(plain_json),
     ]
+    host = host_facts()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     print(f"[plain, pass {pass_no}] {time.perf_counter() - start:.0f} s, exit {proc.returncode}", flush=True)
+    after = host_facts()
     if plain_json.is_file():
         for row in json.loads(plain_json.read_text())["rows"]:
-            row.update(command="python " + " ".join(cmd[1:]), plain_pass=pass_no)
+            row.update(command="python " + " ".join(cmd[1:]), plain_pass=pass_no, host=host, host_after=after)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if proc.returncode != 0:
