@@ -77,3 +77,33 @@ def test_heads_only_merged_equals_unmerged(tied):
         after = _forward(merged, batch)
     torch.testing.assert_close(after.llm_loss_sum, before.llm_loss_sum)
     torch.testing.assert_close(after.mask_logits, before.mask_logits)
+
+
+def test_building_leaves_the_run_config_as_it_was(cfg, monkeypatch):
+    """A resumed run and every DDP rank compare their config with the one saved in the run directory, so the build
+    must not write into it. transformers 5.17's Sam2Config wrote `model_type` into the `vision_config` dict it
+    was given (resume and DDP then refused the run as another model); here a config class that writes into
+    every nested dict it gets stands in for it."""
+    import copy
+
+    import vseg.model.build as build
+
+    real = build.Sam2Config
+
+    types = {
+        "vision_config": "sam2_vision_model",
+        "prompt_encoder_config": "sam2_prompt_encoder",
+        "mask_decoder_config": "sam2_mask_decoder",
+    }
+
+    def writing(**kwargs):  # as transformers 5.17's Sam2Config: the sub-configs' model types, into their dicts
+        for key, value in kwargs.items():
+            if isinstance(value, dict) and key in types:
+                value.setdefault("model_type", types[key])
+        return real(**kwargs)
+
+    monkeypatch.setattr(build, "Sam2Config", writing)
+    before = copy.deepcopy(cfg.model)
+    assert "model_type" not in before.sam2["vision_config"]  # else the stand-in writes nothing new
+    build.build_sam2(cfg.model)
+    assert cfg.model == before

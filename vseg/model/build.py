@@ -8,10 +8,13 @@ tokens, and the Sa2VA heads. Everything else is frozen.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -70,9 +73,19 @@ def build_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[str
     return tokenizer, added
 
 
+def sam2_config(sam2: Mapping[str, Any]) -> Sam2Config:
+    """transformers' SAM-2 config of `model.sam2` (its `memory` is for `build_grounding`).
+
+    Made from a deep copy: transformers' config classes may write into the dicts they are given (5.17's
+    Sam2Config sets `vision_config["model_type"]`), and these dicts are the run's own config, which a resumed
+    run and every DDP rank compare with the one saved in the run directory.
+    """
+    return Sam2Config(**copy.deepcopy({k: v for k, v in sam2.items() if k != "memory"}))
+
+
 def build_sam2(cfg: ModelConfig) -> Sam2Model:
     """The transformers SAM-2 of `cfg.sam2` (random weights); `cfg.sam2.memory` is for `build_grounding`."""
-    sam_config = Sam2Config(**{k: v for k, v in cfg.sam2.items() if k != "memory"})
+    sam_config = sam2_config(cfg.sam2)
     sam_config._attn_implementation = cfg.attn_implementation
     sam = Sam2Model(sam_config)
     # One random-Fourier matrix, as in SAM-2 (and in converted checkpoints); random init draws two.

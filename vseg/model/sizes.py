@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import Sam2Config, Sam2Model, Sam2VideoConfig, Sam2VideoModel
+from transformers import Sam2Model, Sam2VideoConfig, Sam2VideoModel
 
 from vseg.config import LoraConfig, ModelConfig, TrainConfig, compose, load_config
-from vseg.model.build import finish_build, new_sa2va
+from vseg.model.build import finish_build, new_sa2va, sam2_config
 
 PARTS = ("vision", "projector", "llm", "sam2", "text_hidden_fcs")
 ADAPTER_MARKERS = ("lora_", "trainable_tokens_")  # parameters PEFT adds next to the base weights
@@ -90,7 +90,7 @@ def sam2_memory_parameters(sam2: dict) -> int:
     SAM 2.1 additions (occlusion embedding, object-pointer temporal projection) that the SAM 2.0 checkpoint
     inside Sa2VA does not have.
     """
-    image_cfg = Sam2Config(**sam2)
+    image_cfg = sam2_config(sam2)
     video_cfg = Sam2VideoConfig(
         vision_config=image_cfg.vision_config.to_dict(),
         prompt_encoder_config=image_cfg.prompt_encoder_config.to_dict(),

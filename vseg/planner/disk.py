@@ -29,9 +29,9 @@ def feature_dtype_bytes(cfg: TrainConfig) -> int:
 
 
 def sam_bytes_per_image(cfg: TrainConfig) -> float:
-    from transformers import Sam2Config
+    from vseg.model.build import sam2_config  # lazy: the planner's disk sums need no model code otherwise
 
-    vision = Sam2Config(**cfg.model.sam2).vision_config
+    vision = sam2_config(cfg.model.sam2).vision_config
     pixels = sum(int(h) * int(w) for h, w in vision.backbone_feature_sizes)
     return float(vision.fpn_hidden_size * pixels * feature_dtype_bytes(cfg))
 

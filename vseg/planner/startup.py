@@ -22,10 +22,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from transformers import Sam2Config
-
 from vseg.config import ConfigError, ModelConfig, TrainConfig
-from vseg.model.build import DTYPES
+from vseg.model.build import DTYPES, sam2_config
 from vseg.planner.facts import model_facts, sequence_facts
 from vseg.planner.gpus import GpuInfo, gpu_inventory, parse_memory
 from vseg.planner.guard import register
@@ -145,7 +143,7 @@ def _configured_estimate(cfg: TrainConfig, devices: int) -> Estimate:
 def sam_cache_bytes(model_cfg: ModelConfig, images: int) -> float:
     """What `model.sam_feature_cache` holds for `images` distinct images: the three FPN maps each one keeps,
     in the model's dtype (~45 MB per 1024-px image for SAM-2 Hiera-L in bf16)."""
-    vision = Sam2Config(**model_cfg.sam2).vision_config
+    vision = sam2_config(model_cfg.sam2).vision_config
     pixels = sum(int(h) * int(w) for h, w in vision.backbone_feature_sizes)
     element = DTYPES[model_cfg.dtype].itemsize
     return float(images) * vision.fpn_hidden_size * pixels * element
