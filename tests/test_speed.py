@@ -138,13 +138,77 @@ def test_the_4d_mask_is_made_only_where_transformers_would_make_the_same():
     assert made.shape == (2, 1, 3, 3) and made.dtype == torch.bool
     assert torch.equal(made[0, 0], torch.ones(3, 3, dtype=torch.bool).tril())
     assert torch.equal(made[1, 0], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool))
-    for other in (
+    others = (
         SimpleNamespace(**{**vars(full), "_attn_implementation": "eager"}),  # eager adds a float mask
         SimpleNamespace(**{**vars(full), "_attn_implementation": "flash_attention_2"}),  # unpads from the 2-D one
         SimpleNamespace(**{**vars(full), "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 2}),
-    ):
+    )
+    for other in others:
         assert decoder_mask(mask, torch.device("cpu"), other) is mask
-    assert decoder_mask(None, torch.device("cpu"), full) is None
+    # unpadded: no mask, as the ready per-layer-type mapping where the model takes one (no packed-sequence check)
+    assert decoder_mask(None, torch.device("cpu"), full) is None  # a model of unknown type: None, as before
+    qwen2 = SimpleNamespace(**{**vars(full), "model_type": "qwen2"})
+    assert decoder_mask(None, torch.device("cpu"), qwen2) == {"full_attention": None}
+    for other in others:
+        assert (
+            decoder_mask(None, torch.device("cpu"), SimpleNamespace(**{**vars(other), "model_type": "qwen2"})) is None
+        )
+
+
+def _decoder_inputs(model, batch, cached: bool) -> dict:
+    if not cached:
+        return batch["mllm_inputs"]
+    features = model.family.frozen_image_features(model.base_mllm, batch["mllm_inputs"]["pixel_values"])
+    return {**batch["mllm_inputs"], "image_features": features}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["pixels", "cached-features"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_the_llm_pass_reads_nothing_back_from_the_device(built, padded, cached):
+    """Inside the MLLM's pass every tensor sits on the training device, so a value read back to the host (a
+    Python bool or int of a tensor: `aten._local_scalar_dense`) is a wait for the GPU. transformers' own forward
+    reads three (the image-placeholder count check, the padding check or the packed-sequence check); vseg's
+    reads none, and gives transformers' hidden states."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model, _, processor = built
+    batch = _padded_batch(processor) if padded else random_batch(processor, seed=4)
+    assert batch["padded"] is padded
+    mask = batch["attention_mask"] if padded else None  # as training hands it over (the collate's `padded`)
+    inputs = _decoder_inputs(model, batch, cached)
+    model.eval()
+    try:
+        with torch.no_grad():
+            with Reads() as reads:
+                ours = model.decoder_states(batch["input_ids"], mask, inputs)
+            with Reads() as theirs:
+                reference = model.base_mllm.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=_normalised(model, batch["mllm_inputs"]["pixel_values"]),
+                    use_cache=False,
+                ).last_hidden_state
+    finally:
+        model.train()
+    assert reads.ops == [] and len(theirs.ops) >= 2
+    real = batch["attention_mask"].bool()  # padded positions differ (transformers' mask leaves them unmasked)
+    torch.testing.assert_close(ours[real], reference[real])
+
+
+def _normalised(model, pixel_values):
+    from vseg.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise
+
+    return normalise(pixel_values, IMAGENET_MEAN, IMAGENET_STD).to(model.base_mllm.model.dtype)
 
 
 def _padded_batch(processor) -> dict:

@@ -116,24 +116,34 @@ def to_device(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     return None if mask is None else mask.to(device)
 
 
-def decoder_mask(mask: torch.Tensor | None, device: torch.device, text_config: Any) -> torch.Tensor | None:
+#: language models whose forward takes a ready mask per layer type (`{"full_attention": mask}`) and then builds none
+MASK_MAPPING_MODELS = ("qwen2", "qwen3")
+
+
+def decoder_mask(mask: torch.Tensor | None, device: torch.device, text_config: Any) -> Any:
     """The language model's attention mask for (B, L) right-padded rows, made so that nothing waits for the GPU.
 
-    Given a 2-D mask, transformers first checks on the GPU whether any token is padded (`masking_utils`), a
-    wait of the host inside every padded step. With SDPA and causal attention in every layer the mask it would
-    build is known: (B, 1, L, L) booleans, causal and zero at padded keys; this builds that one on the device,
-    and transformers uses a 4-D mask as given. Right padding leaves every query row a key to attend to (its
-    row's first token), so no row is all masked. Other attention implementations (eager adds a float mask,
-    flash-attention unpads from the 2-D one) and sliding-window layers get the 2-D mask, as before.
+    transformers' mask building reads the GPU from the host whenever it is asked to build one: with a 2-D mask it
+    checks whether any token is padded, and without one it checks the position ids for packed sequences
+    (`masking_utils`), a wait in every step either way. With SDPA and causal attention in every layer the masks
+    it would build are known, and made here instead: for padded rows the (B, 1, L, L) booleans, causal and zero
+    at padded keys, built on the device (a 4-D mask is used as given); right padding leaves every query row a
+    key to attend to (its row's first token), so no row is all masked. For unpadded rows no mask at all (SDPA's
+    own causal kernel), handed over as the ready per-layer-type mapping where the model takes one
+    (`MASK_MAPPING_MODELS`), so that no packed-sequence check runs. Other attention implementations (eager adds
+    a float mask, flash-attention unpads from the 2-D one), sliding-window layers and other models get what
+    they got before: the 2-D mask, or None.
     """
-    if mask is None:
-        return None
-    mask = mask.to(device, non_blocking=True)
     layer_types = getattr(text_config, "layer_types", None) or ()
     full_attention = all(t == "full_attention" for t in layer_types) and not getattr(
         text_config, "sliding_window", None
     )
-    if getattr(text_config, "_attn_implementation", None) != "sdpa" or not full_attention:
+    ours = getattr(text_config, "_attn_implementation", None) == "sdpa" and full_attention
+    if mask is None:
+        mapping = ours and getattr(text_config, "model_type", None) in MASK_MAPPING_MODELS
+        return {"full_attention": None} if mapping else None
+    mask = mask.to(device, non_blocking=True)
+    if not ours:
         return mask
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -8,6 +8,7 @@ to it.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -52,11 +53,11 @@ class InternVLFamily:
 
     def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> InternVLConfig:
         """The transformers config: vocabulary from the tokenizer, image token id from `<IMG_CONTEXT>`."""
-        text = dict(cfg.text)
+        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (build_sam2)
         model_type = text.pop("model_type", "qwen2")
         text["vocab_size"] = vocab_size(cfg, tokenizer)
         text["tie_word_embeddings"] = cfg.tie_word_embeddings
-        vision = dict(cfg.vision)
+        vision = copy.deepcopy(dict(cfg.vision))
         patch = vision.get("patch_size", 14)
         size = vision.get("image_size", 448)
         patch, size = (
@@ -129,44 +130,48 @@ class InternVLFamily:
         row_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = embedding_device(mllm)
+        input_ids = input_ids.to(device)
+        mask = decoder_mask(attention_mask, device, mllm.config.text_config)
         if "image_features" in inputs:  # the frozen part already computed (feature cache): the projector only
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
             projector = mllm.model.multi_modal_projector
-            features = inputs["image_features"].to(next(projector.parameters()).device)
-            image = BaseModelOutputWithPooling(pooler_output=projector(features))
-            out = mllm.model(
-                input_ids=input_ids.to(device),
-                attention_mask=decoder_mask(attention_mask, device, mllm.config.text_config),
-                mm_encoder_outputs={"image": image},
-                use_cache=False,
-            )
-            return out.last_hidden_state
+            embeddings = projector(inputs["image_features"].to(next(projector.parameters()).device))
+            return self._language_states(mllm, input_ids, mask, embeddings)
         pixel_values = inputs["pixel_values"]
         vision = mllm.model.vision_tower
         pixel_values = normalise(pixel_values.to(next(vision.parameters()).device), IMAGENET_MEAN, IMAGENET_STD)
         pixel_values = pixel_values.to(mllm.model.dtype)
         if row_image is not None:
-            return self._shared_image_states(
-                mllm,
-                input_ids.to(device),
-                decoder_mask(attention_mask, device, mllm.config.text_config),
-                pixel_values,
-                row_image,
-            )
-        out = mllm.model(
-            input_ids=input_ids.to(device),
-            attention_mask=decoder_mask(attention_mask, device, mllm.config.text_config),
-            pixel_values=pixel_values,
-            use_cache=False,
-        )
+            return self._shared_image_states(mllm, input_ids, mask, pixel_values, row_image)
+        return self._language_states(mllm, input_ids, mask, self._image_embeddings(mllm, pixel_values))
+
+    @staticmethod
+    def _image_embeddings(mllm: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles x tokens per tile, D): vision tower, pixel shuffle and projector of every tile, in order."""
+        features = mllm.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        embeddings = getattr(features, "pooler_output", features)  # an output object (transformers >= 5.17)
+        return embeddings.reshape(-1, embeddings.shape[-1])
+
+    @staticmethod
+    def _language_states(mllm: nn.Module, input_ids: torch.Tensor, mask: Any, embeddings: torch.Tensor) -> torch.Tensor:
+        """The language model over the token embeddings with `embeddings` scattered into the `<IMG_CONTEXT>`
+        placeholders in order: the steps of `InternVLModel.forward`, made here for two reasons. Its placeholder
+        check compares a count on the GPU with a host number, a wait for the GPU in every step; vseg's processor
+        writes exactly `image_seq_length` placeholders per tile, so the count holds by construction (and a short
+        source fails in `masked_scatter`). And its way of taking precomputed image features changed within
+        transformers 5 (5.17 has no `mm_encoder_outputs`: a cached feature passed so is silently dropped)."""
+        model = mllm.model
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == mllm.config.image_token_id)[..., None]
+        rows = embeddings.reshape(-1, embeddings.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholders, rows)
+        out = model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
     @staticmethod
     def _shared_image_states(
         mllm: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: Any,
         pixel_values: torch.Tensor,
         row_image: torch.Tensor,
     ) -> torch.Tensor:
@@ -176,9 +181,7 @@ class InternVLFamily:
         `<IMG_CONTEXT>` placeholders, the language model), with the image embeddings gathered per row.
         """
         model = mllm.model
-        features = model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        embeddings = getattr(features, "pooler_output", features)  # an output object (transformers >= 5.17)
-        embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # (tiles x tokens per tile, D), images in order
+        embeddings = InternVLFamily._image_embeddings(mllm, pixel_values)  # tiles x tokens per tile, images in order
         inputs_embeds, placeholders, index = shared_image_embeds(
             model.get_input_embeddings(), input_ids, mllm.config.image_token_id, row_image, embeddings
         )

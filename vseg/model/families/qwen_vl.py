@@ -7,6 +7,7 @@ the two-step resize and prompt placeholders; the released layout (keys and confi
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -113,7 +114,7 @@ class QwenVLFamily:
 
     def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
         """The transformers config; vocabulary per `vocab_size`, vision token ids from the tokenizer."""
-        text = dict(cfg.text)
+        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (build_sam2)
         text.pop("model_type", None)
         text["vocab_size"] = vocab_size(cfg, tokenizer)
         text["tie_word_embeddings"] = cfg.tie_word_embeddings
@@ -121,7 +122,7 @@ class QwenVLFamily:
         video = vocab.get(QWEN_VIDEO_PAD_TOKEN, token_id(tokenizer, QWEN_IMAGE_PAD_TOKEN))
         config = self.config_class(
             text_config=text,
-            vision_config=dict(cfg.vision),
+            vision_config=copy.deepcopy(dict(cfg.vision)),
             image_token_id=token_id(tokenizer, QWEN_IMAGE_PAD_TOKEN),
             video_token_id=int(video),
             vision_start_token_id=token_id(tokenizer, QWEN_VISION_START_TOKEN),
