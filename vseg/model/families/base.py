@@ -111,8 +111,9 @@ def embedding_device(mllm: nn.Module) -> torch.device:
 
 
 def to_device(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """An attention mask on `device`; None (no padding) stays None. transformers then builds no mask, where a
-    given one is first checked for padding, a check that waits for the GPU (`masking_utils`)."""
+    """An attention mask on `device`; None (no padding) stays None. transformers then checks a given mask for
+    padding, and the position ids for packed sequences when there is none: both wait for the GPU
+    (`masking_utils`). The InternVL family avoids both with `decoder_mask`."""
     return None if mask is None else mask.to(device)
 
 
