@@ -167,8 +167,8 @@ def _decoder_inputs(model, batch, cached: bool) -> dict:
 def test_the_llm_pass_reads_nothing_back_from_the_device(built, padded, cached):
     """Inside the MLLM's pass every tensor sits on the training device, so a value read back to the host (a
     Python bool or int of a tensor: `aten._local_scalar_dense`) is a wait for the GPU. transformers' own forward
-    reads three (the image-placeholder count check, the padding check or the packed-sequence check); vseg's
-    reads none, and gives transformers' hidden states."""
+    reads at least two (the image-placeholder count check, then the padding check or the packed-sequence
+    check); vseg's reads none, and gives transformers' hidden states."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reads(TorchDispatchMode):
