@@ -1,6 +1,8 @@
 """The LLM's training step alone, for the host cost of its compiled layers: eager, compiled, compiled + CUDA graphs,
 compiled with inductor's C++ wrapper (`cpp-wrapper`: the same kernels, launched from C++), compiled with
-inductor's combo kernels (`combo`: independent kernels fused side by side, fewer launches).
+inductor's combo kernels (`combo`: independent kernels fused side by side, fewer launches). A mode ending in
+`-static` (`default-static`, `reduce-overhead-static`) runs one text length on every step and compiles for that
+shape only (`dynamic=False`), as a batch padded to a fixed length would run.
 
 A micro-batch-2 step of vseg is bound by the host issuing the LLM layers' kernels (BENCHMARKS.md, issue 21).
 This isolates that part: the decoder stack of a vseg model preset (random bf16 weights on the GPU), PEFT LoRA
@@ -64,20 +66,22 @@ def run(mode: str, args, dropout: float | None, steps: int) -> dict:
         torch._inductor.config.cpp_wrapper = True
     if mode == "combo":  # independent small kernels (LoRA's, the norms') fused side by side: fewer launches
         torch._inductor.config.combo_kernels = True
-    if mode != "eager":
-        compile_mode = None if mode in ("default", "cpp-wrapper", "combo") else mode
-        C.compile_blocks(model.base_model.model.model, dynamic=True, mode=compile_mode)
+    static = mode.endswith("-static")
+    base = mode.removesuffix("-static")
+    if base != "eager":
+        compile_mode = None if base in ("default", "cpp-wrapper", "combo") else base
+        C.compile_blocks(model.base_model.model.model, dynamic=not static, mode=compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
     gen = torch.Generator(device=args.device).manual_seed(1)
     times, losses = [], []
     for step in range(steps):
-        length = args.length - 4 * (step % 2)
+        length = args.length - (0 if static else 4 * (step % 2))
         ids = torch.randint(0, vocab - 10, (args.batch, length), device=args.device, generator=gen)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        if mode == "reduce-overhead":
+        if base == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(args.device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

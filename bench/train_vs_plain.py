@@ -4,7 +4,7 @@ First `bench/plain_train.py` (transformers + peft only, one process, every confi
 `train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
 images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off`
 (every `speed.*` switch off: the path before these switches), `all` (every switch on) or switches joined by
-`+` (`bf16_weights`, `liger`, `host_positions`, `compile`, `overlap_steps`); `:disk` reads the frozen SAM-2
+`+` (`bf16_weights`, `liger`, `host_positions`, `compile`, `overlap_steps`, `cuda_graphs`); `:disk` reads the frozen SAM-2
 and vision-tower features from the disk feature cache (`vseg cache` fills it first; the plain stack computes
 them). vseg is timed in windows of `--log-every` steps, waiting for the GPU at each window's end as a user's
 run does at each log step; the plain loop times each step alone. Ratios printed at the end: vseg / plain at
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train import run_one  # noqa: E402  (bench/train.py)
 
-SWITCHES = ("bf16_weights", "liger", "host_positions", "compile", "overlap_steps")
+SWITCHES = ("bf16_weights", "liger", "host_positions", "compile", "overlap_steps", "cuda_graphs")
 DEFAULT_VSEG = "off:2:on,all:1:on,all:2:on,all:8:on,all:32:off,bf16_weights:2:on,liger:2:on,host_positions:2:on"
 
 

@@ -433,7 +433,8 @@ def test_compile_under_gradient_checkpointing_keeps_dynamos_graph_order_and_warn
         cfg = tiny_cfg([f"model.gradient_checkpointing={str(checkpointing).lower()}", "speed.compile=true"])
         model, _ = build_sa2va(cfg.model, cfg.lora)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        _, compiled = apply_speed(model, trainable, cfg, "bf16-mixed", False, False, device)
+        _, compiled, graphs = apply_speed(model, trainable, cfg, "bf16-mixed", False, False, device)
+        assert not graphs  # speed.cuda_graphs is off
         assert compiled and all(b._compiled_call_impl is not None for b in C.repeated_blocks(model))
         assert ("speed.compile=true on the CPU" in caplog.text) == (device == "cpu")
         C.uncompile_blocks(model)

@@ -169,6 +169,11 @@ def validate(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
         "weights in hooks around its forward, which compiled blocks bypass; set speed.compile=false, or pick "
         "ddp, zero2 or zero2_offload",
     )
+    need(
+        cfg.speed.compile or not cfg.speed.cuda_graphs,
+        "speed.cuda_graphs=true replays the compiled LLM layers as CUDA graphs: it needs speed.compile=true",
+    )
+    need(cfg.speed.pad_tokens >= 1, f"speed.pad_tokens={cfg.speed.pad_tokens}: must be >= 1 (1: no padding)")
     need(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     need(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules is empty while lora.enabled")

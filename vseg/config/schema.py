@@ -269,6 +269,14 @@ class SpeedConfig:
     # bad step itself; the warning comes one step later) and the next batch is copied to the GPU on a side
     # stream while the current backward runs.
     overlap_steps: bool = True
+    # The LLM's compiled layers replay CUDA graphs (inductor's reduce-overhead mode, shapes fixed): one launch per
+    # layer call instead of ~50-110, which is what bounds micro-batches 1-2. Needs speed.compile; text is padded
+    # to a multiple of pad_tokens so that a few shapes are recorded. Single GPU and DDP; ignored under DeepSpeed
+    # and on the CPU (a warning says so).
+    cuda_graphs: bool = False
+    # with cuda_graphs: text padded on the right to a multiple of this many tokens (64: one shape for one image
+    # tile and a short prompt; smaller wastes less compute at large micro-batches but records more shapes)
+    pad_tokens: int = 64
 
 
 @dataclass

@@ -21,32 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch._inductor.config as inductor
 
 from vseg.config.predict import COMPILE_MODES  # inductor's default, CUDA graphs per block, autotuned kernels
+from vseg.model.compile import allow_cuda_graphs, step_begin, uses_cuda_graphs  # shared with training
 
 __all__ = ["COMPILE_MODES", "allow_cuda_graphs", "pad_tokens", "step_begin", "uses_cuda_graphs"]
-#: CUDA graphs recorded per compiled block function: one per layer and shape (LLM 36 layers x a few shapes)
-RERECORD_LIMIT = 1024
-
-
-def uses_cuda_graphs(mode: str | None) -> bool:
-    """Whether inductor records CUDA graphs in `compile_mode` `mode`."""
-    return mode in ("reduce-overhead", "max-autotune")
-
-
-def allow_cuda_graphs() -> None:
-    """Lets each layer of a block stack record its own CUDA graph of their shared compiled function."""
-    limit = getattr(inductor.triton, "cudagraph_unexpected_rerecord_limit", None)
-    if limit is not None and limit < RERECORD_LIMIT:
-        inductor.triton.cudagraph_unexpected_rerecord_limit = RERECORD_LIMIT
-
-
-def step_begin() -> None:
-    """Marks the start of a forward for the CUDA-graph trees (earlier outputs may now be overwritten)."""
-    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
-    if mark is not None:
-        mark()
 
 
 def pad_tokens(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: torch.compile backend (the CPU tests trace with "aot_eager": the same graphs without inductor's C++ builds)
 BACKEND = "inductor"
+#: CUDA graphs recorded per compiled block function: one per layer, shape and direction (forward, backward)
+RERECORD_LIMIT = 1024
 #: compiled variants dynamo keeps per function. transformers 5 runs every block it can checkpoint through one
 #: shared wrapper (`forward_with_checkpointing`), so the variants of all block classes count against one limit:
 #: Hiera-L alone has ~10 (4 stages, pooling and global blocks), and grad mode and sizes add more (the tiny test
@@ -164,6 +166,31 @@ def _untag_inputs_before_partitioning() -> None:
     current = config.joint_custom_post_pass
     if not getattr(current, "vseg_untag_inputs", False):  # once per process
         config.joint_custom_post_pass = UntagInputs(current)
+
+
+def uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether inductor records CUDA graphs in `torch.compile` mode `mode`."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def allow_cuda_graphs() -> None:
+    """Lets each layer of a block stack record its own CUDA graph of their shared compiled function.
+
+    Blocks of one class share one compiled function, but each layer's weights live at other addresses, so each
+    layer records a graph of its own; inductor counts those as unexpected re-recordings and, past its limit
+    (128), runs the function without graphs. A 36-layer LLM in training records 72 per token length."""
+    from torch._inductor import config
+
+    limit = getattr(config.triton, "cudagraph_unexpected_rerecord_limit", None)
+    if limit is not None and limit < RERECORD_LIMIT:
+        config.triton.cudagraph_unexpected_rerecord_limit = RERECORD_LIMIT
+
+
+def step_begin() -> None:
+    """Marks the start of a forward for the CUDA-graph trees (earlier outputs may now be overwritten)."""
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
 
 
 def keep_graph_order() -> None:

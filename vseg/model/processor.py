@@ -64,6 +64,8 @@ class Sa2VAProcessor:
         resize: how images are resized, pil (the authors' resize) | torch (faster, within 1-2 grey levels;
             `vseg.model.preprocess`). Inference only: training always uses pil, so a fine-tuned model learns
             from the pixels inference gives it by default.
+        pad_multiple: text is padded on the right to a multiple of this many tokens (training's
+            `speed.cuda_graphs`: few shapes to record CUDA graphs for); 1 pads to the longest sample only.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -74,6 +76,7 @@ class Sa2VAProcessor:
     mask_size: int
     max_length: int = 2048
     resize: str = "pil"
+    pad_multiple: int = 1
 
     def __post_init__(self) -> None:
         check_resize(self.resize)
@@ -201,11 +204,14 @@ class Sa2VAProcessor:
         }
 
     def pad_text(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, labels, attention_mask) of the samples, padded on the right to the longest."""
+        """(input_ids, labels, attention_mask) of the samples, padded on the right to the longest, rounded up to a
+        multiple of `pad_multiple`. Right padding changes no real token's result: attention is causal, pads get
+        attention 0 and label -100."""
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad token")
         length = max(s["input_ids"].shape[0] for s in samples)
+        length += -length % max(1, self.pad_multiple)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
         labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)

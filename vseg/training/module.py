@@ -16,13 +16,13 @@ from vseg.config import ConfigError, TrainConfig
 from vseg.data.dataset import target_names
 from vseg.losses import LossSums, Window, combine, mask_loss_sums
 from vseg.metrics import SegmentationMetrics, TargetScores
-from vseg.model.compile import resume_compiled, suspend_compiled, uncompile_blocks
+from vseg.model.compile import resume_compiled, step_begin, suspend_compiled, uncompile_blocks
 from vseg.model.grounding import BackboneCache, masks_at
 from vseg.model.preprocess import SAM_MEAN_BF16, SAM_STD_BF16
 from vseg.model.sa2va import Positions, Sa2VA
 from vseg.training.faults.guard import NonFiniteGuard
 from vseg.training.feature_cache import FrozenFeatures, any_rank
-from vseg.training.speed import MasterWeights, SideStreamCopy, apply_speed
+from vseg.training.speed import GradsOutsideGraphs, MasterWeights, SideStreamCopy, apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Sa2VAModule(L.LightningModule):
         self.sam_cache = BackboneCache(where) if where != "none" else None  # training batches only
         self.masters: MasterWeights | None = None  # speed.bf16_weights: the optimizer's float32 copies
         self.compiled: str | None = None  # speed.compile: what was compiled
+        self.graphs: GradsOutsideGraphs | None = None  # speed.cuda_graphs, where it applies
         self._suspended: list = []  # compiled blocks running eagerly during validation
         # The disk cache of frozen encoder outputs (feature_cache.*), training batches only.
         self.feature_cache = FrozenFeatures.from_config(cfg) if cfg.feature_cache.enabled else None
@@ -122,7 +123,7 @@ class Sa2VAModule(L.LightningModule):
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if self.masters is None and self.compiled is None:
             trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # checkpoint names
-            self.masters, self.compiled = apply_speed(
+            self.masters, self.compiled, graphs = apply_speed(
                 self.model,
                 trainable,
                 self.cfg,
@@ -131,6 +132,7 @@ class Sa2VAModule(L.LightningModule):
                 self._zero3(),
                 self.trainer.strategy.root_device.type,
             )
+            self.graphs = GradsOutsideGraphs(p for _, p in trainable) if graphs else None
 
     def on_train_epoch_end(self) -> None:
         cache = self.sam_cache
@@ -216,6 +218,9 @@ class Sa2VAModule(L.LightningModule):
         return Window(counts[0], counts[1], float(accumulate * world))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.graphs is not None and self.compiled:
+            step_begin()  # the previous micro-batch's graph outputs are done with
+            self.graphs.ensure()
         _, sums = self._forward(batch)
         losses = combine(sums, self.cfg.loss, self._window(batch, sums))
         loss = losses["loss"]
@@ -228,6 +233,10 @@ class Sa2VAModule(L.LightningModule):
             lr = self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
             self.log("train/lr", host_scalar(lr), batch_size=size)
         return loss
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        # with CUDA graphs the gradients stay in place, zeroed (GradsOutsideGraphs); otherwise freed
+        optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """Applies the optimizer step only if every loss and gradient of it was finite on every rank.

@@ -41,6 +41,7 @@ from vseg.training.faults import FaultInjection, RankWatchdog, RunCheckpoint, Te
 from vseg.training.feature_cache import FrozenFeatures
 from vseg.training.module import Sa2VAModule, trainable_state_dict
 from vseg.training.monitor import PerfMonitor
+from vseg.training.speed import cuda_graphs_apply
 from vseg.training.zero3 import model_for_run
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     # Always PIL's resize (no `resize=` here): training must see the pixels inference defaults to (and the authors
     # trained on); predict/serve's resize=torch is an opt-in speed option that stays within 1-2 grey levels of it.
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
+    if cuda_graphs_apply(cfg.speed, is_deepspeed(trainer.strategy), False, trainer.strategy.root_device.type):
+        processor.pad_multiple = cfg.speed.pad_tokens  # a few text lengths, each recorded once
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     # The loader's workers read the disk cache's entries (their own store objects: counts stay the module's).
     stores = FrozenFeatures.from_config(cfg).stores if cfg.feature_cache.enabled else None

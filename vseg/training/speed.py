@@ -16,6 +16,15 @@ and is measured on its own (`bench/train_vs_plain.py`):
   (a few per sample), and the head carries PEFT's trainable token rows, whose merged weight would have to
   be built on every call to hand it to a fused kernel.
 - `host_positions`: see `vseg.model.sa2va.find_positions`.
+- `cuda_graphs`: the LLM's compiled layers replay CUDA graphs (inductor's reduce-overhead mode): one launch per
+  layer call. Compiled layers alone still launch ~50 kernels per layer forward and ~110 per backward from
+  Python, ~3-4 ms of host time per call against well under 1 ms of GPU work at micro-batch 2 (BENCHMARKS.md).
+  Graphs need fixed shapes: the layers compile for static shapes and the collate pads text to a multiple of
+  `pad_tokens`. Graph outputs live in a pool that the next replay overwrites, so every trainable weight's
+  gradient is kept in a tensor of its own (`GradsOutsideGraphs`) that backward adds into, never one handed
+  out by a graph. With checkpointing the recomputation runs inside the compiled backward (`vseg.model.compile`),
+  which is what lets the graphs work there (CUDA graphs around a compiled region *inside* a checkpoint crash:
+  pytorch/pytorch#154306).
 - `overlap_steps`: the host does not wait for a step's end before it starts the next: the bad-step guard's
   decision stays on the GPU (`NonFiniteGuard.defer`), and `SideStreamCopy` copies the next batch (with the
   disk cache, 44 MB of SAM-2 features per image) while the GPU still runs the backward pass before it.
@@ -31,8 +40,8 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from vseg.config import TrainConfig
-from vseg.model.compile import Compiled, compile_blocks, keep_graph_order
+from vseg.config import SpeedConfig, TrainConfig
+from vseg.model.compile import Compiled, allow_cuda_graphs, compile_blocks, keep_graph_order
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +155,31 @@ def apply_liger(language_model: nn.Module) -> bool:
     return True
 
 
+def cuda_graphs_apply(speed: SpeedConfig, deepspeed: bool, zero3: bool, device_type: str) -> bool:
+    """Whether `speed.cuda_graphs` takes effect: compiled blocks on CUDA, not under DeepSpeed (whose gradient
+    hooks and partitioned buffers have not been tried with graph-pool gradients)."""
+    return speed.compile and speed.cuda_graphs and not deepspeed and not zero3 and device_type == "cuda"
+
+
+class GradsOutsideGraphs:
+    """Trainable weights' gradients in tensors of their own, never in the CUDA-graph pool.
+
+    Autograd's first accumulation into an empty `.grad` keeps the incoming tensor itself; under CUDA graphs that
+    tensor is a graph output, which the next replay (the next micro-batch) overwrites. With a zero gradient
+    already in place, backward adds into it instead, and zeroing it (`set_to_none=False`) keeps it in place.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+
+    def ensure(self) -> None:
+        """Before a forward: a zero gradient for every trainable weight that has none (the first step; a
+        skipped bad step drops them)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
 def apply_speed(
     model: nn.Module,
     trainable: list[tuple[str, nn.Parameter]],
@@ -154,12 +188,18 @@ def apply_speed(
     deepspeed: bool,
     zero3: bool,
     device_type: str = "cuda",
-) -> tuple[MasterWeights | None, str | None]:
+) -> tuple[MasterWeights | None, str | None, bool]:
     """The `speed:` switches that change the model, before a strategy wraps it (DDP's buckets take the dtypes):
     Liger's kernels, compiled blocks and bf16 trainable weights. `trainable`: (checkpoint name, parameter) of
     every trainable parameter; `device_type`: where the strategy will run the model (it may still be on the CPU
-    here). Returns (the masters, what was compiled)."""
+    here). Returns (the masters, what was compiled, whether the LLM's layers replay CUDA graphs)."""
     speed = cfg.speed
+    graphs = cuda_graphs_apply(speed, deepspeed, zero3, device_type)
+    if speed.cuda_graphs and speed.compile and not graphs:
+        log.warning(
+            "speed.cuda_graphs=true is ignored here (%s): the LLM's layers compile without graphs",
+            "DeepSpeed" if deepspeed or zero3 else f"device {device_type}, CUDA only",
+        )
     if speed.liger:
         apply_liger(getattr(model.base_mllm.model, "language_model", model.base_mllm))
     compiled = None
@@ -172,11 +212,16 @@ def apply_speed(
                     "speed.compile=true on the CPU: inductor builds C++ kernels for every block class first "
                     "(minutes), and its gain is measured on GPUs only; set speed.compile=false for CPU runs"
                 )
-            # the text length changes every batch: the LLM's layers compile dynamic from the start; the image
+            # the text length changes every batch: the LLM's layers compile dynamic from the start (with CUDA
+            # graphs the collate pads the text to a few lengths, each compiled and recorded static); the image
             # blocks see fixed sizes, so they compile for them (a smaller last batch compiles them once more,
             # dynamic in the batch only) and never pay the cost of compiling every size symbolic
             llm = getattr(model.base_mllm.model, "language_model", None)
-            parts = [compile_blocks(llm, dynamic=True)] if llm is not None else []
+            graphs = graphs and llm is not None
+            if graphs:
+                allow_cuda_graphs()
+            mode = "reduce-overhead" if graphs else None
+            parts = [compile_blocks(llm, dynamic=not graphs, mode=mode)] if llm is not None else []
             parts.append(compile_blocks(model))
             compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
             if cfg.model.gradient_checkpointing:
@@ -193,7 +238,7 @@ def apply_speed(
                 cfg.model.dtype,
                 ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
             )
-    return masters, compiled
+    return masters, compiled, graphs and compiled is not None
 
 
 class SideStreamCopy:

@@ -1,0 +1,160 @@
+"""speed.cuda_graphs: padded text, static LLM layers with CUDA graphs, gradients kept out of the graph pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vseg.config import ConfigError, load_config
+from vseg.training.speed import GradsOutsideGraphs, apply_speed, cuda_graphs_apply
+
+from conftest import compose_cfg, random_batch, tiny_cfg
+from test_speed import _padded_batch, _train_losses
+
+
+def test_padding_to_a_multiple_changes_no_loss_mask_or_gradient():
+    """The collate pads on the right to a multiple of `pad_multiple`: pads are label -100 and attention 0, the
+    [SEG] and answer positions stay where they were, and the losses, masks and gradients are those of the batch
+    padded to its longest row only (LoRA dropout off: its random mask has the text's shape)."""
+    from vseg.artifacts import build_sa2va
+    from vseg.model.processor import Sa2VAProcessor
+
+    cfg = tiny_cfg(["lora.dropout=0.0"])
+    torch.manual_seed(0)
+    model, tokenizer = build_sa2va(cfg.model, cfg.lora)
+    processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)
+    results = []
+    for multiple in (1, 64):
+        processor.pad_multiple = multiple
+        batch = _padded_batch(processor)
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            batch["sam_pixel_values"],
+            batch["mllm_inputs"],
+        )
+        (out.llm_loss_sum + out.mask_logits.sigmoid().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((batch, out, grads))
+    (short, old, old_grads), (long, new, new_grads) = results
+    length = short["input_ids"].shape[1]
+    assert long["input_ids"].shape[1] == 64 * -(-length // 64) > length
+    assert torch.equal(long["input_ids"][:, :length], short["input_ids"])
+    assert (long["labels"][:, length:] == -100).all() and (long["attention_mask"][:, length:] == 0).all()
+    assert torch.equal(long["seg_positions"], short["seg_positions"])
+    assert torch.equal(long["answer_positions"], short["answer_positions"])
+    assert long["num_tokens"] == short["num_tokens"] and long["padded"] is True
+    torch.testing.assert_close(new.llm_loss_sum, old.llm_loss_sum)
+    torch.testing.assert_close(new.mask_logits, old.mask_logits)
+    assert old_grads.keys() == new_grads.keys() and len(old_grads) > 0
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, msg=name)
+
+
+def test_an_unpadded_batch_padded_to_a_multiple_becomes_a_padded_one(built):
+    _, _, processor = built
+    batch = random_batch(processor, seed=4)  # one prompt for both rows
+    assert batch["padded"] is False
+    processor.pad_multiple = 64
+    try:
+        padded = random_batch(processor, seed=4)
+    finally:
+        processor.pad_multiple = 1
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["padded"] is True
+
+
+def test_backward_adds_into_the_gradients_kept_outside_the_graphs():
+    """What `GradsOutsideGraphs` relies on: autograd adds into a gradient that is already there (in place, same
+    storage) instead of keeping the incoming tensor, which under CUDA graphs would be a graph output; zeroing
+    with set_to_none=False keeps that storage; a gradient dropped (a skipped bad step) is made again."""
+    layer = torch.nn.Linear(4, 3)
+    keep = GradsOutsideGraphs(layer.parameters())
+    keep.ensure()
+    storage = {id(p): p.grad.data_ptr() for p in layer.parameters()}
+    x = torch.randn(5, 4)
+    layer(x).sum().backward()
+    layer(2 * x).sum().backward()  # a second micro-batch of an accumulation window
+    expected = torch.ones(5, 3).t() @ (3 * x)
+    torch.testing.assert_close(layer.weight.grad, expected)
+    assert all(p.grad.data_ptr() == storage[id(p)] for p in layer.parameters())
+    opt = torch.optim.AdamW(layer.parameters(), foreach=True)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad.data_ptr() == storage[id(p)] and not p.grad.any() for p in layer.parameters())
+    layer.bias.grad = None
+    keep.ensure()
+    assert layer.bias.grad is not None and not layer.bias.grad.any()
+
+
+def test_cuda_graphs_compile_the_llm_layers_static_with_graphs_only_where_they_apply(monkeypatch, caplog):
+    """The LLM's layers compile for fixed shapes in inductor's reduce-overhead mode on CUDA without DeepSpeed;
+    elsewhere the switch is ignored with a warning and the layers compile as before (dynamic, default mode)."""
+    import vseg.model.compile as C
+    import vseg.training.speed as S
+    from vseg.artifacts import build_sa2va
+
+    calls: list[tuple[str, bool | None, str | None]] = []
+
+    def record(model, mode=None, dynamic=None):
+        calls.append((type(model).__name__, dynamic, mode))
+        return C.Compiled({type(model).__name__: 1})
+
+    monkeypatch.setattr(S, "compile_blocks", record)
+    cfg = tiny_cfg(["speed.compile=true", "speed.cuda_graphs=true"])
+    model, _ = build_sa2va(cfg.model, cfg.lora)
+    llm = type(model.base_mllm.model.language_model).__name__
+    for device, deepspeed, graphs in (("cuda", False, True), ("cuda", True, False), ("cpu", False, False)):
+        calls.clear()
+        caplog.clear()
+        assert cuda_graphs_apply(cfg.speed, deepspeed, False, device) is graphs
+        _, compiled, applied = apply_speed(model, [], cfg, "bf16-mixed", deepspeed, False, device)
+        assert compiled and applied is graphs
+        assert calls[0] == ((llm, False, "reduce-overhead") if graphs else (llm, True, None))
+        assert ("speed.cuda_graphs=true is ignored" in caplog.text) is not graphs
+    assert not cuda_graphs_apply(tiny_cfg(["speed.compile=true"]).speed, False, False, "cuda")
+
+
+def test_cuda_graphs_without_compile_is_a_config_error():
+    with pytest.raises(ConfigError, match="speed.cuda_graphs=true.*needs speed.compile=true"):
+        load_config(compose_cfg(["speed.cuda_graphs=true", "speed.compile=false"]))
+    with pytest.raises(ConfigError, match="speed.pad_tokens=0"):
+        load_config(compose_cfg(["speed.pad_tokens=0"]))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_the_losses_of_the_compiled_layers_on_a_gpu(monkeypatch, tmp_path):
+    """Two micro-batches per step (the second adds into gradients the first left, across a graph replay), with
+    checkpointing: the same losses as the compiled layers without graphs, and graphs were in fact replayed (no
+    layer fell back)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    import lightning as L
+    from torch._dynamo.utils import counters
+
+    seen: dict = {}
+
+    class Probe(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["graphs"] = pl_module.graphs is not None
+            seen["length"] = trainer.datamodule.processor.pad_multiple
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = [
+        "model.gradient_checkpointing=true",
+        "trainer.accelerator=gpu",
+        "trainer.devices=1",
+        "lora.dropout=0.0",  # inductor draws other random numbers than eager
+        "speed.compile=true",
+        "trainer.accumulate_grad_batches=2",
+    ]
+    compiled, _ = _train_losses(monkeypatch, tmp_path, "compiled", base)
+    torch._dynamo.reset()
+    graphs, _ = _train_losses(monkeypatch, tmp_path, "graphs", [*base, "speed.cuda_graphs=true"], probes=[Probe()])
+    assert seen == {"graphs": True, "length": 64}
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert len(graphs) == len(compiled) == 8
+    assert graphs == pytest.approx(compiled, rel=2e-2)  # bf16 kernels of static and dynamic shapes round apart
+    torch._dynamo.reset()
