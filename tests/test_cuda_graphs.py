@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_speed import _padded_batch, _train_losses
 
 from vseg.config import ConfigError, load_config
 from vseg.training.speed import GradsOutsideGraphs, apply_speed, cuda_graphs_apply
 
 from conftest import compose_cfg, random_batch, tiny_cfg
-from test_speed import _padded_batch, _train_losses
 
 
 def test_padding_to_a_multiple_changes_no_loss_mask_or_gradient():
