@@ -64,6 +64,53 @@ def host_facts() -> dict:
     return facts
 
 
+class GpuSampler:
+    """`nvidia-smi` sampling the GPU's SM clock, power, temperature and clock-limit reasons every 0.5 s while a
+    run lasts: whether a window that slowed without waiting for inputs ran on a slower (throttled) GPU.
+
+    A summary and the series (seconds from the run's start) go into the row as `gpu`; nothing when the machine
+    has no `nvidia-smi`."""
+
+    QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+
+    def __enter__(self) -> GpuSampler:
+        self.start = time.perf_counter()
+        self.log = Path("/tmp/vseg_bench/gpu_samples.csv")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0", "-lms", "500"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def summary(self) -> dict | None:
+        if self.proc is None or not self.log.is_file():
+            return None
+        series = []
+        for n, line in enumerate(self.log.read_text().splitlines()):
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                series.append([n * 0.5, float(parts[0]), float(parts[1]), float(parts[2]), parts[3]])
+            except (ValueError, IndexError):
+                continue
+        if not series:
+            return None
+        clocks = sorted(x[1] for x in series)
+        return {
+            "sm_mhz_min_median_max": [clocks[0], clocks[len(clocks) // 2], clocks[-1]],
+            "power_w_max": max(x[2] for x in series),
+            "temp_c_max": max(x[3] for x in series),
+            "limit_reasons": sorted({x[4] for x in series}),
+            "series_s_mhz_w_c_reasons": series,
+        }
+
+
 def steps_for(batch: int, log_every: int) -> int:
     """The warm-up window (compilation, the FLOPs count) and then 5 timed windows: with 2 (micro-batch 32, until
     2026-11-29) two calls on one machine gave 91.6 and 75.8 samples/s, and one slow window moves such a median."""
@@ -124,9 +171,12 @@ def main() -> None:
             timeout=args.timeout,
         )
         host = host_facts()
-        row = run_one(run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk)
+        with GpuSampler() as gpu:
+            row = run_one(
+                run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk
+            )
         variant += "+disk" if disk else ""  # a row name of its own in the ratios
-        row.update(stack="vseg", variant=variant, host=host, host_after=host_facts())
+        row.update(stack="vseg", variant=variant, host=host, host_after=host_facts(), gpu=gpu.summary())
         data["rows"].append(row)
         save()
         brief = {k: row.get(k) for k in ("variant", "micro_batch", "grad_ckpt", "status", "samples_per_s", "mfu")}

@@ -224,6 +224,12 @@ def apply_speed(
             parts = [compile_blocks(llm, dynamic=not graphs, mode=mode)] if llm is not None else []
             parts.append(compile_blocks(model))
             compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
+            if graphs:
+                log.info(
+                    "speed.cuda_graphs: the LLM's layers replay CUDA graphs, one recording per text length "
+                    "(padded to a multiple of %d tokens)",
+                    speed.pad_tokens,
+                )
             if cfg.model.gradient_checkpointing:
                 keep_graph_order()  # the recomputation must run the forward's graph
     masters = None
