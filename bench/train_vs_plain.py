@@ -1,15 +1,15 @@
 """Plain stack against vseg, training, in one call on one GPU: samples/s and the ratios between them.
 
-First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's
-`train.py` once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px
-images through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off`
-(every `speed.*` switch off: the path before these switches), `all` (every switch on) or switches joined by
-`+` (`bf16_weights`, `liger`, `host_positions`, `compile`, `overlap_steps`, `cuda_graphs`); `:disk` reads the frozen SAM-2
-and vision-tower features from the disk feature cache (`vseg cache` fills it first; the plain stack computes
-them). vseg is timed in windows of `--log-every` steps, waiting for the GPU at each window's end as a user's
-run does at each log step; the plain loop times each step alone. Ratios printed at the end: vseg / plain at
-each micro-batch, best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after
-every run.
+First `bench/plain_train.py` (transformers + peft only, one process, every configuration), then vseg's `train.py`
+once per run (`bench/train.py`'s `run_one`: Lightning, strategy `single`, synthetic 512-px images, written once as
+PNG files, through loader workers). A vseg run is `VARIANT:MICRO_BATCH:CKPT[:disk]`, where VARIANT is `off` (every
+`speed.*` switch off: the path before these switches), `all` (every switch on) or switches joined by `+`
+(`bf16_weights`, `liger`, `host_positions`, `compile`, `overlap_steps`, `cuda_graphs`); `:disk` reads the frozen
+SAM-2 and vision-tower features from the disk feature cache (`vseg cache` fills it first; the plain stack computes
+them). vseg is timed in windows of `--log-every` steps, waiting for the GPU at each window's end as a user's run
+does at each log step; the plain loop times each step alone. Ratios printed at the end: vseg / plain at each
+micro-batch, best / best, and each switch against `off` at the same micro-batch. Rows go to `--out` after every
+run.
 
 Both stacks are bound by the host's CPU at small micro-batches, and the plain loop has moved by up to 29 %
 between two runs in one call on one machine. `--plain-again` runs it once more after the vseg runs; the

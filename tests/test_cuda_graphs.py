@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_speed import _padded_batch, _train_losses
+from test_speed import _forward, _padded_batch, _train_losses
 
 from vseg.config import ConfigError, load_config
 from vseg.training.speed import GradsOutsideGraphs, apply_speed, cuda_graphs_apply
@@ -29,13 +29,7 @@ def test_padding_to_a_multiple_changes_no_loss_mask_or_gradient():
         batch = _padded_batch(processor)
         torch.manual_seed(1)
         model.zero_grad(set_to_none=True)
-        out = model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            batch["sam_pixel_values"],
-            batch["mllm_inputs"],
-        )
+        out = _forward(model, batch)
         (out.llm_loss_sum + out.mask_logits.sigmoid().mean()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((batch, out, grads))
