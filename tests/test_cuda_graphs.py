@@ -190,3 +190,47 @@ def test_the_host_side_of_graph_mode_trains_the_default_losses(monkeypatch, tmp_
     assert graphs[:2] == default[:2]  # the first step: before any update, padding changes nothing
     # later steps: the padded text changes the matmuls' shapes, so bf16 sums round apart (measured: 7.4e-5)
     assert graphs == pytest.approx(default, rel=1e-3)
+
+
+GRAPH_MODE_HOST_SIDE = """
+import sys
+
+sys.path.insert(0, {root!r})
+import vseg.training.module as M
+import vseg.training.run as R
+from vseg.config import compose
+from vseg.training.speed import apply_speed
+
+
+def graphs_on(*args, **kwargs):
+    masters, compiled, _ = apply_speed(*args, **kwargs)
+    print("graph mode's host side: on", flush=True)
+    return masters, compiled or "nothing", True
+
+
+R.cuda_graphs_apply = lambda *args: True  # what a CUDA machine would decide
+M.apply_speed = graphs_on
+# train.py's run with its overrides; Lightning starts rank 1 as this script with the same arguments
+R.run(compose("train", sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_the_host_side_of_graph_mode_trains_the_default_weights_under_ddp(tmp_path):
+    """Two gloo DDP ranks (DDP keeps gradients as views of its buckets): graph mode's host side, as in the test
+    above, ends with the weights of default DDP training."""
+    from safetensors.torch import load_file
+    from test_feature_cache import _train_ddp
+
+    from conftest import ROOT
+
+    _train_ddp(tmp_path / "default", ["lora.dropout=0.0"])
+    script = tmp_path / "graph_mode_host_side.py"
+    script.write_text(GRAPH_MODE_HOST_SIDE.format(root=str(ROOT)))
+    output = _train_ddp(tmp_path / "graphs", ["lora.dropout=0.0"], script=str(script))
+    assert output.count("graph mode's host side: on") == 2  # both ranks
+    want = load_file(tmp_path / "default" / "weights" / "trainable.safetensors")
+    got = load_file(tmp_path / "graphs" / "weights" / "trainable.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:  # the padded text changes the matmuls' shapes: float sums round apart
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

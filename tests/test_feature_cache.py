@@ -219,7 +219,7 @@ def test_training_reads_the_cache_and_ends_where_training_without_it_ends(tmp_pa
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _train_ddp(run_dir, extra: list[str]):
+def _train_ddp(run_dir, extra: list[str], script: str = "train.py"):
     import subprocess
     import sys
 
@@ -240,7 +240,7 @@ def _train_ddp(run_dir, extra: list[str]):
         "trainer.enable_model_summary=false",
     ]
     proc = subprocess.run(
-        [sys.executable, "train.py", f"run_dir={run_dir}", *args, *extra],
+        [sys.executable, script, f"run_dir={run_dir}", *args, *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
