@@ -218,7 +218,7 @@ class Sa2VAModule(L.LightningModule):
         return Window(counts[0], counts[1], float(accumulate * world))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.graphs is not None and self.compiled:
+        if self.graphs is not None:
             step_begin()  # the previous micro-batch's graph outputs are done with
             self.graphs.ensure()
         _, sums = self._forward(batch)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
@@ -195,7 +196,7 @@ def apply_speed(
     here). Returns (the masters, what was compiled, whether the LLM's layers replay CUDA graphs)."""
     speed = cfg.speed
     graphs = cuda_graphs_apply(speed, deepspeed, zero3, device_type)
-    if speed.cuda_graphs and speed.compile and not graphs:
+    if speed.cuda_graphs and speed.compile and not graphs and rank_zero_only.rank == 0:  # once, not per rank
         log.warning(
             "speed.cuda_graphs=true is ignored here (%s): the LLM's layers compile without graphs",
             "DeepSpeed" if deepspeed or zero3 else f"device {device_type}, CUDA only",
@@ -224,7 +225,7 @@ def apply_speed(
             parts = [compile_blocks(llm, dynamic=not graphs, mode=mode)] if llm is not None else []
             parts.append(compile_blocks(model))
             compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
-            if graphs:
+            if graphs and rank_zero_only.rank == 0:
                 log.info(
                     "speed.cuda_graphs: the LLM's layers replay CUDA graphs, one recording per text length "
                     "(padded to a multiple of %d tokens)",
@@ -244,7 +245,7 @@ def apply_speed(
                 cfg.model.dtype,
                 ", DeepSpeed keeps its own fp32 masters" if deepspeed else "",
             )
-    return masters, compiled, graphs and compiled is not None
+    return masters, compiled, graphs
 
 
 class SideStreamCopy:
