@@ -71,17 +71,27 @@ class GpuSampler:
     A summary and the series (seconds from the run's start) go into the row as `gpu`; nothing when the machine
     has no `nvidia-smi`."""
 
-    QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    # the limit reasons' field has two names across drivers (the older one deprecated in newer ones)
+    QUERIES = (
+        "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active",
+        "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active",
+    )
 
     def __enter__(self) -> GpuSampler:
-        self.start = time.perf_counter()
         self.log = Path("/tmp/vseg_bench/gpu_samples.csv")
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0", "-lms", "500"]
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.DEVNULL)
-        except OSError:
-            self.proc = None
+        self.proc = None
+        for query in self.QUERIES:
+            cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"]
+            try:
+                if subprocess.run(cmd, capture_output=True, timeout=20).returncode != 0:
+                    continue
+                self.proc = subprocess.Popen(
+                    [*cmd, "-lms", "500"], stdout=self.log.open("w"), stderr=subprocess.DEVNULL
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            break
         return self
 
     def __exit__(self, *exc) -> None:
