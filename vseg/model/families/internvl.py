@@ -53,7 +53,7 @@ class InternVLFamily:
 
     def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> InternVLConfig:
         """The transformers config: vocabulary from the tokenizer, image token id from `<IMG_CONTEXT>`."""
-        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (build_sam2)
+        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (see build.sam2_config)
         model_type = text.pop("model_type", "qwen2")
         text["vocab_size"] = vocab_size(cfg, tokenizer)
         text["tie_word_embeddings"] = cfg.tie_word_embeddings

@@ -114,7 +114,7 @@ class QwenVLFamily:
 
     def make_config(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
         """The transformers config; vocabulary per `vocab_size`, vision token ids from the tokenizer."""
-        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (build_sam2)
+        text = copy.deepcopy(dict(cfg.text))  # transformers may write into what it is given (see build.sam2_config)
         text.pop("model_type", None)
         text["vocab_size"] = vocab_size(cfg, tokenizer)
         text["tie_word_embeddings"] = cfg.tie_word_embeddings
