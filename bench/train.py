@@ -206,6 +206,9 @@ def run_one(
     except subprocess.TimeoutExpired as err:
         output, rc = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else str(err.stdout or ""), -9
     row["wall_s"] = round(time.perf_counter() - start, 1)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "console.log").write_text(output)  # what a user of this run would have seen, kept to be read
+    row["console"] = str(work / "console.log")
     if rc == 0 and perf.is_file():
         summary = json.loads(perf.read_text())
         row.update(status="ok", **summary)
@@ -323,6 +326,9 @@ def main() -> None:
     parser.add_argument("--batch", default="8", help="micro-batches per device, comma-separated")
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--log-every", type=int, default=1, help="trainer.log_every_n_steps: steps per throughput window"
+    )
     parser.add_argument("--grad-ckpt", default="on", help="on, off or on,off")
     parser.add_argument("--cap-gb", type=float, default=None)
     parser.add_argument("--image-size", type=int, default=512)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,6 @@ def speed_overrides(variant: str) -> list[str]:
 
 def host_facts() -> dict:
     """The host's CPU as a run starts: what a host-bound step's speed moves with between calls."""
-    import os
-
     facts: dict = {"cores": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)}
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -77,12 +76,17 @@ class GpuSampler:
         "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active",
     )
 
+    def __init__(self, workdir: str) -> None:
+        self.log = Path(workdir) / "gpu_samples.csv"
+        # nvidia-smi numbers GPUs as the driver does and ignores CUDA_VISIBLE_DEVICES: sample the one the run sees
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        self.index = visible if visible.isdigit() else "0"
+
     def __enter__(self) -> GpuSampler:
-        self.log = Path("/tmp/vseg_bench/gpu_samples.csv")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = None
         for query in self.QUERIES:
-            cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"]
+            cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", self.index]
             try:
                 if subprocess.run(cmd, capture_output=True, timeout=20).returncode != 0:
                     continue
@@ -146,6 +150,11 @@ def main() -> None:
         help="vseg steps per throughput window (trainer.log_every_n_steps; the GPU is waited for at each window's "
         "end, as in a user's run; 1: every step alone, as the plain loop times them)",
     )
+    parser.add_argument(
+        "--workdir",
+        default="/tmp/vseg_bench",
+        help="inputs, feature cache and runs (one per concurrent call of this script, e.g. one per GPU)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plain_vs_vseg_train.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -177,11 +186,11 @@ def main() -> None:
             # counted once, for MFU, on eager runs only (a counted step is slow on the host, and FlopCounterMode
             # does not see inside compiled graphs): a compiled row takes the eager row's FLOPs per sample
             flops_step=2 if batch >= 32 and "compile" not in variant else -1,
-            workdir="/tmp/vseg_bench",
+            workdir=args.workdir,
             timeout=args.timeout,
         )
         host = host_facts()
-        with GpuSampler() as gpu:
+        with GpuSampler(args.workdir) as gpu:
             row = run_one(
                 run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk
             )
@@ -209,7 +218,7 @@ def main() -> None:
 
 def run_plain(args: argparse.Namespace, rows: list[dict], pass_no: int) -> None:
     """`bench/plain_train.py` over every plain configuration, in a process of its own; its rows join `rows`."""
-    plain_json = Path("/tmp/vseg_bench/plain.json")
+    plain_json = Path(args.workdir) / "plain.json"
     plain_json.parent.mkdir(parents=True, exist_ok=True)
     plain_json.unlink(missing_ok=True)  # a failed second pass must not report the first pass's rows again
     cmd = [
