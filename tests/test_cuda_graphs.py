@@ -234,3 +234,35 @@ def test_the_host_side_of_graph_mode_trains_the_default_weights_under_ddp(tmp_pa
     assert got.keys() == want.keys()
     for name in want:  # the padded text changes the matmuls' shapes: float sums round apart
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vseg_ddp", [True, False])
+def test_ddp_wrapped_on_the_compute_stream_syncs_no_gradient_across_streams(vseg_ddp, tmp_path):
+    """Lightning's own wrap (on a side stream) makes torch warn in every backward that DDP's gradient
+    accumulators sit on another stream than the gradients' producers; `ComputeStreamDDP`'s does not. The
+    Lightning case runs too, so the test shows it still catches the mismatch."""
+    import warnings
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from vseg.strategy import ComputeStreamDDP
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        kind = ComputeStreamDDP if vseg_ddp else DDPStrategy
+        strategy = kind(parallel_devices=[torch.device("cuda", 0)])
+        model = strategy._setup_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).cuda())
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+        torch.cuda.synchronize()
+        mismatch = [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
+        assert bool(mismatch) != vseg_ddp
+    finally:
+        dist.destroy_process_group()

@@ -128,6 +128,57 @@ def test_a_damaged_entry_is_detected_removed_and_encoded_again(tmp_path, damage)
     assert again is not None and all(torch.equal(a, b) for a, b in zip(again, tensors, strict=True))
 
 
+def test_entries_are_read_where_the_loader_pins_the_batch_and_nowhere_else(tmp_path, monkeypatch):
+    """A worker names the entries on disk (a pickled `StoredEntry`, no tensors); DataLoader's pinning reads each
+    through this process's store, page-locked; a batch that was not pinned is read by the step, counted once."""
+    import pickle
+
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from vseg.artifacts.feature_store import StoredEntry
+
+    store = FeatureStore(tmp_path, "sam", {"m": 1})
+    tensors = [torch.randn(4, 8, 8), torch.randn(2, 4, 4).bfloat16()]
+    store.write("ab" * 20, tensors)
+    worker_copy = pickle.loads(pickle.dumps(store))  # what a loader's worker holds
+    named = worker_copy.entry("ab" * 20)
+    assert isinstance(named, StoredEntry) and worker_copy.entry("cd" * 20) is None
+    sent = pickle.loads(pickle.dumps([{"sam": named}, {"sam": None}]))  # the worker's batch, as received
+
+    reads: list[tuple[str, bool]] = []
+    real_read = FeatureStore.read
+
+    def read(self, key, pin=False):
+        reads.append((key, pin))
+        return real_read(self, key)  # (page-locked memory needs a GPU; the GPU test below checks it)
+
+    monkeypatch.setattr(FeatureStore, "read", read)
+    pinned = pin_memory(sent)
+    assert reads == [("ab" * 20, True)] and pinned[1] == {"sam": None}
+    assert all(torch.equal(a, b) for a, b in zip(pinned[0]["sam"], tensors, strict=True))
+    assert pin_memory([StoredEntry(str(tmp_path / "elsewhere"), "ab" * 20)])[0].key == "ab" * 20  # no store: left
+
+    reads.clear()  # unpinned (a CPU run): the step reads the named entry itself, once
+    got = FrozenFeatures.lookup(store, ["ab" * 20], lambda i: pytest.fail("encoded"), lambda f: f, [sent[0]["sam"]])
+    assert reads == [("ab" * 20, False)] and store.stats.hits == 1
+    assert all(torch.equal(a, b) for a, b in zip(got[0], tensors, strict=True))
+    got = FrozenFeatures.lookup(store, ["ab" * 20], lambda i: pytest.fail("encoded"), lambda f: f, [pinned[0]["sam"]])
+    assert reads == [("ab" * 20, False)] and store.stats.hits == 2  # already read by the pinning: not again
+
+
+@pytest.mark.gpu
+def test_a_pinned_entry_is_page_locked_and_exact(tmp_path):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    store = FeatureStore(tmp_path, "sam", {"m": 1})
+    tensors = [torch.randn(4, 8, 8), torch.randn(2, 4, 4).bfloat16()]
+    store.write("ab" * 20, tensors)
+    pinned = pin_memory([{"sam": store.entry("ab" * 20)}])[0]["sam"]
+    assert all(t.is_pinned() and torch.equal(t, u) for t, u in zip(pinned, tensors, strict=True))
+
+
 def test_a_rank_without_misses_joins_the_encoder_when_another_rank_encodes(tmp_path):
     """ZeRO-3: the partitioned encoder gathers from every rank, so all run it or none does."""
     store = FeatureStore(tmp_path, "sam", {"m": 1})

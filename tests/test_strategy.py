@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import OmegaConf
 
 from vseg.config import StrategyConfig
-from vseg.strategy import build_strategy, deepspeed_config
+from vseg.strategy import ComputeStreamDDP, build_strategy, deepspeed_config
 from vseg.training.monitor import flops_of, peak_tflops
 from vseg.training.zero3 import lora_init_report, lora_pairs, reinit_lora
 
@@ -53,7 +53,7 @@ def test_deepspeed_choices_build_the_right_config(name, stage, offload_opt, offl
 def test_single_and_ddp():
     assert build_strategy(strategy_cfg("single")) == "auto"
     ddp = build_strategy(strategy_cfg("ddp"))
-    assert isinstance(ddp, DDPStrategy)
+    assert isinstance(ddp, ComputeStreamDDP) and isinstance(ddp, DDPStrategy)
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
     assert deepspeed_config(strategy_cfg("zero2"))["zero_optimization"]["stage"] == 2
 

@@ -10,6 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 
 from vseg.config import StrategyConfig
 
@@ -53,6 +55,19 @@ def deepspeed_config(cfg: StrategyConfig, micro_batch: int | None = None) -> dic
     return config
 
 
+class ComputeStreamDDP(DDPStrategy):
+    """Lightning's DDP, with the model wrapped on the stream that then runs the forward and backward passes.
+
+    Lightning 2.6 wraps it inside a fresh side stream (what a capture of the whole step as one CUDA graph
+    needs; vseg never does that). DDP keeps each parameter's gradient accumulator, which remembers the stream
+    it was created on; every backward then met a producer on another stream, synchronised the two, and torch
+    (from 2.10) warned so on every rank (Lightning-AI/pytorch-lightning#21567, fixed there the same way).
+    """
+
+    def _setup_model(self, model: Module) -> DistributedDataParallel:
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+
+
 def build_strategy(cfg: StrategyConfig, micro_batch: int | None = None) -> Strategy | str:
     """The Lightning strategy for a validated `StrategyConfig`.
 
@@ -64,7 +79,7 @@ def build_strategy(cfg: StrategyConfig, micro_batch: int | None = None) -> Strat
         return "auto"
     if cfg.name == "ddp":
         # Gradients as views of the communication buckets: one copy of the (LoRA) gradients, not two.
-        return DDPStrategy(
+        return ComputeStreamDDP(
             find_unused_parameters=cfg.find_unused_parameters, timeout=timeout, gradient_as_bucket_view=True
         )
     if cfg.stage in (1, 2, 3):

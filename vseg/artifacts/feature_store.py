@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,41 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(_bytes(t.contiguous()))
 
 
+#: the stores this process opened, by directory (copies unpickled in a loader's workers are not among them)
+_OPEN: weakref.WeakValueDictionary[str, FeatureStore] = weakref.WeakValueDictionary()
+
+
+class StoredEntry:
+    """An entry on disk, named by a loader's worker and read by the training process when it pins the batch.
+
+    Why not read in the worker: a SAM-2 entry is 42 MB (the FPN maps at 1024 px), 1.3 GB per micro-batch of
+    32. Read there, it went file -> worker memory -> shared memory -> the training process's page-locked
+    copy: three copies and a fresh 1.3 GB shared mapping to fault in and unmap on every step, on the host
+    whose launching of kernels bounds the step. DataLoader's pinning thread calls `pin_memory()` on every
+    object of a batch that has one, so there the entry goes from the mapped file to page-locked memory in one
+    copy, off the training thread and counted as waiting for inputs when it falls behind.
+    """
+
+    # A plain class: a dataclass would be walked (and rebuilt) by Lightning's batch transfer, a named tuple by
+    # the pinning itself, which would then never call `pin_memory` below.
+    __slots__ = ("dir", "key")
+
+    def __init__(self, dir: str, key: str):
+        self.dir, self.key = dir, key
+
+    def __reduce__(self) -> tuple:
+        return StoredEntry, (self.dir, self.key)
+
+    def __repr__(self) -> str:
+        return f"StoredEntry({self.dir!r}, {self.key!r})"
+
+    def pin_memory(self, device: Any = None) -> list[torch.Tensor] | StoredEntry | None:
+        """The entry's tensors in page-locked memory (None: damaged, removed); itself where this process has no
+        store for its directory (the training step then reads it)."""
+        store = _OPEN.get(self.dir)
+        return self if store is None else store.read(self.key, pin=True)
+
+
 class CorruptEntry(Exception):
     """An entry on disk that cannot be trusted (partial, damaged, or written for another key)."""
 
@@ -100,6 +136,7 @@ class FeatureStore:
         self.verify = verify
         self.verified: set[str] = set()
         self.stats = StoreStats()
+        _OPEN[str(self.dir)] = self  # what this process's `StoredEntry.pin_memory` reads through
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -113,8 +150,11 @@ class FeatureStore:
         atomic_write(target, lambda tmp: tmp.write_text(text + "\n"), what="feature cache identity")
 
     # ------------------------------------------------------------------------------------------- reading
-    def read(self, key: str) -> list[torch.Tensor] | None:
-        """The entry's tensors (CPU, in stored order), or None when there is none or it was corrupt (removed)."""
+    def read(self, key: str, pin: bool = False) -> list[torch.Tensor] | None:
+        """The entry's tensors (CPU, in stored order), or None when there is none or it was corrupt (removed).
+
+        `pin`: copied from the mapped file straight into page-locked memory (torch's caching host allocator),
+        from which the copy to the GPU runs asynchronously at full speed."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -126,8 +166,13 @@ class FeatureStore:
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
-        self.stats.hits += 1
+        if pin:
+            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors]
         return tensors
+
+    def entry(self, key: str) -> StoredEntry | None:
+        """A reference to the entry when one is on disk (read later, by `StoredEntry.pin_memory`), else None."""
+        return StoredEntry(str(self.dir), key) if self.path(key).is_file() else None
 
     def _load(self, path: Path, key: str) -> list[torch.Tensor]:
         from safetensors import SafetensorError, safe_open

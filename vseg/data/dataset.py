@@ -118,7 +118,8 @@ class SegmentationDataset(Dataset):
         content_keys: add `content_keys` to each sample, hashes of the encoders' inputs (`sam`: SAM-2 pixels,
             `vision`: the MLLM's image tensor) that the disk feature cache files its entries under.
         feature_stores: the disk feature cache's stores by part: each sample also carries `cached_features`,
-            the entries already on disk (read here, in the loader's workers, off the training step's path).
+            a `StoredEntry` per part already on disk (read when the loader pins the batch, off the training
+            step's path), None where the step must encode.
     """
 
     def __init__(
@@ -199,7 +200,7 @@ class SegmentationDataset(Dataset):
             }
         if self.feature_stores:  # None where not on disk (yet): the training step encodes it
             keys = features["content_keys"]
-            features["cached_features"] = {part: s.read(keys[part]) for part, s in self.feature_stores.items()}
+            features["cached_features"] = {part: s.entry(keys[part]) for part, s in self.feature_stores.items()}
         if fov is not None:
             features["fov"] = fov
         features["image_id"] = item.record.id  # the objects of one image share its SAM-2 features

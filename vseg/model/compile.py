@@ -86,7 +86,9 @@ def repeated_blocks(model: nn.Module, min_repeats: int = 2) -> list[nn.Module]:
     return selected
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | None = None) -> Compiled:
+def compile_blocks(
+    model: nn.Module, mode: str | None = None, dynamic: bool | None = None, announce: bool = True
+) -> Compiled:
     """Compiles every repeated block of `model` in place (see the module docstring); blocks already compiled
     (by an earlier call on a part of the model, with another `dynamic`) are left as they are.
 
@@ -97,6 +99,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | No
             that changed dynamic, when they change; True compiles every size dynamic from the start (the LLM in
             training, whose text length changes every batch). True costs more to compile where blocks reshape
             by their sizes: SAM-2's windowed Hiera blocks spend minutes in sympy's simplification.
+        announce: log what was compiled (one line; False on all but one rank of a distributed run).
     """
     # sympy's range analysis of dynamic shapes logs a warning per unsupported power it meets; it only gives up
     # a bound, compiled code is unaffected, and hundreds of such lines would bury the run's own log
@@ -119,7 +122,8 @@ def compile_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | No
             block.compile(backend=BACKEND, mode=mode, dynamic=dynamic)
         name = type(block).__name__
         done.blocks[name] = done.blocks.get(name, 0) + 1
-    log.info("torch.compile (%s): %s", BACKEND, done.describe())
+    if announce:
+        log.info("torch.compile (%s): %s", BACKEND, done.describe())
     return done
 
 

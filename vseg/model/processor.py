@@ -248,7 +248,7 @@ class Sa2VAProcessor:
         batch["padded"] = batch["num_tokens"] < attention_mask.numel()  # training then passes no mask when False
         if all("content_keys" in s for s in samples):  # hashes of the encoders' inputs (disk feature cache)
             batch["content_keys"] = [s["content_keys"] for s in samples]
-        if all("cached_features" in s for s in samples):  # entries the loader already read from that cache
+        if all("cached_features" in s for s in samples):  # that cache's entries on disk, read as the batch is pinned
             batch["cached_features"] = [s["cached_features"] for s in samples]
         if any("target" in s for s in samples):  # per_object validation: each sample's object name (per-target scores)
             batch["targets"] = [s.get("target") for s in samples]

@@ -95,7 +95,7 @@ def fill(cfg: TrainConfig, progress: bool = True) -> FrozenFeatures:
     model.to(device).eval()
     processor = Sa2VAProcessor.for_model(model, tokenizer, cfg.model, cfg.data.max_length)  # PIL, as training
     items = expand(report.train, cfg.data.objects)
-    # the loader's workers read (and check) entries already on disk, in parallel with the encoding
+    # entries already on disk are read (and checked) as the loader pins each batch, next to the encoding
     stores = FrozenFeatures.from_config(cfg).stores
     dataset = SegmentationDataset(items, processor, cfg.data, 1, train=True, feature_stores=stores)
     visits = _Visits(dataset)

@@ -123,7 +123,7 @@ class FrozenFeatures:
             agree: True when any rank says True (under ZeRO-3 a collective; elsewhere the identity).
         """
         keys = batch["content_keys"]
-        # entries the loader's workers already read: {part: tensors or None} per sample
+        # per sample {part: tensors (read as the loader pinned the batch), an unread `StoredEntry`, or None}
         prefetched = batch.get("cached_features") or [{} for _ in keys]
         backbone = None
         mllm_inputs = batch["mllm_inputs"]
@@ -166,10 +166,10 @@ class FrozenFeatures:
         keys: list[str],
         encode: Callable[[list[int]], list[list[torch.Tensor]]],
         agree: Callable[[bool], bool],
-        known: list[list[torch.Tensor] | None] | None = None,
+        known: list[Any] | None = None,
     ) -> list[list[torch.Tensor]]:
-        """Per key its tensors: given (`known`, read by the loader), read from `store`, or encoded (all misses of
-        the batch in one call) and written.
+        """Per key its tensors: given (`known`: tensors the loader read as it pinned the batch), read from
+        `store`, or encoded (all misses of the batch in one call) and written.
 
         `encode(indices)` runs the frozen encoder on those batch rows. When no key misses but `agree` says
         another rank encodes, the encoder still runs once on row 0 (ZeRO-3: every rank joins its gathers).
@@ -179,15 +179,13 @@ class FrozenFeatures:
         for i, key in enumerate(keys):
             if key in found or key in missing:
                 continue
-            if known is not None and known[i] is not None:
-                found[key] = known[i]
-                store.stats.hits += 1
-                continue
-            tensors = store.read(key)
+            # read when the loader pinned the batch; a `StoredEntry` the loader did not pin is read here
+            tensors = known[i] if known is not None and isinstance(known[i], list) else store.read(key)
             if tensors is None:
                 missing[key] = i
             else:
                 found[key] = tensors
+                store.stats.hits += 1
         if agree(bool(missing)) or missing:
             fresh = encode(list(missing.values()) or [0])
             for key, tensors in zip(missing, fresh, strict=False):

@@ -222,8 +222,9 @@ def apply_speed(
             if graphs:
                 allow_cuda_graphs()
             mode = "reduce-overhead" if graphs else None
-            parts = [compile_blocks(llm, dynamic=not graphs, mode=mode)] if llm is not None else []
-            parts.append(compile_blocks(model))
+            announce = rank_zero_only.rank == 0  # every rank compiles the same blocks; one says so
+            parts = [compile_blocks(llm, dynamic=not graphs, mode=mode, announce=announce)] if llm is not None else []
+            parts.append(compile_blocks(model, announce=announce))
             compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
             if graphs and rank_zero_only.rank == 0:
                 log.info(
