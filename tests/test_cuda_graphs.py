@@ -90,9 +90,11 @@ def test_cuda_graphs_compile_the_llm_layers_static_with_graphs_only_where_they_a
     from vseg.artifacts import build_sa2va
 
     calls: list[tuple[str, bool | None, str | None]] = []
+    announced: list[bool] = []
 
-    def record(model, mode=None, dynamic=None):
+    def record(model, mode=None, dynamic=None, announce=True):
         calls.append((type(model).__name__, dynamic, mode))
+        announced.append(announce)
         return C.Compiled({type(model).__name__: 1})
 
     monkeypatch.setattr(S, "compile_blocks", record)
@@ -107,6 +109,11 @@ def test_cuda_graphs_compile_the_llm_layers_static_with_graphs_only_where_they_a
         assert compiled and applied is graphs
         assert calls[0] == ((llm, False, "reduce-overhead") if graphs else (llm, True, None))
         assert ("speed.cuda_graphs=true is ignored" in caplog.text) is not graphs
+    assert announced and all(announced)  # rank 0 says what it compiled
+    announced.clear()
+    monkeypatch.setattr(S.rank_zero_only, "rank", 1)
+    apply_speed(model, [], cfg, "bf16-mixed", False, False, "cuda")
+    assert announced and not any(announced)  # other ranks compile the same blocks silently
     assert not cuda_graphs_apply(tiny_cfg(["speed.compile=true"]).speed, False, False, "cuda")
 
 
