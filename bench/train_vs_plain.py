@@ -150,6 +150,7 @@ def main() -> None:
         help="vseg steps per throughput window (trainer.log_every_n_steps; the GPU is waited for at each window's "
         "end, as in a user's run; 1: every step alone, as the plain loop times them)",
     )
+    parser.add_argument("--set", default="", help="more train.py overrides for every vseg run, comma-separated")
     parser.add_argument(
         "--workdir",
         default="/tmp/vseg_bench",
@@ -192,7 +193,15 @@ def main() -> None:
         host = host_facts()
         with GpuSampler(args.workdir) as gpu:
             row = run_one(
-                run_args, args.model, "single", 1, batch, ckpt == "on", speed_overrides(variant), variant, disk
+                run_args,
+                args.model,
+                "single",
+                1,
+                batch,
+                ckpt == "on",
+                speed_overrides(variant) + [o for o in args.set.split(",") if o],
+                variant,
+                disk,
             )
         variant += "+disk" if disk else ""  # a row name of its own in the ratios
         row.update(stack="vseg", variant=variant, host=host, host_after=host_facts(), gpu=gpu.summary())
