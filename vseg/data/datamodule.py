@@ -170,8 +170,8 @@ class VesselDataModule(L.LightningDataModule):
         accumulate: micro-batches per optimizer step (for window-normalised losses).
         report: a finished `check_dataset` report to reuse (training checks the data before building
             the model); None checks in `setup`.
-        feature_stores: the disk feature cache's stores: training samples carry their content keys and the
-            entries already on disk, read in the loader's workers.
+        feature_stores: the disk feature cache's stores: training samples carry their content keys and name
+            the entries already on disk, which are read as the loader pins each batch.
     """
 
     def __init__(

@@ -286,7 +286,8 @@ def run(raw_cfg: DictConfig | TrainConfig) -> RunResult:
     if cuda_graphs_apply(cfg.speed, is_deepspeed(trainer.strategy), False, trainer.strategy.root_device.type):
         processor.pad_multiple = cfg.speed.pad_tokens  # a few text lengths, each recorded once
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-    # The loader's workers read the disk cache's entries (their own store objects: counts stay the module's).
+    # The loader's workers name the disk cache's entries on disk; they are read as each batch is pinned, through
+    # this process's store for that directory (reads are counted where the step uses them: the module's counts).
     stores = FrozenFeatures.from_config(cfg).stores if cfg.feature_cache.enabled else None
     datamodule = VesselDataModule(cfg.data, processor, accumulate=accumulate, report=data_report, feature_stores=stores)
     module = Sa2VAModule(None if builder else model, cfg, builder)
