@@ -417,7 +417,7 @@ def test_plan_says_how_much_host_ram_the_loaders_cached_batches_hold():
         assert size.in_flight == per_image * batch * (2 * workers + 1 if workers else 1)
     big = dataclasses.replace(size, per_image={"sam": 44 * 2**20}, batch_size=32, batches_in_flight=17)
     line = big.line(True)
-    assert "hold copies of up to 23.4 GB of entries in host RAM per rank (17 batches of 32: fewer" in line
+    assert "hold copies of up to 23.4 GB of entries in page-locked host RAM per rank (17 batches of 32: fewer" in line
     assert "host RAM" not in big.line(False) and "host RAM" not in size.line(True)
 
 

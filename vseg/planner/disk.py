@@ -93,7 +93,7 @@ class CacheSize:
         )
         if enabled and self.in_flight >= 1 * GB:
             line += (
-                f"; the loader's batches hold copies of up to {self.in_flight / GB:.1f} GB of entries in host RAM "
+                f"; the loader's batches hold copies of up to {self.in_flight / GB:.1f} GB of entries in page-locked host RAM "
                 f"per rank ({self.batches_in_flight} batches of {self.batch_size}: fewer data.num_workers lowers it)"
             )
         return line
