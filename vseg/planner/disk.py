@@ -93,8 +93,9 @@ class CacheSize:
         )
         if enabled and self.in_flight >= 1 * GB:
             line += (
-                f"; the loader's batches hold copies of up to {self.in_flight / GB:.1f} GB of entries in page-locked host RAM "
-                f"per rank ({self.batches_in_flight} batches of {self.batch_size}: fewer data.num_workers lowers it)"
+                f"; the loader's batches hold copies of up to {self.in_flight / GB:.1f} GB of entries in page-locked "
+                f"host RAM per rank ({self.batches_in_flight} batches of {self.batch_size}: fewer data.num_workers "
+                "lowers it)"
             )
         return line
 
