@@ -195,8 +195,9 @@ def apply_speed(
     every trainable parameter; `device_type`: where the strategy will run the model (it may still be on the CPU
     here). Returns (the masters, what was compiled, whether the LLM's layers replay CUDA graphs)."""
     speed = cfg.speed
+    announce = rank_zero_only.rank == 0  # every rank decides and compiles the same; one says so
     graphs = cuda_graphs_apply(speed, deepspeed, zero3, device_type)
-    if speed.cuda_graphs and speed.compile and not graphs and rank_zero_only.rank == 0:  # once, not per rank
+    if speed.cuda_graphs and speed.compile and not graphs and announce:
         log.warning(
             "speed.cuda_graphs=true is ignored here (%s): the LLM's layers compile without graphs",
             "DeepSpeed" if deepspeed or zero3 else f"device {device_type}, CUDA only",
@@ -222,11 +223,10 @@ def apply_speed(
             if graphs:
                 allow_cuda_graphs()
             mode = "reduce-overhead" if graphs else None
-            announce = rank_zero_only.rank == 0  # every rank compiles the same blocks; one says so
             parts = [compile_blocks(llm, dynamic=not graphs, mode=mode, announce=announce)] if llm is not None else []
             parts.append(compile_blocks(model, announce=announce))
             compiled = Compiled({k: v for part in parts for k, v in part.blocks.items()}).describe()
-            if graphs and rank_zero_only.rank == 0:
+            if graphs and announce:
                 log.info(
                     "speed.cuda_graphs: the LLM's layers replay CUDA graphs, one recording per text length "
                     "(padded to a multiple of %d tokens)",
